@@ -1,0 +1,31 @@
+"""Entry point of the ``interplab`` console script.
+
+Each command family lives in its own module and is attached here; usage errors exit with code 2
+(click's convention), runtime errors with 1.
+"""
+
+from __future__ import annotations
+
+import click
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="interplab")
+def cli() -> None:
+    """interplab: mechanistic interpretability on Ray, results in a Parquet/DuckDB store."""
+
+
+def _register() -> None:
+    from interplab.cli import engine_cmds
+
+    engine_cmds.register(cli)
+    try:
+        from interplab.cli import store_cmds
+    except ImportError:  # the store commands land with the store package
+        return
+    store_cmds.register(cli)
+
+
+def main() -> None:
+    _register()
+    cli()

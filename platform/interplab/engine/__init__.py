@@ -1,0 +1,1 @@
+"""The execution engine: hooked models, sites, interventions, gradients."""
