@@ -1,0 +1,104 @@
+"""The attention kernel interplab registers with transformers' ``AttentionInterface``.
+
+Hugging Face attention modules project and rotate q/k/v themselves and then call an attention
+function by name. interplab registers ``"interplab"``: for layers the active plan does not touch it
+runs PyTorch's fused ``scaled_dot_product_attention`` (the fast path); for layers whose ``q``, ``k``,
+``v``, ``pattern`` or ``z`` are captured, changed or differentiated it computes attention explicitly,
+with grouped-query heads expanded to query heads so every query head has its own ``k``/``v``.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+
+import torch
+import torch.nn.functional as F
+
+from interplab.engine.sites import SiteKind
+
+ATTN_IMPLEMENTATION = "interplab"
+
+_ACTIVE: ContextVar[tuple | None] = ContextVar("interplab_active_plan", default=None)
+_ATTENTION_KINDS = (SiteKind.Q, SiteKind.K, SiteKind.V, SiteKind.PATTERN, SiteKind.Z)
+
+
+def activate(plan, layer_of: dict[int, int]):
+    """Make ``plan`` the active plan for attention calls (returns a token for :func:`deactivate`)."""
+    return _ACTIVE.set((plan, layer_of))
+
+
+def deactivate(token) -> None:
+    _ACTIVE.reset(token)
+
+
+def register() -> None:
+    """Register the kernel with transformers (idempotent; called when a model is wrapped)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_IMPLEMENTATION, interplab_attention)
+
+
+def _expand_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
+    groups = n_heads // x.shape[1]
+    return x if groups == 1 else x.repeat_interleave(groups, dim=1)
+
+
+def interplab_attention(
+    module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    **kwargs,
+):
+    """``query`` ``[b, h, s, d]``, ``key``/``value`` ``[b, h_kv, s, d]`` -> ``z`` ``[b, s, h, d]``, pattern."""
+    active = _ACTIVE.get()
+    layer = None
+    plan = None
+    if active is not None:
+        plan, layer_of = active
+        layer = layer_of.get(id(module))
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    hooked = plan is not None and layer is not None and any(plan.active(k, layer) for k in _ATTENTION_KINDS)
+    if not hooked and softcap is None:
+        z = F.scaled_dot_product_attention(
+            query,
+            key,
+            value,
+            attn_mask=attention_mask,
+            dropout_p=dropout if module.training else 0.0,
+            is_causal=attention_mask is None and query.shape[2] > 1,
+            scale=scaling,
+            enable_gqa=key.shape[1] != query.shape[1],
+        )
+        return z.transpose(1, 2).contiguous(), None
+
+    n_heads = query.shape[1]
+    key = _expand_kv(key, n_heads)
+    value = _expand_kv(value, n_heads)
+    if hooked:
+        # canonical per-head layout [b, s, h, d]
+        query = plan.process(SiteKind.Q, layer, query.transpose(1, 2)).transpose(1, 2)
+        key = plan.process(SiteKind.K, layer, key.transpose(1, 2)).transpose(1, 2)
+        value = plan.process(SiteKind.V, layer, value.transpose(1, 2)).transpose(1, 2)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    else:
+        s_q, s_k = scores.shape[-2:]
+        causal = torch.ones(s_q, s_k, dtype=torch.bool, device=scores.device).tril(s_k - s_q)
+        scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
+    pattern = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    pattern = F.dropout(pattern, p=dropout, training=module.training)
+    if hooked:
+        pattern = plan.process(SiteKind.PATTERN, layer, pattern, pattern=True)
+    z = torch.matmul(pattern, value).transpose(1, 2)
+    if hooked:
+        z = plan.process(SiteKind.Z, layer, z)
+    return z.contiguous(), pattern

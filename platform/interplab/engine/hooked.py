@@ -1,0 +1,337 @@
+"""``HookedModel``: a Hugging Face causal LM with typed sites, captures, interventions and gradients.
+
+    model = load_model("smollm2-135m")
+    out = model.run(["The Eiffel Tower is in"], capture=["resid_pre.3", "z.5"], positions=[-1])
+    out.cache["resid_pre.3"]          # [b, 1, d_model]
+
+Every call builds a :class:`~interplab.engine.plan.HookPlan`, runs the layer loop with the plan
+active and removes its hooks before returning. ``run_stage`` runs a contiguous block of layers on
+given hidden states: the building block of the pipeline-parallel (Ray) backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from interplab.engine import attention, hooks, runner
+from interplab.engine.cache import ActivationCache
+from interplab.engine.interventions import Intervention
+from interplab.engine.plan import HookPlan, Positions
+from interplab.engine.sites import PER_HEAD_KINDS, Site, SiteError, SiteKind, parse_sites
+from interplab.engine.stream import CaptureChunk
+from interplab.engine.tokens import TokenBatch, tokenize
+
+Prompts = str | Sequence[str] | TokenBatch
+LogitsMode = Literal["all", "last", "none"]
+Metric = Callable[[torch.Tensor, TokenBatch], torch.Tensor]
+
+
+@dataclass
+class RunResult:
+    """``logits`` is ``[b, s, vocab]`` (``logits="all"``), ``[b, vocab]`` (``"last"``) or None."""
+
+    logits: torch.Tensor | None
+    cache: ActivationCache
+    batch: TokenBatch
+
+
+@dataclass
+class GradResult:
+    """The metric's value, the site gradients (same layout as captures) and any captures."""
+
+    value: torch.Tensor
+    grads: ActivationCache
+    cache: ActivationCache
+    logits: torch.Tensor
+
+
+class HookedModel:
+    """A loaded model plus the adapter that says where its sites are. See the module docstring."""
+
+    def __init__(self, model, tokenizer, *, name: str = "", weight_hash: str = "") -> None:
+        from interplab.models.arch import arch_for_model_type
+
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.weight_hash = weight_hash
+        self.config = model.config
+        self.spec = arch_for_model_type(model.config.model_type)
+        self.base = model.get_submodule(self.spec.base)
+        self._layers = self.base.get_submodule(self.spec.layers)
+        config = self.config
+        self.n_layers = int(config.num_hidden_layers)
+        self.n_heads = int(config.num_attention_heads)
+        self.n_kv_heads = int(getattr(config, "num_key_value_heads", None) or self.n_heads)
+        self.d_model = int(config.hidden_size)
+        self.head_dim = int(getattr(config, "head_dim", None) or self.d_model // self.n_heads)
+        self.d_mlp = int(getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * self.d_model)
+        self.d_vocab = int(config.vocab_size)
+        self.has_resid_mid = not self.spec.parallel_residual(config)
+        self.layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * self.n_layers)
+        self.sliding_window = getattr(config, "sliding_window", None)
+        attention.register()
+        config._attn_implementation = attention.ATTN_IMPLEMENTATION
+        self._attn_layer = {id(layer.get_submodule(self.spec.attn)): i for i, layer in enumerate(self._layers)}
+
+    # ------------------------------------------------------------------ structure
+    def layer(self, index: int):
+        return self._layers[index]
+
+    @property
+    def device(self) -> torch.device:
+        for param in self.model.parameters():
+            if param.device.type != "meta":
+                return param.device
+        return torch.device("cpu")
+
+    @property
+    def dtype(self) -> torch.dtype:
+        for param in self.model.parameters():
+            if param.device.type != "meta":
+                return param.dtype
+        return torch.float32
+
+    def sites(self, kinds: Iterable[str] | None = None) -> list[Site]:
+        """Every site of this model (optionally only some kinds), in forward order."""
+        wanted = {SiteKind(k) for k in kinds} if kinds is not None else set(SiteKind)
+        out = [Site(SiteKind.EMBED)] if SiteKind.EMBED in wanted else []
+        for layer in range(self.n_layers):
+            for kind in SiteKind:
+                if kind.layered and kind in wanted and (kind != SiteKind.RESID_MID or self.has_resid_mid):
+                    out.append(Site(kind, layer))
+        out += [Site(k) for k in (SiteKind.FINAL, SiteKind.LOGITS) if k in wanted]
+        return out
+
+    def validate_site(self, site: Site | str) -> Site:
+        """Parse and check a site against this model (layer/head in range, kind present)."""
+        site = Site.parse(site)
+        if site.layer is not None and site.layer >= self.n_layers:
+            raise SiteError(f"site {site}: layer {site.layer} out of range; {self.name or 'this model'} has layers 0..{self.n_layers - 1}")
+        if site.head is not None and site.head >= self.n_heads:
+            raise SiteError(f"site {site}: head {site.head} out of range; the model has heads 0..{self.n_heads - 1}")
+        if site.kind == SiteKind.RESID_MID and not self.has_resid_mid:
+            raise SiteError(
+                f"site {site}: the {self.spec.name} family with parallel attention and MLP has no resid_mid "
+                "(both read resid_pre); use resid_pre, attn_out or mlp_out"
+            )
+        return site
+
+    # ------------------------------------------------------------------ tokens
+    def tokenize(self, prompts: Prompts) -> TokenBatch:
+        return prompts if isinstance(prompts, TokenBatch) else tokenize(self.tokenizer, prompts)
+
+    def to_str_tokens(self, text: str) -> list[str]:
+        batch = self.tokenize(text)
+        return [self.tokenizer.decode([int(i)]) for i in batch.input_ids[0]]
+
+    # ------------------------------------------------------------------ running
+    def _plan(self, batch, capture, interventions, grad_sites, positions, keep_grad) -> HookPlan:
+        capture = [self.validate_site(s) for s in parse_sites(list(capture))] if capture else []
+        grad_sites = [self.validate_site(s) for s in parse_sites(list(grad_sites))] if grad_sites else []
+        for item in interventions:
+            self.validate_site(item.site)
+        return HookPlan(
+            capture=capture,
+            interventions=interventions,
+            grad_sites=grad_sites,
+            lengths=batch.lengths,
+            seq_len=batch.seq_len,
+            positions=positions,
+            keep_grad=keep_grad,
+        )
+
+    def _execute(self, batch: TokenBatch, plan: HookPlan, *, start: int, stop: int, hidden, with_head: bool, logits: LogitsMode):
+        batch = batch.to(self.device)
+        token = attention.activate(plan, self._attn_layer)
+        try:
+            with hooks.installed(self, plan, range(start, stop)):
+                if hidden is None:
+                    hidden = runner.embed(self, batch.input_ids, plan)
+                ctx = runner.build_context(self, batch.attention_mask, hidden, start, stop)
+                hidden = runner.run_layers(self, hidden, ctx, plan, start, stop)
+                if not with_head:
+                    return hidden
+                last = batch.last_positions() if logits == "last" else None
+                return runner.unembed(self, hidden, plan, last)
+        finally:
+            attention.deactivate(token)
+
+    def _last_needed_layer(self, plan: HookPlan) -> int | None:
+        """The last layer a capture-only pass must run, or None if the head is needed."""
+        if plan.interventions or plan.grad_sites:
+            return None
+        layers = [s.layer for s in plan.capture_sites if s.layer is not None]
+        if any(s.layer is None and s.kind != SiteKind.EMBED for s in plan.capture_sites):
+            return None
+        return max(layers, default=-1)
+
+    def run(
+        self,
+        prompts: Prompts,
+        *,
+        capture: Sequence[Site | str] = (),
+        interventions: Sequence[Intervention] = (),
+        positions: Positions = None,
+        logits: LogitsMode = "all",
+        grad: bool = False,
+    ) -> RunResult:
+        """Run a forward pass with captures and interventions.
+
+        Args:
+            prompts: text(s) or a :class:`TokenBatch`.
+            capture: sites to record (after their interventions).
+            interventions: applied in order at their sites; rows may carry different patches.
+            positions: positions to capture (see :func:`~interplab.engine.plan.resolve_positions`).
+            logits: ``"all"`` positions, each row's ``"last"`` real token, or ``"none"`` (stop after
+                the last captured layer when nothing downstream is needed).
+            grad: keep the autograd graph (for training or custom backward passes).
+        """
+        batch = self.tokenize(prompts)
+        plan = self._plan(batch, capture, interventions, (), positions, keep_grad=grad)
+        stop, with_head = self.n_layers, True
+        if logits == "none":
+            last_layer = self._last_needed_layer(plan)
+            if last_layer is not None:
+                stop, with_head = last_layer + 1, False
+        with torch.set_grad_enabled(grad):
+            out = self._execute(batch, plan, start=0, stop=stop, hidden=None, with_head=with_head, logits=logits)
+        result_logits = out if with_head and logits != "none" else None
+        return RunResult(result_logits, self._cache(plan), batch)
+
+    def run_stage(
+        self,
+        batch: TokenBatch,
+        *,
+        start: int,
+        stop: int,
+        hidden: torch.Tensor | None = None,
+        with_head: bool = False,
+        capture: Sequence[Site | str] = (),
+        interventions: Sequence[Intervention] = (),
+        positions: Positions = None,
+        logits: LogitsMode = "all",
+        grad: bool = False,
+    ) -> tuple[torch.Tensor, ActivationCache]:
+        """Run layers ``[start, stop)`` (embedding first when ``hidden`` is None, head when ``with_head``).
+
+        Returns the stage's output (hidden states ``[b, s, d]``, or logits with ``with_head``) and
+        the captures of the sites this stage owns.
+        """
+        plan = self._plan(batch, capture, interventions, (), positions, keep_grad=grad)
+        with torch.set_grad_enabled(grad):
+            out = self._execute(batch, plan, start=start, stop=stop, hidden=hidden, with_head=with_head, logits=logits)
+        return out, self._cache(plan)
+
+    def gradients(
+        self,
+        prompts: Prompts,
+        metric: Metric,
+        sites: Sequence[Site | str],
+        *,
+        interventions: Sequence[Intervention] = (),
+        capture: Sequence[Site | str] = (),
+        positions: Positions = None,
+        logits: LogitsMode = "all",
+    ) -> GradResult:
+        """Gradients of a scalar ``metric(logits, batch)`` with respect to site activations.
+
+        Gradients come back in the capture layout. For ``head_out`` the gradient of every head is
+        the gradient at the output projection's output (the heads' contributions are summed there);
+        for ``resid_mid`` it is the gradient at ``attn_out`` (which only feeds ``resid_mid``).
+        """
+        batch = self.tokenize(prompts)
+        plan = self._plan(batch, list(capture) + list(sites), interventions, sites, positions, keep_grad=True)
+        with torch.enable_grad():
+            out = self._execute(batch, plan, start=0, stop=self.n_layers, hidden=None, with_head=True, logits=logits)
+            value = metric(out, batch)
+            if value.numel() != 1:
+                raise ValueError(f"metric must return a scalar, got shape {tuple(value.shape)}")
+            keys = [s.all_heads() for s in parse_sites(list(sites))]
+            tensors = [plan.grad_tensors[k] for k in keys]
+            grads = torch.autograd.grad(value, tensors, allow_unused=True)
+        values: dict[Site, torch.Tensor] = {}
+        for site, key, tensor, g in zip(parse_sites(list(sites)), keys, tensors, grads):
+            g = torch.zeros_like(tensor) if g is None else g
+            if key.kind == SiteKind.HEAD_OUT:
+                g = g.unsqueeze(2).expand(-1, -1, self.n_heads, -1)
+            g = plan.gather(g.detach(), pattern=key.kind == SiteKind.PATTERN)
+            values[site] = plan.head_of(site, g, pattern=key.kind == SiteKind.PATTERN)
+        cache = self._cache(plan, detach=True)
+        return GradResult(value.detach(), ActivationCache(values, plan.positions, plan.valid), cache, out.detach())
+
+    def _cache(self, plan: HookPlan, detach: bool = False) -> ActivationCache:
+        values = {}
+        for key, site in plan.capture_sites.items():
+            if key not in plan.captured:
+                continue
+            value = plan.captured[key]
+            value = value.detach() if detach else value
+            values[site] = plan.head_of(site, value, pattern=site.kind == SiteKind.PATTERN)
+        return ActivationCache(values, plan.positions, plan.valid)
+
+    # ------------------------------------------------------------------ conveniences
+    def capture_stream(
+        self,
+        prompts: Iterable[str],
+        sites: Sequence[Site | str],
+        *,
+        batch_size: int = 16,
+        positions: Positions = None,
+        interventions: Sequence[Intervention] = (),
+    ) -> Iterator[CaptureChunk]:
+        """Capture ``sites`` over a prompt iterable of any size, one CPU chunk per batch."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+        sites = [self.validate_site(s) for s in parse_sites(list(sites))]
+        buffer: list[str] = []
+        index = 0
+        first_id = 0
+        for text in prompts:
+            buffer.append(text)
+            if len(buffer) == batch_size:
+                yield self._chunk(buffer, sites, positions, interventions, index, first_id)
+                index, first_id, buffer = index + 1, first_id + len(buffer), []
+        if buffer:
+            yield self._chunk(buffer, sites, positions, interventions, index, first_id)
+
+    def _chunk(self, texts, sites, positions, interventions, index, first_id) -> CaptureChunk:
+        result = self.run(texts, capture=sites, positions=positions, interventions=interventions, logits="none")
+        batch = result.batch
+        tokens = [
+            [self.tokenizer.decode([int(t)]) for t in batch.input_ids[i, : int(batch.lengths[i])]]
+            for i in range(batch.size)
+        ]
+        acts = {site: value.to("cpu") for site, value in result.cache.items()}
+        return CaptureChunk(
+            index=index,
+            prompt_ids=list(range(first_id, first_id + batch.size)),
+            token_ids=batch.input_ids.cpu(),
+            lengths=batch.lengths.tolist(),
+            tokens=tokens,
+            positions=result.cache.positions,
+            valid=result.cache.valid,
+            acts=acts,
+        )
+
+    @torch.no_grad()
+    def generate(self, prompt: str, max_new_tokens: int = 10, *, interventions: Sequence[Intervention] = ()) -> str:
+        """Greedy continuation of one prompt (no KV cache; interventions apply at every step)."""
+        ids = self.tokenize(prompt).input_ids[0].tolist()
+        eos = self.tokenizer.eos_token_id
+        new: list[int] = []
+        for _ in range(max_new_tokens):
+            batch = TokenBatch.from_ids([ids + new])
+            logits = self.run(batch, interventions=interventions, logits="last").logits
+            token = int(logits[0].argmax())
+            new.append(token)
+            if token == eos:
+                break
+        return self.tokenizer.decode(new)
+
+
+__all__ = ["GradResult", "HookedModel", "PER_HEAD_KINDS", "RunResult"]

@@ -1,0 +1,114 @@
+"""Scoped module hooks for the sites that live inside a decoder layer.
+
+``installed(model, plan, layers)`` attaches forward hooks only where the plan needs them and removes
+every one of them in ``finally``: no hook outlives the forward pass that asked for it.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from interplab.engine.plan import HookPlan
+from interplab.engine.sites import SiteKind
+
+
+def per_head_out(z: torch.Tensor, weight: torch.Tensor, n_heads: int, transposed: bool) -> torch.Tensor:
+    """Each head's contribution to the output projection, ``[b, s, h, d_model]`` from ``z`` ``[b, s, h*d]``."""
+    b, s, _ = z.shape
+    z = z.reshape(b, s, n_heads, -1)
+    if transposed:  # Conv1D weight [h*d, d_model]
+        w = weight.reshape(n_heads, -1, weight.shape[-1])
+        return torch.einsum("bshd,hdm->bshm", z, w)
+    w = weight.reshape(weight.shape[0], n_heads, -1)  # Linear weight [d_model, h*d]
+    return torch.einsum("bshd,mhd->bshm", z, w)
+
+
+def _attn_out_hook(plan: HookPlan, layer: int, has_mid: bool):
+    def hook(module, args, output):
+        is_tuple = isinstance(output, tuple)
+        out = output[0] if is_tuple else output
+        out = plan.process(SiteKind.ATTN_OUT, layer, out)
+        if has_mid and plan.active(SiteKind.RESID_MID, layer):
+            pre = plan.resid_pre[layer]
+            if plan.intervened(SiteKind.RESID_MID, layer):
+                mid = plan.process(SiteKind.RESID_MID, layer, pre + out)
+                out = mid - pre
+            elif plan.wants(SiteKind.RESID_MID, layer):
+                plan.record(SiteKind.RESID_MID, layer, pre + out)
+                plan.alias_grad(SiteKind.RESID_MID, layer, out)
+        return (out, *output[1:]) if is_tuple else out
+
+    return hook
+
+
+def _output_hook(plan: HookPlan, kind: SiteKind, layer: int):
+    def hook(module, args, output):
+        return plan.process(kind, layer, output)
+
+    return hook
+
+
+def _input_hook(plan: HookPlan, kind: SiteKind, layer: int):
+    def hook(module, args):
+        return (plan.process(kind, layer, args[0]), *args[1:])
+
+    return hook
+
+
+def _head_out_hook(plan: HookPlan, layer: int, n_heads: int, transposed: bool):
+    def hook(module, args, output):
+        z = args[0]
+        if plan.intervened(SiteKind.HEAD_OUT, layer):
+            heads = per_head_out(z, module.weight, n_heads, transposed)
+            heads = plan.process(SiteKind.HEAD_OUT, layer, heads)
+            output = heads.sum(dim=2)
+            if module.bias is not None:
+                output = output + module.bias
+        else:
+            if plan.capture_sites.get(_site(layer)) is not None:
+                rows = torch.arange(z.shape[0], device=z.device)[:, None]
+                picked = z if plan._all_positions else z[rows, plan.positions.to(z.device)]
+                heads = per_head_out(picked if plan.keep_grad else picked.detach(), module.weight, n_heads, transposed)
+                plan.captured[_site(layer)] = heads
+        plan.alias_grad(SiteKind.HEAD_OUT, layer, output)
+        return output
+
+    return hook
+
+
+def _site(layer: int):
+    from interplab.engine.sites import Site
+
+    return Site(SiteKind.HEAD_OUT, layer)
+
+
+@contextmanager
+def installed(hooked, plan: HookPlan, layers: range):
+    """Install the hooks ``plan`` needs on ``layers`` of ``hooked`` (a HookedModel); remove them after."""
+    handles = []
+    spec = hooked.spec
+    try:
+        for layer in layers:
+            kinds = plan.layer_kinds(layer)
+            if not kinds:
+                continue
+            block = hooked.layer(layer)
+            if SiteKind.ATTN_OUT in kinds or SiteKind.RESID_MID in kinds:
+                module = block.get_submodule(spec.attn_out)
+                handles.append(module.register_forward_hook(_attn_out_hook(plan, layer, hooked.has_resid_mid)))
+            if SiteKind.MLP_OUT in kinds:
+                module = block.get_submodule(spec.mlp_out)
+                handles.append(module.register_forward_hook(_output_hook(plan, SiteKind.MLP_OUT, layer)))
+            if SiteKind.MLP_POST in kinds:
+                module = block.get_submodule(spec.mlp_down)
+                handles.append(module.register_forward_pre_hook(_input_hook(plan, SiteKind.MLP_POST, layer)))
+            if SiteKind.HEAD_OUT in kinds:
+                module = block.get_submodule(spec.o_proj)
+                hook = _head_out_hook(plan, layer, hooked.n_heads, spec.o_proj_transposed)
+                handles.append(module.register_forward_hook(hook))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

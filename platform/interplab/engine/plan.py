@@ -1,0 +1,142 @@
+"""A hook plan: what one forward pass captures, changes and differentiates, site by site.
+
+The runner and the module hooks call :meth:`HookPlan.process` at every site the plan touches; the
+plan applies that site's interventions in order, then records the (post-intervention) value for
+capture and, when gradients are requested, keeps the tensor that flows on so ``autograd.grad`` can
+reach it.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+
+from interplab.engine.interventions import Intervention
+from interplab.engine.sites import Site, SiteKind
+
+Positions = Sequence[int] | torch.Tensor | None
+
+
+def resolve_positions(positions: Positions, lengths: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row positions ``Long[b, p]`` and their validity ``Bool[b, p]``.
+
+    ``None``: every position (padding marked invalid). A list of ints: the same positions for every
+    row, negatives counting from each row's end. A ``Long[b, p]`` tensor: explicit per-row positions.
+    """
+    b = len(lengths)
+    if positions is None:
+        pos = torch.arange(seq_len).expand(b, seq_len).clone()
+        return pos, pos < lengths[:, None]
+    if isinstance(positions, torch.Tensor) and positions.ndim == 2:
+        pos = positions.to(torch.long).cpu()
+    else:
+        wanted = torch.as_tensor(list(positions) if not isinstance(positions, torch.Tensor) else positions, dtype=torch.long)
+        pos = wanted.expand(b, -1)
+        pos = torch.where(pos < 0, lengths[:, None] + pos, pos)
+    valid = (pos >= 0) & (pos < lengths[:, None])
+    if not valid.all():
+        bad = positions if not isinstance(positions, torch.Tensor) else positions.tolist()
+        raise ValueError(
+            f"positions {bad} are out of range for prompts of lengths {lengths.tolist()}; "
+            "use positions within every prompt (negative numbers count from each prompt's end)"
+        )
+    return pos, valid
+
+
+class HookPlan:
+    """Captures, interventions and gradient sites for one forward pass."""
+
+    def __init__(
+        self,
+        *,
+        capture: Sequence[Site] = (),
+        interventions: Sequence[Intervention] = (),
+        grad_sites: Sequence[Site] = (),
+        lengths: torch.Tensor,
+        seq_len: int,
+        positions: Positions = None,
+        keep_grad: bool = False,
+    ) -> None:
+        self.lengths = lengths.cpu()
+        self.seq_len = seq_len
+        self.positions, self.valid = resolve_positions(positions, self.lengths, seq_len)
+        self._all_positions = positions is None
+        self.capture_sites = {site.all_heads(): site for site in capture}
+        self.interventions: dict[Site, list[Intervention]] = defaultdict(list)
+        for item in interventions:
+            self.interventions[item.site.all_heads()].append(item)
+        self.grad_sites = {site.all_heads() for site in grad_sites}
+        self.keep_grad = keep_grad or bool(self.grad_sites)
+        self.captured: dict[Site, torch.Tensor] = {}
+        self.grad_tensors: dict[Site, torch.Tensor] = {}
+        self.resid_pre: dict[int, torch.Tensor] = {}
+        self._active: dict[tuple[SiteKind, int | None], bool] = {}
+        for key in list(self.capture_sites) + list(self.interventions) + list(self.grad_sites):
+            self._active[(key.kind, key.layer)] = True
+
+    # ------------------------------------------------------------------ queries
+    def active(self, kind: SiteKind, layer: int | None = None) -> bool:
+        return (kind, layer) in self._active
+
+    def layer_kinds(self, layer: int) -> set[SiteKind]:
+        return {kind for (kind, at) in self._active if at == layer}
+
+    def wants(self, kind: SiteKind, layer: int | None = None) -> bool:
+        """True if the site is captured or differentiated (its value must be computed)."""
+        key = Site(kind, layer)
+        return key in self.capture_sites or key in self.grad_sites
+
+    def intervened(self, kind: SiteKind, layer: int | None = None) -> bool:
+        return Site(kind, layer) in self.interventions
+
+    # ------------------------------------------------------------------ processing
+    def process(self, kind: SiteKind, layer: int | None, x: torch.Tensor, *, pattern: bool = False) -> torch.Tensor:
+        """Apply interventions at a site, record captures and gradient tensors, return the new value.
+
+        ``x`` is in canonical layout ``[b, s, ...]``; ``pattern=True`` means ``x`` is ``[b, h, q, k]``.
+        """
+        key = Site(kind, layer)
+        items = self.interventions.get(key)
+        if items:
+            view = x.transpose(1, 2) if pattern else x
+            for item in items:
+                view = item.apply(view, self.lengths)
+            x = view.transpose(1, 2) if pattern else view
+        if key in self.grad_sites:
+            self.grad_tensors[key] = x
+        if key in self.capture_sites:
+            self.captured[key] = self.gather(x, pattern=pattern)
+        return x
+
+    def record(self, kind: SiteKind, layer: int | None, x: torch.Tensor) -> None:
+        """Record a derived value (e.g. ``head_out``) for capture only."""
+        key = Site(kind, layer)
+        if key in self.capture_sites:
+            self.captured[key] = self.gather(x)
+
+    def alias_grad(self, kind: SiteKind, layer: int | None, x: torch.Tensor) -> None:
+        """Use ``x``'s gradient as the gradient of a site that has no tensor of its own."""
+        key = Site(kind, layer)
+        if key in self.grad_sites:
+            self.grad_tensors[key] = x
+
+    def gather(self, x: torch.Tensor, *, pattern: bool = False) -> torch.Tensor:
+        """Select the plan's positions (query positions for patterns) and detach unless keeping grads."""
+        if not self.keep_grad:
+            x = x.detach()
+        if self._all_positions:
+            return x
+        if pattern:
+            rows = torch.arange(x.shape[0], device=x.device)[:, None]
+            return x.transpose(1, 2)[rows, self.positions.to(x.device)].transpose(1, 2)
+        rows = torch.arange(x.shape[0], device=x.device)[:, None]
+        return x[rows, self.positions.to(x.device)]
+
+    def head_of(self, site: Site, value: torch.Tensor, *, pattern: bool = False) -> torch.Tensor:
+        """Narrow a per-head value to ``site.head`` when the site selects one head."""
+        if site.head is None or not site.kind.per_head:
+            return value
+        dim = 1 if pattern else 2
+        return value.narrow(dim, site.head, 1)

@@ -1,0 +1,102 @@
+"""The layer loop: embeddings -> decoder layers [start, stop) -> final norm -> unembedding.
+
+interplab runs the Hugging Face modules of a model itself, layer by layer, instead of calling the
+model's ``forward``. That makes residual-stream sites plain points in a loop (no hooks), and it lets
+one process run any contiguous block of layers: the single-process engine runs ``[0, n_layers)`` with
+embedding and head, a pipeline stage runs its own block on hidden states received from the previous
+stage. Masks and rotary embeddings are built here the way each family's model builds them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from interplab.engine.plan import HookPlan
+from interplab.engine.sites import SiteKind
+
+
+@dataclass
+class LayerContext:
+    position_ids: torch.Tensor
+    rotary: tuple[torch.Tensor, torch.Tensor] | None
+    masks: dict[str, torch.Tensor | None]
+    layer_types: list[str]
+
+    def kwargs(self, layer: int) -> dict:
+        out = {"attention_mask": self.masks[self.layer_types[layer]], "position_ids": self.position_ids}
+        if self.rotary is not None:
+            out["position_embeddings"] = self.rotary
+        return out
+
+
+def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def build_context(hooked, attention_mask: torch.Tensor, hidden: torch.Tensor, start: int, stop: int) -> LayerContext:
+    b, s = attention_mask.shape
+    device = hidden.device
+    position_ids = torch.arange(s, device=device)[None, :]
+    rotary = None
+    if hooked.spec.rotary is not None:
+        rotary = hooked.base.get_submodule(hooked.spec.rotary)(hidden, position_ids=position_ids)
+    layer_types = hooked.layer_types
+    padded = bool((attention_mask == 0).any())
+    key_ok = attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
+    q_idx = torch.arange(s, device=device)[:, None]
+    k_idx = torch.arange(s, device=device)[None, :]
+    causal = k_idx <= q_idx
+    masks: dict[str, torch.Tensor | None] = {}
+    for kind in {layer_types[i] for i in range(start, stop)}:
+        allowed = causal
+        window = hooked.sliding_window if kind == "sliding_attention" else None
+        if window is not None and window < s:
+            allowed = allowed & (q_idx - k_idx < window)
+        elif not padded:
+            masks[kind] = None  # plain causal: the fused kernel's is_causal path
+            continue
+        masks[kind] = _additive_mask(allowed[None, None] & key_ok, hidden.dtype)
+    return LayerContext(position_ids, rotary, masks, layer_types)
+
+
+def embed(hooked, input_ids: torch.Tensor, plan: HookPlan) -> torch.Tensor:
+    position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
+    if hooked.spec.embed_fn is not None:
+        hidden = hooked.spec.embed_fn(hooked.base, input_ids, position_ids)
+    else:
+        hidden = hooked.base.get_submodule(hooked.spec.embed)(input_ids)
+    if plan.keep_grad and not hidden.requires_grad:
+        hidden = hidden.detach().requires_grad_(True)  # a leaf, so site gradients exist
+    return plan.process(SiteKind.EMBED, None, hidden)
+
+
+def run_layers(hooked, hidden: torch.Tensor, ctx: LayerContext, plan: HookPlan, start: int, stop: int) -> torch.Tensor:
+    if plan.keep_grad and not hidden.requires_grad:
+        hidden = hidden.detach().requires_grad_(True)
+    for layer in range(start, stop):
+        hidden = plan.process(SiteKind.RESID_PRE, layer, hidden)
+        if plan.active(SiteKind.RESID_MID, layer):
+            plan.resid_pre[layer] = hidden
+        out = hooked.layer(layer)(hidden, **ctx.kwargs(layer))
+        hidden = out[0] if isinstance(out, tuple) else out
+        hidden = plan.process(SiteKind.RESID_POST, layer, hidden)
+    return hidden
+
+
+def unembed(hooked, hidden: torch.Tensor, plan: HookPlan, last: torch.Tensor | None) -> torch.Tensor:
+    """Final norm and unembedding; ``last`` (``Long[b]``) keeps only those positions' logits."""
+    hidden = hooked.base.get_submodule(hooked.spec.final_norm)(hidden)
+    hidden = plan.process(SiteKind.FINAL, None, hidden)
+    if last is not None and not plan.active(SiteKind.LOGITS):
+        hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), last.to(hidden.device)][:, None]
+    logits = hooked.model.get_submodule(hooked.spec.lm_head)(hidden)
+    cap = getattr(hooked.config, hooked.spec.logit_softcap, None) if hooked.spec.logit_softcap else None
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    logits = plan.process(SiteKind.LOGITS, None, logits)
+    if last is not None and logits.shape[1] != 1:
+        logits = logits[torch.arange(logits.shape[0], device=logits.device), last.to(logits.device)][:, None]
+    return logits[:, 0] if last is not None else logits

@@ -1,0 +1,1 @@
+"""Model loading and the per-architecture adapters."""

@@ -1,0 +1,103 @@
+"""The declarative description of a model family, and the family registry.
+
+An :class:`ArchSpec` tells the engine where things are in a Hugging Face model of that family
+(module paths relative to the decoder stack or to one decoder layer) and the few behaviours that
+are not plain module calls (how embeddings are formed, logit soft-capping, parallel residuals).
+The engine never branches on the family name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from transformers import PretrainedConfig
+
+EmbedFn = Callable[["nn.Module", "torch.Tensor", "torch.Tensor"], "torch.Tensor"]
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where the parts of one family's Hugging Face model live.
+
+    Paths are dotted attribute paths. ``base`` is relative to the ``*ForCausalLM`` model; ``embed``,
+    ``layers``, ``final_norm``, ``rotary`` are relative to ``base``; ``lm_head`` to the causal-LM
+    model; ``attn``, ``attn_out``, ``o_proj``, ``mlp_out``, ``mlp_down`` to one decoder layer.
+
+    Attributes:
+        attn_out: the module whose output is added to the residual stream after attention
+            (the attention module itself for pre-norm families, the post-attention norm for
+            post-norm families such as Gemma 2 and OLMo 2).
+        o_proj_transposed: True when the output projection stores its weight as ``[in, out]``
+            (GPT-2's ``Conv1D``) instead of ``nn.Linear``'s ``[out, in]``.
+        embed_fn: forms the residual stream's input from token ids and position ids; ``None`` means
+            "call the ``embed`` module on the ids".
+        parallel_residual: True when attention and MLP both read ``resid_pre`` (GPT-NeoX/Pythia
+            with ``use_parallel_residual``): such layers have no ``resid_mid``.
+        logit_softcap: the config attribute holding a final-logit soft cap, if the family has one.
+        tiny_config: builds a small random config of this family for tests (``vocab_size`` given).
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    base: str
+    embed: str
+    layers: str
+    final_norm: str
+    lm_head: str
+    attn: str
+    attn_out: str
+    o_proj: str
+    mlp_out: str
+    mlp_down: str
+    tiny_config: Callable[[int], PretrainedConfig]
+    rotary: str | None = None
+    o_proj_transposed: bool = False
+    embed_fn: EmbedFn | None = None
+    parallel_residual: Callable[[PretrainedConfig], bool] = field(default=lambda config: False)
+    logit_softcap: str | None = None
+    notes: str = ""
+
+
+_REGISTRY: dict[str, ArchSpec] = {}
+
+
+def register_arch(spec: ArchSpec) -> ArchSpec:
+    """Register a family; returns the spec so a module can write ``SPEC = register_arch(...)``."""
+    for model_type in spec.model_types:
+        other = _REGISTRY.get(model_type)
+        if other is not None and other.name != spec.name:
+            raise ValueError(f"model_type {model_type!r} is claimed by both {other.name!r} and {spec.name!r}")
+        _REGISTRY[model_type] = spec
+    return spec
+
+
+def registered_archs() -> dict[str, ArchSpec]:
+    """Family name -> spec, for every registered family."""
+    from interplab.models.arch import load_families
+
+    load_families()
+    return {spec.name: spec for spec in _REGISTRY.values()}
+
+
+def get_arch(name: str) -> ArchSpec:
+    families = registered_archs()
+    if name not in families:
+        raise ValueError(f"unknown model family {name!r}; supported: {', '.join(sorted(families))}")
+    return families[name]
+
+
+def arch_for_model_type(model_type: str) -> ArchSpec:
+    """The spec for a Hugging Face ``config.model_type``, with a clear error if unsupported."""
+    families = registered_archs()
+    if model_type not in _REGISTRY:
+        supported = sorted({t for spec in families.values() for t in spec.model_types})
+        raise ValueError(
+            f"model type {model_type!r} is not supported by interplab; supported model types: "
+            f"{', '.join(supported)}. Add a family file under interplab/models/arch/ to support it."
+        )
+    return _REGISTRY[model_type]

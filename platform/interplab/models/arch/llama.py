@@ -1,0 +1,41 @@
+"""Llama family: Llama 2/3, SmolLM2, Mistral (pre-norm, RMSNorm, RoPE, grouped-query attention)."""
+
+from __future__ import annotations
+
+from interplab.models.arch.base import ArchSpec, register_arch
+
+
+def tiny_config(vocab_size: int):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
+    )
+
+
+SPEC = register_arch(
+    ArchSpec(
+        name="llama",
+        model_types=("llama", "mistral"),
+        base="model",
+        embed="embed_tokens",
+        layers="layers",
+        final_norm="norm",
+        rotary="rotary_emb",
+        lm_head="lm_head",
+        attn="self_attn",
+        attn_out="self_attn",
+        o_proj="self_attn.o_proj",
+        mlp_out="mlp",
+        mlp_down="mlp.down_proj",
+        tiny_config=tiny_config,
+    )
+)
