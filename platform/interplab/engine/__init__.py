@@ -2,7 +2,7 @@
 
 from interplab.engine.cache import ActivationCache
 from interplab.engine.hooked import GradResult, HookedModel, RunResult
-from interplab.engine.interventions import Intervention, mean_ablate, patch, set_to, steer, zero
+from interplab.engine.interventions import Intervention, InterventionError, mean_ablate, patch, set_to, steer, zero
 from interplab.engine.sites import Site, SiteError, SiteKind
 from interplab.engine.stream import CaptureChunk
 from interplab.engine.tokens import TokenBatch, TokenizationError
@@ -13,6 +13,7 @@ __all__ = [
     "GradResult",
     "HookedModel",
     "Intervention",
+    "InterventionError",
     "RunResult",
     "Site",
     "SiteError",

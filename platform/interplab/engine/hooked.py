@@ -266,12 +266,13 @@ class HookedModel:
 
     def _cache(self, plan: HookPlan, detach: bool = False) -> ActivationCache:
         values = {}
-        for key, site in plan.capture_sites.items():
+        for key, requested in plan.capture_sites.items():
             if key not in plan.captured:
                 continue
             value = plan.captured[key]
             value = value.detach() if detach else value
-            values[site] = plan.head_of(site, value, pattern=site.kind == SiteKind.PATTERN)
+            for site in requested:
+                values[site] = plan.head_of(site, value, pattern=site.kind == SiteKind.PATTERN)
         return ActivationCache(values, plan.positions, plan.valid)
 
     # ------------------------------------------------------------------ conveniences

@@ -67,7 +67,7 @@ def _head_out_hook(plan: HookPlan, layer: int, n_heads: int, transposed: bool):
             if module.bias is not None:
                 output = output + module.bias
         else:
-            if plan.capture_sites.get(_site(layer)) is not None:
+            if _site(layer) in plan.capture_sites:
                 rows = torch.arange(z.shape[0], device=z.device)[:, None]
                 picked = z if plan._all_positions else z[rows, plan.positions.to(z.device)]
                 heads = per_head_out(picked if plan.keep_grad else picked.detach(), module.weight, n_heads, transposed)

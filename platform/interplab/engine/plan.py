@@ -63,7 +63,9 @@ class HookPlan:
         self.seq_len = seq_len
         self.positions, self.valid = resolve_positions(positions, self.lengths, seq_len)
         self._all_positions = positions is None
-        self.capture_sites = {site.all_heads(): site for site in capture}
+        self.capture_sites: dict[Site, list[Site]] = defaultdict(list)
+        for site in capture:
+            self.capture_sites[site.all_heads()].append(site)
         self.interventions: dict[Site, list[Intervention]] = defaultdict(list)
         for item in interventions:
             self.interventions[item.site.all_heads()].append(item)

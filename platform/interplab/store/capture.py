@@ -1,0 +1,110 @@
+"""Engine capture chunks → store rows. The only store module that touches torch (imported lazily).
+
+One :class:`~interplab.engine.stream.CaptureChunk` becomes, for each captured site, one Parquet file
+of rows ``(prompt_id, position, token_id, token, head, act)`` (padding positions dropped), plus one
+``prompts`` file for the chunk's prompts, and a chunk-done marker; rewriting the same chunk index
+replaces all of them.
+
+Storage dtypes: ``float16`` (default) or ``float32``. ``bfloat16`` tensors are always stored as
+``float32``: widening bfloat16 to float32 is exact, while bfloat16 → float16 would lose range.
+
+``pattern`` sites are **not stored** (a warning says so): a pattern is ``[h, p, s]`` per prompt, with
+``s`` the padded key length of the batch, so its width changes from chunk to chunk and it is
+quadratic in the sequence length. Analyses that need attention patterns should write their own
+result table (e.g. ``write_table("attention", ...)`` in long form).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+
+from interplab.store import codec, layout
+from interplab.store.errors import StoreError
+from interplab.store.manifest import FileEntry
+
+if TYPE_CHECKING:
+    from interplab.engine.stream import CaptureChunk
+    from interplab.store.writer import RunWriter
+
+
+def write_capture_chunk(writer: RunWriter, chunk: CaptureChunk, dtype: str = "float16") -> list[FileEntry]:
+    """Write every site of ``chunk`` (idempotent on ``(run, chunk.index)``); return the files written."""
+    import torch
+
+    codec.check_dtype(dtype)
+    valid = chunk.valid.bool().cpu().numpy()
+    positions = chunk.positions.long().cpu().numpy()
+    b, p = valid.shape
+    if len(chunk.prompt_ids) != b or positions.shape != (b, p):
+        raise StoreError(f"chunk {chunk.index}: prompt_ids/positions/valid disagree on shape [b={b}, p={p}]")
+    rows, cols = np.nonzero(valid)  # prompt-major, then position order
+    pos = positions[rows, cols]
+    prompt_id = np.asarray(chunk.prompt_ids, dtype=np.int64)[rows]
+    token_ids = chunk.token_ids.long().cpu().numpy()
+    token_id = token_ids[rows, pos]
+    token = [chunk.tokens[i][j] for i, j in zip(rows.tolist(), pos.tolist())]
+
+    entries: list[FileEntry] = []
+    skipped = []
+    for site, tensor in chunk.acts.items():
+        kind = site.kind.value
+        if kind == "pattern":
+            skipped.append(str(site))
+            continue
+        store_dtype = "float32" if tensor.dtype == torch.bfloat16 else dtype
+        arr = _numpy(tensor, torch)
+        if arr.shape[:2] != (b, p) or arr.ndim not in (3, 4):
+            raise StoreError(f"chunk {chunk.index}: site {site} has shape {list(arr.shape)}, expected [{b}, {p}, ...]")
+        selected = arr[rows, cols]  # [n, d] or [n, h, d]
+        if arr.ndim == 3:
+            entries.append(
+                writer.write_activations(
+                    chunk.index, kind, site.layer, None, prompt_id, pos, token_id, token, selected, dtype=store_dtype
+                )
+            )
+            continue
+        n, h, d = selected.shape
+        if site.head is not None:
+            if h != 1:
+                raise StoreError(f"chunk {chunk.index}: site {site} selects one head but has {h}")
+            head: Any = site.head
+        else:
+            head = np.tile(np.arange(h, dtype=np.int32), n)
+        entries.append(
+            writer.write_activations(
+                chunk.index, kind, site.layer, head,
+                np.repeat(prompt_id, h), np.repeat(pos, h), np.repeat(token_id, h),
+                [t for t in token for _ in range(h)], selected.reshape(n * h, d), dtype=store_dtype,
+            )
+        )
+    if skipped:
+        warnings.warn(
+            f"pattern sites {skipped} are not stored (variable key length; see interplab.store.capture)",
+            stacklevel=2,
+        )
+    entries.append(writer._write_table_file(layout.PROMPTS, _prompts_table(chunk, token_ids), layout.chunk_key(chunk.index)))
+    writer.finish_chunk(layout.ACTIVATIONS, chunk.index, entries)
+    return entries
+
+
+def _numpy(tensor: Any, torch: Any) -> np.ndarray:
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:
+        tensor = tensor.float()
+    return tensor.numpy()
+
+
+def _prompts_table(chunk: CaptureChunk, token_ids: np.ndarray) -> pa.Table:
+    lengths = [int(n) for n in chunk.lengths]
+    return pa.table(
+        {
+            "prompt_id": pa.array(chunk.prompt_ids, pa.int64()),
+            "n_tokens": pa.array(lengths, pa.int32()),
+            "token_ids": pa.array([token_ids[i, :n].tolist() for i, n in enumerate(lengths)], pa.list_(pa.int32())),
+            "tokens": pa.array([list(t[:n]) for t, n in zip(chunk.tokens, lengths)], pa.list_(pa.string())),
+        }
+    )

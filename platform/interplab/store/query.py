@@ -1,0 +1,277 @@
+"""Read-only SQL over committed data: the safety check, the DuckDB session and its views.
+
+Safety model (``docs/store.md``), three independent layers:
+
+1. **Statement check.** DuckDB itself parses the query; exactly one statement of type SELECT is
+   allowed. Its parse tree (``json_serialize_sql``) is walked: every table reference must be one of
+   the store's views or a CTE of the query, and only the table functions ``range``,
+   ``generate_series`` and ``unnest`` may be called, so no ``read_csv``/``read_parquet``/``glob``,
+   no ``'/etc/passwd'`` replacement scans, no ``query()``.
+2. **Locked session.** The views are created first; then the connection gets
+   ``enable_external_access=false`` (with ``allowed_directories`` = the store's ``data/`` folder so the
+   views can still read), no extension auto-install/auto-load, no Python replacement scans, and
+   ``lock_configuration=true`` so the query cannot undo any of it.
+3. **Writes never go through SQL.** The session is an in-memory database; the store's files are only
+   written by :class:`~interplab.store.writer.RunWriter`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Iterable
+from typing import Any
+
+import duckdb
+from duckdb import sqltypes
+import pyarrow as pa
+import pyarrow.dataset as ds
+
+from interplab.store import codec, layout
+from interplab.store.errors import StoreError
+from interplab.store.fs import Location
+from interplab.store.manifest import FileEntry, RunInfo
+from interplab.store.sqlfiles import view_sql
+
+ALLOWED_TABLE_FUNCTIONS = frozenset({"range", "generate_series", "unnest"})
+BASE_VIEWS = ("runs", "prompts", "activations", "patching", "baselines")
+_ACT_COLUMNS = "run_id, prompt_id, position, token_id, token, site, layer, head"
+
+_EMPTY = {
+    "prompts": "NULL::VARCHAR AS run_id, NULL::BIGINT AS prompt_id, NULL::INTEGER AS n_tokens, "
+    "NULL::INTEGER[] AS token_ids, NULL::VARCHAR[] AS tokens",
+    "activations": "NULL::VARCHAR AS run_id, NULL::BIGINT AS prompt_id, NULL::INTEGER AS position, "
+    "NULL::INTEGER AS token_id, NULL::VARCHAR AS token, NULL::VARCHAR AS site, NULL::INTEGER AS layer, "
+    "NULL::INTEGER AS head, NULL::FLOAT[] AS act",
+    "patching": "NULL::VARCHAR AS run_id, NULL::VARCHAR AS sweep, NULL::VARCHAR AS method, "
+    "NULL::INTEGER AS layer, NULL::INTEGER AS position, NULL::INTEGER AS head, NULL::DOUBLE AS value, "
+    "NULL::DOUBLE AS normalized",
+    "baselines": "NULL::VARCHAR AS run_id, NULL::VARCHAR AS sweep, NULL::VARCHAR AS name, NULL::DOUBLE AS value",
+}
+
+
+# -- 1. statement check --------------------------------------------------------------------------
+
+
+def check_query(query: str, views: Iterable[str]) -> None:
+    """Raise :class:`StoreError` unless ``query`` is one read-only SELECT over the store's views."""
+    if not isinstance(query, str) or not query.strip():
+        raise StoreError("empty SQL query")
+    try:
+        statements = duckdb.extract_statements(query)
+    except duckdb.Error as exc:
+        raise StoreError(f"malformed SQL: {_first_line(exc)}") from None
+    if len(statements) != 1:
+        raise StoreError(f"refused: exactly one SQL statement per query, got {len(statements)}")
+    kind = statements[0].type
+    if kind != duckdb.StatementType.SELECT:
+        raise StoreError(
+            f"refused: only SELECT queries are allowed; {kind.name} statements cannot run "
+            "(the store is read-only through SQL; write with interplab's writers)"
+        )
+    with duckdb.connect(config={"enable_external_access": False}) as con:
+        (raw,) = con.execute("SELECT json_serialize_sql($q)", {"q": query}).fetchone()
+    tree = json.loads(raw)
+    if tree.get("error"):
+        raise StoreError(f"refused: query could not be checked ({tree.get('error_message')})")
+    allowed = {v.lower() for v in views}
+    ctes: set[str] = set()
+    refs: list[dict[str, Any]] = []
+    _walk(tree["statements"], ctes, refs)
+    for ref in refs:
+        _check_ref(ref, allowed | ctes, sorted(allowed))
+
+
+def _walk(node: Any, ctes: set[str], refs: list[dict[str, Any]]) -> None:
+    if isinstance(node, dict):
+        if node.get("type") in ("BASE_TABLE", "TABLE_FUNCTION", "SHOW_REF"):
+            refs.append(node)
+        cte_map = node.get("cte_map")
+        if isinstance(cte_map, dict):
+            ctes.update(str(item.get("key", "")).lower() for item in cte_map.get("map", []))
+        for value in node.values():
+            _walk(value, ctes, refs)
+    elif isinstance(node, list):
+        for item in node:
+            _walk(item, ctes, refs)
+
+
+def _check_ref(ref: dict[str, Any], allowed: set[str], views: list[str]) -> None:
+    if ref["type"] == "TABLE_FUNCTION":
+        name = str(ref.get("function", {}).get("function_name", "")).lower()
+        if name not in ALLOWED_TABLE_FUNCTIONS:
+            raise StoreError(
+                f"refused: table function {name}() is not allowed (no file access through SQL); "
+                f"query the store's views instead: {', '.join(views)}"
+            )
+        return
+    if ref["type"] == "SHOW_REF":
+        if ref.get("table_name"):
+            raise StoreError(f"refused: SHOW is not allowed; the store's views are: {', '.join(views)}")
+        return
+    name = str(ref.get("table_name", ""))
+    schema = str(ref.get("schema_name", "")).lower()
+    catalog = str(ref.get("catalog_name", "")).lower()
+    if catalog not in ("", "memory") or schema not in ("", "main") or name.lower() not in allowed:
+        what = "a file path" if ("/" in name or "." in name) else "an unknown table"
+        raise StoreError(
+            f"refused: {name!r} is {what}; queries may only read the store's views: {', '.join(views)}"
+        )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+# -- 2. session and views -----------------------------------------------------------------------
+
+
+class Session:
+    """A locked DuckDB connection whose views cover exactly the given committed runs."""
+
+    def __init__(self, loc: Location, runs: list[RunInfo]):
+        self._con = duckdb.connect(
+            config={
+                "autoinstall_known_extensions": False,
+                "autoload_known_extensions": False,
+                "allow_community_extensions": False,
+                "python_enable_replacements": False,
+            }
+        )
+        self._keep: list[Any] = []  # Arrow objects registered with DuckDB must outlive the views
+        self.views: list[str] = []
+        try:
+            self._create_views(loc, runs)
+            allowed = [loc.path("data") + "/"] if loc.local else []
+            self._con.execute(f"SET allowed_directories = {_sql_list(allowed)}")
+            self._con.execute("SET enable_external_access = false")
+            self._con.execute("SET lock_configuration = true")
+        except BaseException:
+            self.close()
+            raise
+
+    def execute(self, query: str, params: dict[str, Any] | None = None) -> pa.Table:
+        check_query(query, self.views)
+        try:
+            return self._con.sql(query, params=params or None).to_arrow_table()
+        except duckdb.Error as exc:
+            raise StoreError(f"query failed: {_first_line(exc)}") from None
+
+    def close(self) -> None:
+        self._con.close()
+        self._keep.clear()
+
+    # views ------------------------------------------------------------------------------------
+
+    def _create_views(self, loc: Location, runs: list[RunInfo]) -> None:
+        committed = [r for r in runs if r.status == "committed"]
+        by_table: dict[str, list[FileEntry]] = defaultdict(list)
+        for run in committed:
+            for entry in run.files:
+                by_table[entry.table].append(entry)
+        self._register("_interplab_runs", _runs_table(runs))
+        self._view("runs", "_interplab_runs")
+        widths = self._activation_views(loc, by_table.pop(layout.ACTIVATIONS, []))
+        for table in ("prompts", "patching", "baselines"):
+            self._view(table, self._table_relation(loc, table, by_table.pop(table, [])))
+        for table, entries in sorted(by_table.items()):
+            if table not in self.views:
+                self._view(table, self._table_relation(loc, table, entries), generic=True)
+        for d, relation in widths.items():
+            self._con.execute(f"CREATE VIEW activations_d{d} AS SELECT {_ACT_COLUMNS}, act FROM {relation}")
+            self.views.append(f"activations_d{d}")
+
+    def _view(self, name: str, relation: str, generic: bool = False) -> None:
+        if generic:
+            self._con.execute(f"CREATE VIEW {name} AS SELECT * FROM {relation}")
+        else:
+            self._con.execute(view_sql(name).replace("{{" + name + "}}", relation))
+        self.views.append(name)
+
+    def _activation_views(self, loc: Location, entries: list[FileEntry]) -> dict[int, str]:
+        """Create the ``activations`` view; return one relation per vector width for ``activations_dN``."""
+        groups: dict[tuple[str, int], list[FileEntry]] = defaultdict(list)
+        for entry in entries:
+            groups[(entry.dtype or "float16", int(entry.d or 0))].append(entry)
+        per_width: dict[int, list[str]] = defaultdict(list)
+        for (dtype, d), files in sorted(groups.items()):
+            name = codec.udf_name(dtype, d)
+            self._con.create_function(
+                name, codec.duckdb_decoder(dtype, d), [sqltypes.BLOB],
+                duckdb.array_type(sqltypes.FLOAT, d), type="arrow",
+            )
+            source = self._source(loc, layout.ACTIVATIONS, files, {"run_id": "VARCHAR", "site": "VARCHAR", "layer": "INTEGER"})
+            per_width[d].append(f"SELECT {_ACT_COLUMNS}, {name}(act) AS act FROM {source}")
+        widths = {d: "(" + " UNION ALL ".join(parts) + ")" for d, parts in per_width.items()}
+        if not widths:
+            relation = f"(SELECT {_EMPTY['activations']} WHERE false)"
+        elif len(widths) == 1:
+            relation = next(iter(widths.values()))
+        else:  # one column cannot hold FLOAT[576] and FLOAT[64]: fall back to a list, see docs/store.md
+            relation = "(" + " UNION ALL ".join(
+                f"SELECT {_ACT_COLUMNS}, act::FLOAT[] AS act FROM {rel}" for rel in widths.values()
+            ) + ")"
+        self._view("activations", relation)
+        return widths
+
+    def _table_relation(self, loc: Location, table: str, entries: list[FileEntry]) -> str:
+        if not entries:
+            if table in _EMPTY:
+                return f"(SELECT {_EMPTY[table]} WHERE false)"
+            return "(SELECT NULL::VARCHAR AS run_id WHERE false)"
+        return "(SELECT * FROM " + self._source(loc, table, entries, {"run_id": "VARCHAR"}) + ")"
+
+    def _source(self, loc: Location, table: str, entries: list[FileEntry], hive: dict[str, str]) -> str:
+        """A FROM-able relation over ``entries``: DuckDB's Parquet reader locally, a pyarrow dataset on S3."""
+        if loc.local:
+            files = _sql_list(loc.path(e.path) for e in entries)
+            types = "{" + ", ".join(f"'{k}': {v}" for k, v in hive.items()) + "}"
+            return f"read_parquet({files}, hive_partitioning = true, hive_types = {types}, union_by_name = true)"
+        arrow_types = {"VARCHAR": pa.string(), "INTEGER": pa.int32()}
+        partitioning = ds.HivePartitioning(
+            pa.schema([(k, arrow_types[v]) for k, v in hive.items()]), null_fallback=layout.NULL_PARTITION
+        )
+        dataset = ds.dataset(
+            [loc.path(e.path) for e in entries], filesystem=loc.fs, format="parquet",
+            partitioning=partitioning, partition_base_dir=loc.path("data", table),
+        )
+        name = f"_interplab_ds_{len(self._keep)}"
+        self._register(name, dataset)
+        return name
+
+    def _register(self, name: str, obj: Any) -> None:
+        self._keep.append(obj)
+        self._con.register(name, obj)
+
+
+def _runs_table(runs: list[RunInfo]) -> pa.Table:
+    def js(value: Any) -> str | None:
+        return None if value is None else json.dumps(value, sort_keys=True, default=str)
+
+    ts = pa.timestamp("us", tz="UTC")
+    rows = [r for r in sorted(runs, key=lambda r: r.created_at)]
+    columns = {
+        "run_id": pa.array([r.run_id for r in rows], pa.string()),
+        "kind": pa.array([r.kind for r in rows], pa.string()),
+        "status": pa.array([r.status for r in rows], pa.string()),
+        "model": pa.array([r.model for r in rows], pa.string()),
+        "weight_hash": pa.array([r.weight_hash for r in rows], pa.string()),
+        "created_at": pa.array([r.created_at or None for r in rows], pa.string()).cast(ts),
+        "committed_at": pa.array([r.committed_at for r in rows], pa.string()).cast(ts),
+        "failed_at": pa.array([r.failed_at for r in rows], pa.string()).cast(ts),
+        "error": pa.array([r.error for r in rows], pa.string()),
+        "user": pa.array([r.user for r in rows], pa.string()),
+        "host": pa.array([r.host for r in rows], pa.string()),
+        "package_version": pa.array([r.package_version for r in rows], pa.string()),
+        "spec": pa.array([js(r.spec) for r in rows], pa.string()),
+        "provenance": pa.array([js(r.provenance) for r in rows], pa.string()),
+        "metadata": pa.array([js(r.metadata) for r in rows], pa.string()),
+        "n_files": pa.array([len(r.files) for r in rows], pa.int64()),
+        "n_activation_rows": pa.array([r.rows.get(layout.ACTIVATIONS, 0) for r in rows], pa.int64()),
+    }
+    return pa.table(columns)
+
+
+def _sql_list(items: Iterable[str]) -> str:
+    return "[" + ", ".join("'" + str(item).replace("'", "''") + "'" for item in items) + "]"

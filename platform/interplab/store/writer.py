@@ -1,0 +1,292 @@
+"""Writing one run: idempotent chunk files under the run's staging prefix, then an atomic commit.
+
+Protocol (``docs/store.md``):
+
+1. ``begin_run`` creates ``runs/<id>/run.json`` (create-if-absent) → status ``running``.
+2. Every write is one Parquet object with a deterministic name derived from (run, table, chunk[, site,
+   layer, head]), written atomically (temp + rename / single PUT). Rewriting a chunk replaces its
+   objects, so a retried task never duplicates rows. A chunk-done marker records the chunk's files.
+3. ``commit`` lists the run's data objects, and publishes ``runs/<id>/commit.json`` naming every file
+   with its row count. Readers build their views only from commit manifests, so an uncommitted or
+   crashed run, and any stray temporary file, is invisible.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from interplab.store import codec, fs, layout
+from interplab.store.errors import StoreError
+from interplab.store.manifest import FileEntry, RunInfo, dumps, loads, now_iso
+
+if TYPE_CHECKING:
+    from interplab.store.store import Store
+
+_ROW_GROUP_BYTES = 64 << 20
+_SMALL_COLUMNS = ("prompt_id", "position", "token_id", "token", "head")
+
+
+def _activation_write_options(row_bytes: int, n_rows: int) -> dict[str, Any]:
+    return {
+        "compression": {"act": "NONE", **{c: "SNAPPY" for c in _SMALL_COLUMNS}},
+        "use_dictionary": ["token"],
+        "write_statistics": ["prompt_id", "position", "head"],
+        "column_encoding": {"act": "PLAIN"},
+        "row_group_size": max(1024, min(n_rows, _ROW_GROUP_BYTES // max(row_bytes, 1))),
+        "data_page_size": 1 << 20,
+    }
+
+
+class RunWriter:
+    """Writes the chunks of one run; ``commit()`` publishes them, ``fail(reason)`` marks the run failed.
+
+    As a context manager it commits on normal exit and marks the run failed on an exception.
+    Several processes (hosts) may hold a writer for the same run and write different chunks; one of
+    them commits once all have finished.
+    """
+
+    def __init__(self, store: Store, run_id: str):
+        self._store = store
+        self._loc = store.location
+        self.run_id = run_id
+        self._done = False
+
+    # -- writes --------------------------------------------------------------------------------
+
+    def write_activations(
+        self,
+        chunk: int | str,
+        site: str,
+        layer: int | None,
+        head: int | None | np.ndarray,
+        prompt_id: np.ndarray,
+        position: np.ndarray,
+        token_id: np.ndarray,
+        token: Sequence[str],
+        act: np.ndarray,
+        *,
+        dtype: str = "float16",
+    ) -> FileEntry:
+        """Write the rows of one site for one chunk; ``act`` is ``[n, d]``, the others ``[n]``.
+
+        ``head`` is None for whole-stream sites, an int for a single head, or an ``int[n]`` array when
+        the rows cover all heads of a layer. ``dtype`` is the storage type (``float16`` default,
+        ``float32`` on request). Rewriting the same (chunk, site, layer, head) replaces the file.
+        """
+        self._check_writable()
+        key = layout.chunk_key(chunk)
+        layout.check_site_kind(site)
+        if layer is not None and (not isinstance(layer, (int, np.integer)) or layer < 0):
+            raise StoreError(f"layer must be a non-negative int or None, got {layer!r}")
+        n = len(prompt_id)
+        columns = {
+            "prompt_id": _int_column("prompt_id", prompt_id, n, pa.int64()),
+            "position": _int_column("position", position, n, pa.int32()),
+            "token_id": _int_column("token_id", token_id, n, pa.int32()),
+            "token": _token_column(token, n),
+        }
+        file_head: int | None = None
+        if head is None:
+            columns["head"] = pa.nulls(n, pa.int32())
+        elif isinstance(head, (int, np.integer)) and not isinstance(head, bool):
+            file_head = int(head)
+            columns["head"] = pa.array(np.full(n, file_head, dtype=np.int32))
+        else:
+            columns["head"] = _int_column("head", head, n, pa.int32())
+        if getattr(act, "shape", (None,))[0] != n:
+            raise StoreError(f"act has {getattr(act, 'shape', None)} rows, expected {n} (one per prompt_id)")
+        columns["act"] = codec.encode_act(act, dtype)
+        d = int(act.shape[1])
+        meta = {codec.META_DTYPE: dtype.encode(), codec.META_DIM: str(d).encode()}
+        table = pa.table(columns).replace_schema_metadata(meta)
+        layer = None if layer is None else int(layer)
+        rel = layout.activation_file(self.run_id, site, layer, file_head, key)
+        row_bytes = d * np.dtype(dtype).itemsize + 24
+        size = fs.write_parquet(self._loc, self._loc.path(rel), table, **_activation_write_options(row_bytes, n))
+        return FileEntry(layout.ACTIVATIONS, rel, key, n, size, site, layer, file_head, dtype, d)
+
+    def write_table(self, name: str, table: pa.Table, chunk: str | int = 0) -> FileEntry:
+        """Write one chunk of an analysis result table (``patching``, ``baselines``, ``edges``, ...).
+
+        Idempotent per (run, table, chunk): rewriting a chunk replaces it. Known tables (see
+        ``layout.KNOWN_SCHEMAS``) are checked and cast to their schema; extra columns are kept.
+        """
+        self._check_writable()
+        layout.check_table(name)
+        key = layout.chunk_key(chunk)
+        if not isinstance(table, pa.Table):
+            raise StoreError(f"write_table({name!r}) needs a pyarrow.Table, got {type(table).__name__}")
+        entry = self._write_table_file(name, _conform(name, table, self.run_id), key)
+        self.finish_chunk(name, chunk, [entry])
+        return entry
+
+    def write_capture_chunk(self, chunk: Any, dtype: str = "float16") -> list[FileEntry]:
+        """Write an engine ``CaptureChunk`` (see :func:`interplab.store.capture.write_capture_chunk`)."""
+        from interplab.store.capture import write_capture_chunk
+
+        return write_capture_chunk(self, chunk, dtype)
+
+    def finish_chunk(self, table: str, chunk: str | int, files: Sequence[FileEntry]) -> None:
+        """Record that ``chunk`` of ``table`` is complete with exactly ``files``.
+
+        Files a previous attempt of this chunk wrote and this one did not are deleted, so a rewritten
+        chunk replaces the old one. ``written_chunks`` reports only finished chunks.
+        """
+        self._check_writable()
+        key = layout.chunk_key(chunk)
+        marker = self._loc.path(layout.chunk_marker(self.run_id, table, key))
+        previous = fs.read_bytes(self._loc, marker)
+        keep = {f.path for f in files}
+        if previous is not None:
+            for old in loads(previous, marker).get("files", []):
+                if old["path"] not in keep:
+                    fs.delete_file(self._loc, self._loc.path(old["path"]))
+        record = {"table": table, "chunk": key, "written_at": now_iso(), "files": [vars(f) for f in files]}
+        fs.write_bytes(self._loc, marker, dumps(record))
+
+    def written_chunks(self, table: str = layout.ACTIVATIONS) -> set[int | str]:
+        """Chunk keys of ``table`` already finished in this run (ints for numbered chunks)."""
+        prefix = self._loc.path(layout.chunks_dir(self.run_id), table)
+        return {
+            layout.parse_chunk_key(info.base_name[: -len(".json")])
+            for info in fs.list_files(self._loc, prefix)
+            if info.base_name.endswith(".json") and fs.TMP_MARK not in info.base_name
+        }
+
+    def _write_table_file(self, name: str, table: pa.Table, key: str) -> FileEntry:
+        rel = layout.table_file(name, self.run_id, key)
+        size = fs.write_parquet(self._loc, self._loc.path(rel), table, compression="zstd")
+        return FileEntry(name, rel, key, table.num_rows, size)
+
+    # -- status --------------------------------------------------------------------------------
+
+    def commit(self, metadata: dict[str, Any] | None = None) -> RunInfo:
+        """Publish the run atomically: after this, every written file is visible, before it none is."""
+        self._check_writable()
+        run_path = self._loc.path(layout.run_dir(self.run_id))
+        if fs.exists(self._loc, f"{run_path}/{layout.FAILED_FILE}"):
+            raise StoreError(f"run {self.run_id!r} is marked failed; reopen it with resume_run() before committing")
+        entries = self._collect_files()
+        record = {
+            "run_id": self.run_id,
+            "committed_at": now_iso(),
+            "metadata": metadata or {},
+            "files": [vars(e) for e in entries],
+        }
+        if not fs.create_exclusive(self._loc, f"{run_path}/{layout.COMMIT_FILE}", dumps(record)):
+            raise StoreError(f"run {self.run_id!r} is already committed")
+        self._done = True
+        return self._store.run(self.run_id)
+
+    def fail(self, reason: str) -> None:
+        """Mark the run failed; its staging data stays until ``gc`` (or a resume) and is never visible."""
+        if self._done:
+            return
+        record = {"reason": str(reason)[:2000], "failed_at": now_iso(), "host": os.uname().nodename}
+        fs.write_bytes(self._loc, self._loc.path(layout.run_dir(self.run_id), layout.FAILED_FILE), dumps(record))
+        self._done = True
+
+    def __enter__(self) -> RunWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._done:
+            return
+        if exc is not None:
+            self.fail(f"{exc_type.__name__}: {exc}")
+        else:
+            self.commit()
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _check_writable(self) -> None:
+        if self._done:
+            raise StoreError(f"run {self.run_id!r}: this writer is already committed or failed")
+        if fs.exists(self._loc, self._loc.path(layout.run_dir(self.run_id), layout.COMMIT_FILE)):
+            raise StoreError(f"run {self.run_id!r} is committed; committed runs are immutable")
+
+    def _collect_files(self) -> list[FileEntry]:
+        marked: dict[str, FileEntry] = {}
+        prefix = self._loc.path(layout.chunks_dir(self.run_id))
+        for info in fs.list_files(self._loc, prefix):
+            if info.base_name.endswith(".json") and fs.TMP_MARK not in info.base_name:
+                for f in loads(fs.read_bytes(self._loc, info.path) or b"{}", info.path).get("files", []):
+                    entry = FileEntry.from_dict(f)
+                    marked[entry.path] = entry
+        entries = []
+        root_len = len(self._loc.root) + 1
+        for table in fs.list_dirs(self._loc, self._loc.path("data")):
+            for info in fs.list_files(self._loc, self._loc.path(layout.table_dir(table, self.run_id))):
+                rel = info.path[root_len:]
+                if layout.file_chunk_key(rel) is None:
+                    continue  # temporary or foreign file
+                entry = marked.get(rel)
+                if entry is None or entry.bytes != info.size:
+                    entry = _describe(self._loc, table, rel)
+                entries.append(entry)
+        return sorted(entries, key=lambda e: e.path)
+
+
+def _describe(loc: fs.Location, table: str, rel: str) -> FileEntry:
+    """A FileEntry for a data file no chunk marker describes (read from its footer)."""
+    with loc.fs.open_input_file(loc.path(rel)) as f:
+        meta = pq.read_metadata(f)
+    key = layout.file_chunk_key(rel) or ""
+    size = loc.fs.get_file_info(loc.path(rel)).size
+    if table != layout.ACTIVATIONS:
+        return FileEntry(table, rel, key, meta.num_rows, size)
+    kv = meta.metadata or {}
+    parts = layout.parse_partitions(rel)
+    layer = None if parts.get("layer", layout.NULL_PARTITION) == layout.NULL_PARTITION else int(parts["layer"])
+    base = rel.rsplit("/", 1)[-1][: -len(".parquet")]
+    head = int(base.rsplit("-h", 1)[1]) if "-h" in base else None
+    return FileEntry(
+        table, rel, key, meta.num_rows, size, parts.get("site"), layer, head,
+        kv.get(codec.META_DTYPE, b"float16").decode(), int(kv.get(codec.META_DIM, b"0")),
+    )
+
+
+def _int_column(name: str, values, n: int, type_: pa.DataType) -> pa.Array:
+    arr = np.asarray(values)
+    if arr.shape != (n,):
+        raise StoreError(f"{name} must have shape [{n}], got {list(arr.shape)}")
+    if arr.dtype.kind not in "iu":
+        raise StoreError(f"{name} must be integers, got dtype {arr.dtype}")
+    return pa.array(arr.astype(type_.to_pandas_dtype(), copy=False))
+
+
+def _token_column(token: Sequence[str], n: int) -> pa.Array:
+    if len(token) != n:
+        raise StoreError(f"token has {len(token)} entries, expected {n}")
+    try:
+        return pa.array(token, type=pa.string())
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise StoreError(f"token must be a sequence of strings: {exc}") from None
+
+
+def _conform(name: str, table: pa.Table, run_id: str) -> pa.Table:
+    if "run_id" in table.column_names:
+        values = set(table.column("run_id").to_pylist())
+        if values - {run_id}:
+            raise StoreError(f"write_table({name!r}): run_id column holds {sorted(values)}, not {run_id!r}")
+        table = table.drop_columns(["run_id"])
+    schema = layout.KNOWN_SCHEMAS.get(name)
+    if schema is None:
+        return table
+    missing = [f.name for f in schema if f.name not in table.column_names]
+    if missing:
+        raise StoreError(f"write_table({name!r}): missing columns {missing}; expected {schema.names}")
+    known = []
+    for field in schema:
+        try:
+            known.append(table.column(field.name).cast(field.type))
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+            raise StoreError(f"write_table({name!r}): column {field.name!r} is not {field.type}: {exc}") from None
+    extra = [c for c in table.column_names if c not in schema.names]
+    return pa.table(known + [table.column(c) for c in extra], names=schema.names + extra)

@@ -1,0 +1,82 @@
+"""The layer loop reproduces transformers' own forward pass, on every family."""
+
+import torch
+
+from tests.conftest import PROMPTS, SHORT, real_positions
+
+
+def test_resid_post_equals_hidden_states(tiny, hf_reference):
+    batch = tiny.tokenize(PROMPTS + SHORT)
+    with torch.no_grad():
+        ref = hf_reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True)
+    sites = [f"resid_post.{layer}" for layer in range(tiny.n_layers)] + ["embed", "resid_pre.0"]
+    out = tiny.run(batch, capture=sites)
+    mask = real_positions(batch)
+    torch.testing.assert_close(out.cache["embed"][mask], ref.hidden_states[0][mask], rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.cache["resid_pre.0"], out.cache["embed"], rtol=0, atol=0)
+    for layer in range(tiny.n_layers - 1):  # the last hidden state of HF is after the final norm
+        got = out.cache[f"resid_post.{layer}"][mask]
+        torch.testing.assert_close(got, ref.hidden_states[layer + 1][mask], rtol=0, atol=1e-5)
+    torch.testing.assert_close(out.logits[mask], ref.logits[mask], rtol=0, atol=1e-5)
+
+
+def test_residual_stream_decomposes(tiny):
+    """resid_mid = resid_pre + attn_out; resid_post = resid_mid + mlp_out (parallel: pre + attn + mlp)."""
+    batch = tiny.tokenize(PROMPTS)
+    sites = ["resid_pre.1", "attn_out.1", "mlp_out.1", "resid_post.1"]
+    if tiny.has_resid_mid:
+        sites.append("resid_mid.1")
+    cache = tiny.run(batch, capture=sites).cache
+    pre, attn, mlp, post = (cache[s] for s in sites[:4])
+    if tiny.has_resid_mid:
+        torch.testing.assert_close(cache["resid_mid.1"], pre + attn, rtol=0, atol=1e-6)
+        torch.testing.assert_close(post, cache["resid_mid.1"] + mlp, rtol=0, atol=1e-5)
+    else:
+        torch.testing.assert_close(post, pre + attn + mlp, rtol=0, atol=1e-5)
+
+
+def test_padded_batch_equals_single_runs(tiny):
+    texts = PROMPTS + SHORT
+    batch = tiny.tokenize(texts)
+    together = tiny.run(batch, capture=["resid_post.1", "z.2"], positions=[-1], logits="last")
+    for i, text in enumerate(texts):
+        alone = tiny.run(text, capture=["resid_post.1", "z.2"], positions=[-1], logits="last")
+        torch.testing.assert_close(together.logits[i], alone.logits[0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(together.cache["z.2"][i], alone.cache["z.2"][0], rtol=0, atol=1e-5)
+
+
+def test_positions_select_per_row(tiny):
+    batch = tiny.tokenize(PROMPTS + SHORT)
+    full = tiny.run(batch, capture=["mlp_post.0", "pattern.1"]).cache
+    last = tiny.run(batch, capture=["mlp_post.0", "pattern.1"], positions=[0, -1]).cache
+    for i, length in enumerate(batch.lengths.tolist()):
+        torch.testing.assert_close(last["mlp_post.0"][i, 1], full["mlp_post.0"][i, length - 1])
+        torch.testing.assert_close(last["pattern.1"][i, :, 1], full["pattern.1"][i, :, length - 1])
+    assert last.positions.tolist()[0] == [0, batch.lengths[0].item() - 1]
+
+
+def test_capture_only_pass_stops_early_and_matches(tiny):
+    batch = tiny.tokenize(PROMPTS)
+    early = tiny.run(batch, capture=["resid_post.0"], logits="none")
+    full = tiny.run(batch, capture=["resid_post.0"])
+    assert early.logits is None
+    torch.testing.assert_close(early.cache["resid_post.0"], full.cache["resid_post.0"], rtol=0, atol=0)
+
+
+def test_capture_stream_chunks_match_a_single_run(tiny):
+    texts = PROMPTS + SHORT + PROMPTS
+    chunks = list(tiny.capture_stream(texts, ["resid_pre.1", "q.0"], batch_size=2, positions=[-1]))
+    assert [c.index for c in chunks] == [0, 1, 2]
+    assert sum((c.prompt_ids for c in chunks), []) == list(range(len(texts)))
+    for chunk in chunks:
+        for row, prompt_id in enumerate(chunk.prompt_ids):
+            alone = tiny.run(texts[prompt_id], capture=["resid_pre.1", "q.0"], positions=[-1]).cache
+            torch.testing.assert_close(chunk.acts[tiny.validate_site("resid_pre.1")][row], alone["resid_pre.1"][0], atol=1e-5, rtol=0)
+            assert chunk.acts[tiny.validate_site("q.0")].shape[1:] == (1, tiny.n_heads, tiny.head_dim)
+            assert len(chunk.tokens[row]) == chunk.lengths[row]
+
+
+def test_no_hooks_left_behind(tiny):
+    tiny.run(PROMPTS, capture=["attn_out.0", "mlp_out.1", "mlp_post.2", "head_out.1", "resid_mid.0" if tiny.has_resid_mid else "z.0"])
+    for module in tiny.model.modules():
+        assert not module._forward_hooks and not module._forward_pre_hooks
