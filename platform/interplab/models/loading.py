@@ -244,15 +244,17 @@ def load_partial(source: Path, config, dtype, device, layers, with_embed: bool, 
         if spec.rotary and pname.startswith(base + spec.rotary + "."):
             keep = True
         if keep:
-            wanted[pname] = pname
-    if with_head:
-        head_key = spec.lm_head + ".weight"
-        if head_key not in index:  # tied: the checkpoint stores the embedding only
-            wanted[head_key] = base + spec.embed + ".weight"
+            wanted[pname] = pname if pname in index else spec.checkpoint_aliases.get(pname, pname)
+    head_key = spec.lm_head + ".weight"
+    if with_head and wanted.get(head_key) not in index and getattr(config, "tie_word_embeddings", False):
+        wanted[head_key] = base + spec.embed + ".weight"  # tied: the checkpoint stores the embedding only
+    buffers = {name for name, _ in model.named_buffers()}
     handles: dict[Path, object] = {}
     for pname, key in wanted.items():
         if key not in index:
-            continue  # non-persistent buffers (rotary inv_freq) are recomputed below
+            if pname in buffers:
+                continue  # non-persistent buffers (rotary inv_freq) are recomputed below
+            raise ModelLoadError(f"checkpoint {source} has no tensor {key!r} for parameter {pname!r}")
         file = index[key]
         if file not in handles:
             handles[file] = safe_open(file, framework="pt", device="cpu")

@@ -34,10 +34,10 @@ def open_store(uri: str | None = None, *, create: bool = True) -> Store:
     """
     loc = fs.resolve(uri)
     marker = loc.path(layout.MARKER)
+    if loc.local and os.path.exists(loc.root) and not os.path.isdir(loc.root):
+        raise StoreError(f"{loc.uri} is a file, not an interplab store")
     raw = fs.read_bytes(loc, marker)
     if raw is None:
-        if loc.local and os.path.exists(loc.root) and not os.path.isdir(loc.root):
-            raise StoreError(f"{loc.uri} is a file, not an interplab store")
         empty = not fs.list_files(loc, loc.root)
         if not create:
             what = "no interplab store" if empty else "not an interplab store (no interplab-store.json)"

@@ -40,6 +40,8 @@ class ArchSpec:
             with ``use_parallel_residual``): such layers have no ``resid_mid``.
         logit_softcap: the config attribute holding a final-logit soft cap, if the family has one.
         tiny_config: builds a small random config of this family for tests (``vocab_size`` given).
+        checkpoint_aliases: parameter name -> the key it is saved under in safetensors checkpoints,
+            where the two differ (used when loading only some tensors).
     """
 
     name: str
@@ -60,6 +62,7 @@ class ArchSpec:
     embed_fn: EmbedFn | None = None
     parallel_residual: Callable[[PretrainedConfig], bool] = field(default=lambda config: False)
     logit_softcap: str | None = None
+    checkpoint_aliases: dict[str, str] = field(default_factory=dict)
     notes: str = ""
 
 

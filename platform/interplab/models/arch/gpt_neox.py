@@ -38,6 +38,7 @@ SPEC = register_arch(
         o_proj="attention.dense",
         mlp_out="mlp",
         mlp_down="mlp.dense_4h_to_h",
+        checkpoint_aliases={"lm_head.weight": "embed_out.weight"},
         parallel_residual=lambda config: bool(getattr(config, "use_parallel_residual", False)),
         notes="with use_parallel_residual (Pythia) attention and MLP both read resid_pre: no resid_mid",
     )
