@@ -155,6 +155,9 @@ def load_pretrained(
 
     from interplab.models.tiny import TINY_PREFIX, build_tiny, tiny_families
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     torch_dtype = resolve_dtype(dtype)
     if not isinstance(name, str) or not name:
         raise ModelLoadError(f"model must be a non-empty string, got {name!r}")

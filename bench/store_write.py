@@ -1,0 +1,105 @@
+"""Activation write throughput of the store vs writing the same bytes raw to a file, in the same run.
+
+    python bench/store_write.py [--mb 512] [--dir /tmp]
+
+For each (dtype, d) the act payload (n x d x itemsize bytes, float16 or float32) is written in
+chunks, once through ``RunWriter.write_activations`` (all columns, atomic rename, Parquet) and once as
+raw bytes (``f.write(memoryview(arr))`` per chunk, one file per chunk). The naive pyarrow path
+(``fixed_size_list<float>`` column, default options) is shown for reference. Throughput counts the
+act payload only; ratio = store / raw (goal >= 0.8). Best of 3 rounds each.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from interplab.store import open_store
+
+
+def _best(fn, cleanup, rounds: int = 3) -> float:
+    times = []
+    for _ in range(rounds):
+        cleanup()
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    cleanup()
+    return min(times)
+
+
+def bench(dtype: str, d: int, total_mb: int, root: str) -> dict:
+    itemsize = np.dtype(dtype).itemsize
+    rows_per_chunk = max(1024, (32 << 20) // (d * itemsize))  # ~32 MiB of act per chunk
+    n_chunks = max(1, (total_mb << 20) // (rows_per_chunk * d * itemsize))
+    rng = np.random.default_rng(0)
+    act = rng.standard_normal((rows_per_chunk, d), dtype=np.float32).astype(dtype)
+    prompt_id = np.arange(rows_per_chunk, dtype=np.int64) // 128
+    position = (np.arange(rows_per_chunk) % 128).astype(np.int32)
+    token_id = rng.integers(0, 49152, rows_per_chunk)
+    token = [f"tok{i % 5000}" for i in range(rows_per_chunk)]
+    payload = n_chunks * act.nbytes
+
+    raw_dir = os.path.join(root, "raw")
+
+    store_dir = os.path.join(root, "store")
+
+    def cleanup() -> None:
+        for path in (raw_dir, store_dir, os.path.join(root, "naive.parquet")):
+            shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else None
+            if os.path.isfile(path):
+                os.unlink(path)
+
+    def raw() -> None:
+        os.makedirs(raw_dir)
+        for c in range(n_chunks):
+            with open(os.path.join(raw_dir, f"chunk-{c}.bin"), "wb") as f:
+                f.write(memoryview(act))
+
+    def store() -> None:
+        s = open_store(store_dir)
+        w = s.begin_run("capture", model="bench", spec={})
+        for c in range(n_chunks):
+            w.write_activations(c, "resid_pre", 0, None, prompt_id, position, token_id, token, act, dtype=dtype)
+        w.commit()
+
+    def naive() -> None:
+        col = pa.FixedSizeListArray.from_arrays(pa.array(act.reshape(-1)), d)
+        table = pa.table({"prompt_id": prompt_id, "position": position, "token_id": token_id, "token": token, "act": col})
+        for c in range(n_chunks):
+            pq.write_table(table, os.path.join(root, "naive.parquet"))
+
+    t_raw = _best(raw, cleanup)
+    t_store = _best(store, cleanup)
+    t_naive = _best(naive, cleanup, rounds=1)
+    mbps = lambda t: payload / t / 1e6  # noqa: E731
+    return {"dtype": dtype, "d": d, "MB": payload / 1e6, "raw": mbps(t_raw), "store": mbps(t_store),
+            "naive": mbps(t_naive), "ratio": t_raw / t_store, "naive_ratio": t_raw / t_naive}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mb", type=int, default=512, help="act payload per configuration (MiB)")
+    parser.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
+    args = parser.parse_args()
+    root = tempfile.mkdtemp(prefix="interplab-bench-", dir=args.dir)
+    try:
+        print(f"{'dtype':8} {'d':>5} {'MB':>6} {'raw MB/s':>9} {'store MB/s':>11} {'ratio':>6} {'naive MB/s':>11} {'naive ratio':>11}")
+        for dtype in ("float16", "float32"):
+            for d in (576, 4096):
+                r = bench(dtype, d, args.mb, root)
+                print(f"{r['dtype']:8} {r['d']:>5} {r['MB']:>6.0f} {r['raw']:>9.0f} {r['store']:>11.0f} "
+                      f"{r['ratio']:>6.2f} {r['naive']:>11.0f} {r['naive_ratio']:>11.2f}")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
