@@ -1,0 +1,1 @@
+"""Analyses built on the engine: activation/attribution patching (more to come: circuits, grafting)."""

@@ -1,0 +1,228 @@
+"""The generic patching driver: exact activation patching and attribution patching (AtP).
+
+Exact patching puts many patches in one forward pass: every batch row is one (patch, prompt) pair
+carrying its own paired intervention (site, position, head, value). Rows are ordered by layer, and
+on a backend that can start mid-model (``run_stage``) each batch starts at its lowest patched layer
+from the target run's cached ``resid_pre``: layers before a patch are not recomputed.
+
+AtP (Nanda 2023; Kramar et al. 2024) estimates every patch from two forward passes and one
+backward pass: ``m(patched) ~= m(target) + (a_source - a_target) . dm/da_target``, summed over the
+patched positions/heads' activation dimensions.
+
+Directions: ``denoise`` patches clean activations into the corrupted run; ``noise`` corrupted into
+clean. Ablations (``zero``, ``mean`` over the dataset's target run, ``resample`` from a seeded
+derangement of prompts) replace the clean run's activations.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+from interplab.analyses.metrics import MetricInputs, get_metric
+from interplab.analyses.patching.result import PatchingResult, pearson
+from interplab.analyses.patching.sweeps import Patch, Sweep, SweepError
+from interplab.analyses.tasks.pairs import PairSet
+from interplab.engine.interventions import patch as patch_from
+from interplab.engine.sites import Site, SiteKind
+
+Direction = Literal["denoise", "noise"]
+Method = Literal["exact", "atp", "both"]
+Ablation = Literal["zero", "mean", "resample"]
+
+
+def _canonical(site: Site, value: torch.Tensor) -> torch.Tensor:
+    return value.transpose(1, 2) if site.kind == SiteKind.PATTERN else value
+
+
+def default_batch_rows(model, seq_len: int, memory_mb: int = 1024) -> int:
+    """Rows per forward pass that keep transient activations within ``memory_mb``."""
+    per_token = 6 * model.d_model + 3 * model.d_mlp + 2 * model.n_heads * seq_len
+    per_row = 4 * (seq_len * per_token + 2 * model.d_vocab)
+    return max(1, min(1024, (memory_mb << 20) // per_row))
+
+
+class _Setup:
+    """Clean/corrupted runs, the target and source activations, metric inputs and baselines."""
+
+    def __init__(self, model, pairs: PairSet, sweeps: Sequence[Sweep], direction: str, metric: str,
+                 ablation: str | None, seed: int, need_resid: bool):
+        if direction not in ("denoise", "noise"):
+            raise SweepError(f"direction must be 'denoise' or 'noise', got {direction!r}")
+        if ablation not in (None, "zero", "mean", "resample"):
+            raise SweepError(f"ablation must be zero, mean or resample, got {ablation!r}")
+        if any("position" in s.by for s in sweeps) and not pairs.same_length:
+            raise SweepError(
+                "sweeps by position need every prompt to have the same number of tokens; got lengths "
+                f"{sorted(set(pairs.clean.lengths.tolist()))}. Use one template, or sweep by [layer] / [layer, head]"
+            )
+        self.model, self.pairs, self.sweeps = model, pairs, list(sweeps)
+        self.metric = get_metric(metric)
+        self.metric_name = metric
+        n_layers = model.n_layers
+        self.sites = [s.site(layer) for s in sweeps for layer in range(n_layers)]
+        extra = [Site(SiteKind.RESID_PRE, layer) for layer in range(n_layers)] if need_resid else []
+        capture = list(dict.fromkeys(self.sites + extra))
+        clean = model.run(pairs.clean, capture=capture, logits="last")
+        corrupted = model.run(pairs.corrupted, capture=capture, logits="last")
+        clean_logprobs = clean.logits.float().log_softmax(-1)
+        self.inputs = MetricInputs(pairs.answer, pairs.wrong, clean_logprobs)
+        self.clean_per_prompt = self.metric(clean.logits, self.inputs).double()
+        self.corrupted_per_prompt = self.metric(corrupted.logits, self.inputs).double()
+        self.baselines = {"clean": float(self.clean_per_prompt.mean()), "corrupted": float(self.corrupted_per_prompt.mean())}
+        if ablation is not None or direction == "noise":
+            target, source, self.target_batch = clean, corrupted, pairs.clean
+        else:
+            target, source, self.target_batch = corrupted, clean, pairs.corrupted
+        self.target_cache = target.cache
+        self.target_per_prompt = self.metric(target.logits, self.inputs).double()
+        n = pairs.size
+        self.source_rows = torch.arange(n)
+        if ablation == "resample":
+            gen = torch.Generator().manual_seed(seed)
+            perm = torch.randperm(n, generator=gen)
+            if n > 1:
+                perm = torch.where(perm == torch.arange(n), perm.roll(1), perm)
+            self.source_rows = perm
+        self.source: dict[Site, torch.Tensor] = {}
+        for site in self.sites:
+            tgt = _canonical(site, target.cache[site])
+            if ablation == "zero":
+                self.source[site] = torch.zeros_like(tgt[:1])
+            elif ablation == "mean":
+                self.source[site] = tgt.mean(dim=0, keepdim=True)
+            elif ablation == "resample":
+                self.source[site] = tgt
+            else:
+                self.source[site] = _canonical(site, source.cache[site])
+        if ablation in ("zero", "mean"):
+            self.source_rows = torch.zeros(n, dtype=torch.long)
+
+    def normalize(self, value: float) -> float:
+        span = self.baselines["clean"] - self.baselines["corrupted"]
+        return (value - self.baselines["corrupted"]) / span if span != 0 else math.nan
+
+
+def _row(sweep: Sweep, method: str, patch: Patch, value: float, setup: _Setup) -> dict:
+    return {"sweep": sweep.name, "method": method, "layer": patch.layer, "position": patch.position,
+            "head": patch.head, "value": value, "normalized": setup.normalize(value)}
+
+
+def _exact(setup: _Setup, batch_rows: int, progress: bool) -> list[dict]:
+    model, pairs = setup.model, setup.pairs
+    n = pairs.size
+    jobs = []  # (layer, sweep index, patch)
+    for index, sweep in enumerate(setup.sweeps):
+        for p in sweep.patches(model.n_layers, setup.target_batch.seq_len, model.n_heads):
+            jobs.append((p.layer, index, p))
+    jobs.sort(key=lambda job: (job[0], job[1]))
+    rows = [(j, prompt) for j in range(len(jobs)) for prompt in range(n)]
+    totals = torch.zeros(len(jobs), dtype=torch.float64)
+    can_skip = hasattr(model, "run_stage")
+    bar = _progress(len(rows), progress, "exact patching")
+    for start in range(0, len(rows), batch_rows):
+        chunk = rows[start:start + batch_rows]
+        job_ids = torch.tensor([j for j, _ in chunk])
+        prompts = torch.tensor([p for _, p in chunk])
+        batch = setup.target_batch.select(prompts)
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, (j, _) in enumerate(chunk):
+            groups[(jobs[j][1], jobs[j][0])].append(i)
+        interventions = []
+        for (sweep_index, layer), members in groups.items():
+            sweep = setup.sweeps[sweep_index]
+            site = sweep.site(layer)
+            members_t = torch.tensor(members)
+            patches = [jobs[int(job_ids[i])][2] for i in members]
+            positions = torch.tensor([p.position for p in patches]) if "position" in sweep.by else None
+            heads = torch.tensor([p.head for p in patches]) if "head" in sweep.by else None
+            interventions.append(patch_from(
+                site, setup.source[site], rows=members_t, positions=positions, heads=heads,
+                source_rows=setup.source_rows[prompts[members_t]], paired=True,
+            ))
+        first = min(jobs[j][0] for j, _ in chunk)
+        if can_skip and first > 0:
+            hidden = setup.target_cache[Site(SiteKind.RESID_PRE, first)][prompts]
+            logits, _ = model.run_stage(batch, start=first, stop=model.n_layers, hidden=hidden, with_head=True,
+                                        interventions=interventions, logits="last")
+        else:
+            logits = model.run(batch, interventions=interventions, logits="last").logits
+        values = setup.metric(logits, setup.inputs.select(prompts)).double()
+        totals.index_add_(0, job_ids, values.cpu())
+        bar.update(len(chunk))
+    bar.close()
+    return [_row(setup.sweeps[i], "exact", p, float(totals[k] / n), setup) for k, (_, i, p) in enumerate(jobs)]
+
+
+def _atp(setup: _Setup) -> list[dict]:
+    model = setup.model
+    inputs = setup.inputs
+
+    def total_metric(logits, batch):
+        return setup.metric(logits, inputs).sum()
+
+    grads = model.gradients(setup.target_batch, total_metric, setup.sites, logits="last").grads
+    rows = []
+    for sweep in setup.sweeps:
+        for layer in range(model.n_layers):
+            site = sweep.site(layer)
+            target = _canonical(site, setup.target_cache[site]).double()
+            source = setup.source[site].double()[setup.source_rows]
+            effect = ((source - target) * _canonical(site, grads[site]).double()).sum(-1)  # [n, s(, h)]
+            if "head" not in sweep.by and effect.ndim == 3:
+                effect = effect.sum(2)
+            if "position" not in sweep.by:
+                effect = effect.sum(1, keepdim=True)
+            estimate = (setup.target_per_prompt.view(-1, *[1] * (effect.ndim - 1)) + effect).mean(0)
+            for p in sweep.patches(1, estimate.shape[0], model.n_heads):
+                index = (p.position or 0,) + ((p.head,) if p.head is not None else ())
+                patch = Patch(layer, p.position, p.head)
+                rows.append(_row(sweep, "atp", patch, float(estimate[index]), setup))
+    return rows
+
+
+def _progress(total: int, enabled: bool, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc=desc, unit="row", leave=False)
+
+
+def activation_patching(
+    model,
+    pairs: PairSet,
+    sweeps: Sequence[Sweep],
+    *,
+    direction: Direction = "denoise",
+    metric: str = "logit_diff",
+    method: Method = "exact",
+    ablation: Ablation | None = None,
+    batch_rows: int | None = None,
+    memory_mb: int = 1024,
+    seed: int = 0,
+    progress: bool = False,
+) -> PatchingResult:
+    """Run ``sweeps`` over ``pairs`` on ``model`` (a HookedModel or any backend with the same API)."""
+    if method not in ("exact", "atp", "both"):
+        raise SweepError(f"method must be exact, atp or both, got {method!r}")
+    if batch_rows is not None and batch_rows < 1:
+        raise SweepError(f"batch_rows must be a positive integer, got {batch_rows}")
+    for sweep in sweeps:
+        if sweep.kind == SiteKind.RESID_MID:
+            model.validate_site(sweep.site(0))
+    setup = _Setup(model, pairs, sweeps, direction, metric, ablation, seed, need_resid=method != "atp")
+    rows = batch_rows or default_batch_rows(model, setup.target_batch.seq_len, memory_mb)
+    result = PatchingResult(baselines=dict(setup.baselines))
+    tok = model.tokenizer
+    result.tokens = [tok.decode([int(t)]) for t in setup.target_batch.input_ids[0, : int(setup.target_batch.lengths[0])]]
+    if method in ("exact", "both"):
+        result.rows += _exact(setup, rows, progress)
+    if method in ("atp", "both"):
+        result.rows += _atp(setup)
+    if method == "both":
+        for sweep in sweeps:
+            result.correlation[sweep.name] = pearson(result.values(sweep.name, "exact"), result.values(sweep.name, "atp"))
+    return result
