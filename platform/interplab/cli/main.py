@@ -16,14 +16,10 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from interplab.cli import engine_cmds
+    from interplab.cli import engine_cmds, job_cmds, plot_cmds, store_cmds
 
-    engine_cmds.register(cli)
-    try:
-        from interplab.cli import store_cmds
-    except ImportError:  # the store commands land with the store package
-        return
-    store_cmds.register(cli)
+    for module in (engine_cmds, job_cmds, store_cmds, plot_cmds):
+        module.register(cli)
 
 
 def main() -> None:

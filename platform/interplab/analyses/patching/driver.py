@@ -124,8 +124,7 @@ def _exact(setup: _Setup, batch_rows: int, progress: bool) -> list[dict]:
     totals = torch.zeros(len(jobs), dtype=torch.float64)
     can_skip = hasattr(model, "run_stage")
     bar = _progress(len(rows), progress, "exact patching")
-    for start in range(0, len(rows), batch_rows):
-        chunk = rows[start:start + batch_rows]
+    for chunk in _batches(rows, jobs, batch_rows, by_layer=can_skip):
         job_ids = torch.tensor([j for j, _ in chunk])
         prompts = torch.tensor([p for _, p in chunk])
         batch = setup.target_batch.select(prompts)
@@ -156,6 +155,19 @@ def _exact(setup: _Setup, batch_rows: int, progress: bool) -> list[dict]:
         bar.update(len(chunk))
     bar.close()
     return [_row(setup.sweeps[i], "exact", p, float(totals[k] / n), setup) for k, (_, i, p) in enumerate(jobs)]
+
+
+def _batches(rows, jobs, batch_rows: int, by_layer: bool):
+    """Consecutive slices of ``rows`` of at most ``batch_rows``; with ``by_layer`` a slice never
+    spans two patched layers, so every batch starts at its own layer."""
+    start = 0
+    while start < len(rows):
+        stop = min(start + batch_rows, len(rows))
+        if by_layer:
+            layer = jobs[rows[start][0]][0]
+            stop = next((i for i in range(start, stop) if jobs[rows[i][0]][0] != layer), stop)
+        yield rows[start:stop]
+        start = stop
 
 
 def _atp(setup: _Setup) -> list[dict]:
