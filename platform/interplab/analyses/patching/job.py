@@ -203,7 +203,8 @@ def _run(spec: PatchingSpec, model, sweeps, baselines_only: bool = False):
     pairs = pair_set(spec, model)
     try:
         return activation_patching(
-            model, pairs, sweeps, direction=spec.direction, metric=spec.metric, method=spec.method,
+            model, pairs, sweeps, direction=spec.direction, metric=spec.metric,
+            method="exact" if baselines_only else spec.method,
             ablation=spec.ablation, batch_rows=spec.batch_rows, memory_mb=spec.memory_mb, seed=spec.seed,
         )
     except SweepError as exc:
