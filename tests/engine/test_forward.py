@@ -80,3 +80,21 @@ def test_no_hooks_left_behind(tiny):
     tiny.run(PROMPTS, capture=["attn_out.0", "mlp_out.1", "mlp_post.2", "head_out.1", "resid_mid.0" if tiny.has_resid_mid else "z.0"])
     for module in tiny.model.modules():
         assert not module._forward_hooks and not module._forward_pre_hooks
+
+
+def test_cached_prefix_reproduces_the_full_pass(tiny):
+    """Reusing the keys/values of positions < p and computing only p.. gives the same numbers."""
+    from interplab.engine.plan import KVPrefix
+
+    batch = tiny.tokenize(PROMPTS)
+    full = tiny.run(batch, capture=["resid_pre.1", "resid_post.2", "z.1"], keep_kv=True)
+    for p in (1, 5, batch.seq_len - 1):
+        prefix = KVPrefix(p, {layer: (k[:, :, :p], v[:, :, :p]) for layer, (k, v) in full.kv.items()})
+        hidden = full.cache["resid_pre.1"][:, p:]
+        logits, cache = tiny.run_stage(batch, start=1, stop=tiny.n_layers, hidden=hidden, with_head=True,
+                                       capture=["resid_post.2", "z.1"], prefix=prefix)
+        torch.testing.assert_close(logits, full.logits[:, p:], rtol=0, atol=1e-5)
+        torch.testing.assert_close(cache["resid_post.2"], full.cache["resid_post.2"][:, p:], rtol=0, atol=1e-5)
+        torch.testing.assert_close(cache["z.1"], full.cache["z.1"][:, p:], rtol=0, atol=1e-5)
+        last, _ = tiny.run_stage(batch, start=1, stop=tiny.n_layers, hidden=hidden, with_head=True, prefix=prefix, logits="last")
+        torch.testing.assert_close(last, full.logits[:, -1], rtol=0, atol=1e-5)

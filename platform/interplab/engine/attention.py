@@ -63,6 +63,13 @@ def interplab_attention(
         layer = layer_of.get(id(module))
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
+    if plan is not None and layer is not None:
+        if plan.record_kv:
+            plan.kv[layer] = (key.detach(), value.detach())
+        if plan.prefix is not None and plan.prefix.length > 0:
+            cached_k, cached_v = plan.prefix.kv[layer]
+            key = torch.cat([cached_k.to(key.dtype), key], dim=2)
+            value = torch.cat([cached_v.to(value.dtype), value], dim=2)
     hooked = plan is not None and layer is not None and any(plan.active(k, layer) for k in _ATTENTION_KINDS)
     if not hooked and softcap is None:
         z = F.scaled_dot_product_attention(

@@ -20,7 +20,7 @@ import torch
 from interplab.engine import attention, hooks, runner
 from interplab.engine.cache import ActivationCache
 from interplab.engine.interventions import Intervention
-from interplab.engine.plan import HookPlan, Positions
+from interplab.engine.plan import HookPlan, KVPrefix, Positions
 from interplab.engine.sites import PER_HEAD_KINDS, Site, SiteError, SiteKind, parse_sites
 from interplab.engine.stream import CaptureChunk
 from interplab.engine.tokens import TokenBatch, tokenize
@@ -37,6 +37,16 @@ class RunResult:
     logits: torch.Tensor | None
     cache: ActivationCache
     batch: TokenBatch
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
+@dataclass
+class StagePass:
+    """One stage's forward pass: its output, the plan that ran (gradient tensors) and its captures."""
+
+    output: torch.Tensor
+    plan: HookPlan
+    cache: ActivationCache
 
 
 @dataclass
@@ -130,7 +140,7 @@ class HookedModel:
         return [self.tokenizer.decode([int(i)]) for i in batch.input_ids[0]]
 
     # ------------------------------------------------------------------ running
-    def _plan(self, batch, capture, interventions, grad_sites, positions, keep_grad) -> HookPlan:
+    def _plan(self, batch, capture, interventions, grad_sites, positions, keep_grad, prefix=None, record_kv=False) -> HookPlan:
         capture = [self.validate_site(s) for s in parse_sites(list(capture))] if capture else []
         grad_sites = [self.validate_site(s) for s in parse_sites(list(grad_sites))] if grad_sites else []
         for item in interventions:
@@ -139,10 +149,12 @@ class HookedModel:
             capture=capture,
             interventions=interventions,
             grad_sites=grad_sites,
-            lengths=batch.lengths,
-            seq_len=batch.seq_len,
+            lengths=batch.lengths - (prefix.length if prefix else 0),
+            seq_len=batch.seq_len - (prefix.length if prefix else 0),
             positions=positions,
             keep_grad=keep_grad,
+            prefix=prefix,
+            record_kv=record_kv,
         )
 
     def _execute(self, batch: TokenBatch, plan: HookPlan, *, start: int, stop: int, hidden, with_head: bool, logits: LogitsMode):
@@ -152,11 +164,12 @@ class HookedModel:
             with hooks.installed(self, plan, range(start, stop)):
                 if hidden is None:
                     hidden = runner.embed(self, batch.input_ids, plan)
-                ctx = runner.build_context(self, batch.attention_mask, hidden, start, stop)
+                offset = plan.prefix.length if plan.prefix is not None else 0
+                ctx = runner.build_context(self, batch.attention_mask, hidden, start, stop, offset)
                 hidden = runner.run_layers(self, hidden, ctx, plan, start, stop)
                 if not with_head:
                     return hidden
-                last = batch.last_positions() if logits == "last" else None
+                last = batch.last_positions() - offset if logits == "last" else None
                 return runner.unembed(self, hidden, plan, last)
         finally:
             attention.deactivate(token)
@@ -179,6 +192,7 @@ class HookedModel:
         positions: Positions = None,
         logits: LogitsMode = "all",
         grad: bool = False,
+        keep_kv: bool = False,
     ) -> RunResult:
         """Run a forward pass with captures and interventions.
 
@@ -190,9 +204,11 @@ class HookedModel:
             logits: ``"all"`` positions, each row's ``"last"`` real token, or ``"none"`` (stop after
                 the last captured layer when nothing downstream is needed).
             grad: keep the autograd graph (for training or custom backward passes).
+            keep_kv: also return every layer's keys/values (``RunResult.kv``), to reuse as a
+                :class:`~interplab.engine.plan.KVPrefix` in :meth:`run_stage`.
         """
         batch = self.tokenize(prompts)
-        plan = self._plan(batch, capture, interventions, (), positions, keep_grad=grad)
+        plan = self._plan(batch, capture, interventions, (), positions, keep_grad=grad, record_kv=keep_kv)
         stop, with_head = self.n_layers, True
         if logits == "none":
             last_layer = self._last_needed_layer(plan)
@@ -201,7 +217,7 @@ class HookedModel:
         with torch.set_grad_enabled(grad):
             out = self._execute(batch, plan, start=0, stop=stop, hidden=None, with_head=with_head, logits=logits)
         result_logits = out if with_head and logits != "none" else None
-        return RunResult(result_logits, self._cache(plan), batch)
+        return RunResult(result_logits, self._cache(plan), batch, plan.kv if keep_kv else None)
 
     def run_stage(
         self,
@@ -216,16 +232,48 @@ class HookedModel:
         positions: Positions = None,
         logits: LogitsMode = "all",
         grad: bool = False,
+        prefix: KVPrefix | None = None,
     ) -> tuple[torch.Tensor, ActivationCache]:
         """Run layers ``[start, stop)`` (embedding first when ``hidden`` is None, head when ``with_head``).
 
         Returns the stage's output (hidden states ``[b, s, d]``, or logits with ``with_head``) and
-        the captures of the sites this stage owns.
+        the captures of the sites this stage owns. With a ``prefix`` of length p, ``hidden`` holds
+        positions ``p..s-1`` only, the first p positions' keys/values come from the prefix, and
+        positions in captures and interventions count from p.
         """
-        plan = self._plan(batch, capture, interventions, (), positions, keep_grad=grad)
-        with torch.set_grad_enabled(grad):
+        stage = self.stage_pass(
+            batch, start=start, stop=stop, hidden=hidden, with_head=with_head, capture=capture,
+            interventions=interventions, positions=positions, logits=logits, grad=grad, prefix=prefix,
+        )
+        return stage.output, stage.cache
+
+    def stage_pass(
+        self,
+        batch: TokenBatch,
+        *,
+        start: int,
+        stop: int,
+        hidden: torch.Tensor | None = None,
+        with_head: bool = False,
+        capture: Sequence[Site | str] = (),
+        interventions: Sequence[Intervention] = (),
+        grad_sites: Sequence[Site | str] = (),
+        positions: Positions = None,
+        logits: LogitsMode = "all",
+        grad: bool = False,
+        prefix: KVPrefix | None = None,
+    ) -> StagePass:
+        """Like :meth:`run_stage`, but keep the plan: a pipeline stage's forward half of a backward pass.
+
+        With ``grad_sites`` (or ``grad``) the autograd graph is kept; ``StagePass.plan.grad_tensors``
+        holds the tensors of the gradient sites and :meth:`site_grads` turns their gradients into the
+        capture layout, as :meth:`gradients` does.
+        """
+        sites = list(capture) + list(grad_sites)
+        plan = self._plan(batch, sites, interventions, grad_sites, positions, keep_grad=grad or bool(grad_sites), prefix=prefix)
+        with torch.set_grad_enabled(plan.keep_grad):
             out = self._execute(batch, plan, start=start, stop=stop, hidden=hidden, with_head=with_head, logits=logits)
-        return out, self._cache(plan)
+        return StagePass(out, plan, self._cache(plan))
 
     def gradients(
         self,
@@ -254,15 +302,20 @@ class HookedModel:
             keys = [s.all_heads() for s in parse_sites(list(sites))]
             tensors = [plan.grad_tensors[k] for k in keys]
             grads = torch.autograd.grad(value, tensors, allow_unused=True)
+        cache = self._cache(plan, detach=True)
+        return GradResult(value.detach(), self.site_grads(plan, sites, grads), cache, out.detach())
+
+    def site_grads(self, plan: HookPlan, sites: Sequence[Site | str], grads: Sequence[torch.Tensor | None]) -> ActivationCache:
+        """Gradients of ``plan.grad_tensors`` (one per site, None if unused) in the capture layout."""
         values: dict[Site, torch.Tensor] = {}
-        for site, key, tensor, g in zip(parse_sites(list(sites)), keys, tensors, grads):
-            g = torch.zeros_like(tensor) if g is None else g
+        for site, g in zip(parse_sites(list(sites)), grads):
+            key = site.all_heads()
+            g = torch.zeros_like(plan.grad_tensors[key]) if g is None else g
             if key.kind == SiteKind.HEAD_OUT:
                 g = g.unsqueeze(2).expand(-1, -1, self.n_heads, -1)
             g = plan.gather(g.detach(), pattern=key.kind == SiteKind.PATTERN)
             values[site] = plan.head_of(site, g, pattern=key.kind == SiteKind.PATTERN)
-        cache = self._cache(plan, detach=True)
-        return GradResult(value.detach(), ActivationCache(values, plan.positions, plan.valid), cache, out.detach())
+        return ActivationCache(values, plan.positions, plan.valid)
 
     def _cache(self, plan: HookPlan, detach: bool = False) -> ActivationCache:
         values = {}
@@ -335,4 +388,4 @@ class HookedModel:
         return self.tokenizer.decode(new)
 
 
-__all__ = ["GradResult", "HookedModel", "PER_HEAD_KINDS", "RunResult"]
+__all__ = ["GradResult", "HookedModel", "PER_HEAD_KINDS", "RunResult", "StagePass"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
@@ -17,6 +18,19 @@ from interplab.engine.interventions import Intervention
 from interplab.engine.sites import Site, SiteKind
 
 Positions = Sequence[int] | torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class KVPrefix:
+    """Keys and values of the first ``length`` positions, per layer ``(k, v)`` ``[b, h_kv, length, d]``
+    (after rotary embedding), reused so a pass computes only positions ``length..s-1``.
+
+    Valid whenever nothing before position ``length`` differs from the run the prefix came from:
+    causal attention means a change at position p never reaches earlier positions.
+    """
+
+    length: int
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 def resolve_positions(positions: Positions, lengths: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,7 +72,12 @@ class HookPlan:
         seq_len: int,
         positions: Positions = None,
         keep_grad: bool = False,
+        prefix: KVPrefix | None = None,
+        record_kv: bool = False,
     ) -> None:
+        self.prefix = prefix
+        self.record_kv = record_kv
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.lengths = lengths.cpu()
         self.seq_len = seq_len
         self.positions, self.valid = resolve_positions(positions, self.lengths, seq_len)

@@ -36,17 +36,21 @@ def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-def build_context(hooked, attention_mask: torch.Tensor, hidden: torch.Tensor, start: int, stop: int) -> LayerContext:
-    b, s = attention_mask.shape
+def build_context(
+    hooked, attention_mask: torch.Tensor, hidden: torch.Tensor, start: int, stop: int, offset: int = 0
+) -> LayerContext:
+    """Masks and rotary tables for queries at positions ``offset..offset+q-1`` (``q = hidden.shape[1]``)
+    over keys ``0..offset+q-1`` (the first ``offset`` come from a cached prefix)."""
     device = hidden.device
-    position_ids = torch.arange(s, device=device)[None, :]
+    s = offset + hidden.shape[1]
+    position_ids = torch.arange(offset, s, device=device)[None, :]
     rotary = None
     if hooked.spec.rotary is not None:
         rotary = hooked.base.get_submodule(hooked.spec.rotary)(hidden, position_ids=position_ids)
     layer_types = hooked.layer_types
-    padded = bool((attention_mask == 0).any())
-    key_ok = attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
-    q_idx = torch.arange(s, device=device)[:, None]
+    padded = bool((attention_mask[:, :s] == 0).any())
+    key_ok = attention_mask[:, :s].to(device=device, dtype=torch.bool)[:, None, None, :]
+    q_idx = torch.arange(offset, s, device=device)[:, None]
     k_idx = torch.arange(s, device=device)[None, :]
     causal = k_idx <= q_idx
     masks: dict[str, torch.Tensor | None] = {}
@@ -55,7 +59,7 @@ def build_context(hooked, attention_mask: torch.Tensor, hidden: torch.Tensor, st
         window = hooked.sliding_window if kind == "sliding_attention" else None
         if window is not None and window < s:
             allowed = allowed & (q_idx - k_idx < window)
-        elif not padded:
+        elif not padded and offset == 0:
             masks[kind] = None  # plain causal: the fused kernel's is_causal path
             continue
         masks[kind] = _additive_mask(allowed[None, None] & key_ok, hidden.dtype)

@@ -251,6 +251,9 @@ def load_partial(source: Path, config, dtype, device, layers, with_embed: bool, 
     head_key = spec.lm_head + ".weight"
     if with_head and wanted.get(head_key) not in index and getattr(config, "tie_word_embeddings", False):
         wanted[head_key] = base + spec.embed + ".weight"  # tied: the checkpoint stores the embedding only
+    embed_key = base + spec.embed + ".weight"
+    if embed_key in wanted and wanted[embed_key] not in index and head_key in index and getattr(config, "tie_word_embeddings", False):
+        wanted[embed_key] = head_key  # tied: the checkpoint stores the head only (e.g. the cached SmolLM2 conversion)
     buffers = {name for name, _ in model.named_buffers()}
     handles: dict[Path, object] = {}
     for pname, key in wanted.items():

@@ -27,7 +27,8 @@ from interplab.analyses.metrics import MetricInputs, get_metric
 from interplab.analyses.patching.result import PatchingResult, pearson
 from interplab.analyses.patching.sweeps import Patch, Sweep, SweepError
 from interplab.analyses.tasks.pairs import PairSet
-from interplab.engine.interventions import patch as patch_from
+from interplab.engine.interventions import Intervention
+from interplab.engine.plan import KVPrefix
 from interplab.engine.sites import Site, SiteKind
 
 Direction = Literal["denoise", "noise"]
@@ -67,8 +68,11 @@ class _Setup:
         self.sites = [s.site(layer) for s in sweeps for layer in range(n_layers)]
         extra = [Site(SiteKind.RESID_PRE, layer) for layer in range(n_layers)] if need_resid else []
         capture = list(dict.fromkeys(self.sites + extra))
-        clean = model.run(pairs.clean, capture=capture, logits="last")
-        corrupted = model.run(pairs.corrupted, capture=capture, logits="last")
+        self.can_skip = need_resid and hasattr(model, "run_stage")
+        self.layer_block = max(1, round(n_layers / 8))
+        prefix_ok = self.can_skip and pairs.same_length and not pairs.clean.padded
+        clean = model.run(pairs.clean, capture=capture, logits="last", keep_kv=prefix_ok)
+        corrupted = model.run(pairs.corrupted, capture=capture, logits="last", keep_kv=prefix_ok)
         clean_logprobs = clean.logits.float().log_softmax(-1)
         self.inputs = MetricInputs(pairs.answer, pairs.wrong, clean_logprobs)
         self.clean_per_prompt = self.metric(clean.logits, self.inputs).double()
@@ -79,6 +83,7 @@ class _Setup:
         else:
             target, source, self.target_batch = corrupted, clean, pairs.corrupted
         self.target_cache = target.cache
+        self.target_kv = target.kv
         self.target_per_prompt = self.metric(target.logits, self.inputs).double()
         n = pairs.size
         self.source_rows = torch.arange(n)
@@ -112,60 +117,87 @@ def _row(sweep: Sweep, method: str, patch: Patch, value: float, setup: _Setup) -
             "head": patch.head, "value": value, "normalized": setup.normalize(value)}
 
 
+_PREFIX_UNSAFE = (SiteKind.K, SiteKind.V, SiteKind.PATTERN)  # they index key positions too
+
+
+def _prefix_position(sweep: Sweep, patch: Patch) -> int:
+    """Positions before a patch are unchanged (causal attention): a pass may start there."""
+    if patch.position is None or sweep.kind in _PREFIX_UNSAFE:
+        return 0
+    return patch.position
+
+
+def _source_values(site: Site, source: torch.Tensor, rows: torch.Tensor, positions, heads) -> torch.Tensor:
+    probe = Intervention(site, "set", value=0.0, rows=rows, positions=positions, heads=heads, paired=True)
+    return source[probe.index(source, torch.full((source.shape[0],), source.shape[1]))]
+
+
 def _exact(setup: _Setup, batch_rows: int, progress: bool) -> list[dict]:
     model, pairs = setup.model, setup.pairs
     n = pairs.size
-    jobs = []  # (layer, sweep index, patch)
+    jobs = []  # (prefix position, layer, sweep index, patch)
     for index, sweep in enumerate(setup.sweeps):
         for p in sweep.patches(model.n_layers, setup.target_batch.seq_len, model.n_heads):
-            jobs.append((p.layer, index, p))
-    jobs.sort(key=lambda job: (job[0], job[1]))
+            jobs.append((_prefix_position(sweep, p) if setup.target_kv else 0, p.layer, index, p))
+    jobs.sort(key=lambda job: job[:3])
     rows = [(j, prompt) for j in range(len(jobs)) for prompt in range(n)]
     totals = torch.zeros(len(jobs), dtype=torch.float64)
-    can_skip = hasattr(model, "run_stage")
     bar = _progress(len(rows), progress, "exact patching")
-    for chunk in _batches(rows, jobs, batch_rows, by_layer=can_skip):
+    for chunk in _batches(rows, jobs, batch_rows, setup.layer_block if setup.can_skip else None):
         job_ids = torch.tensor([j for j, _ in chunk])
         prompts = torch.tensor([p for _, p in chunk])
         batch = setup.target_batch.select(prompts)
+        offset = jobs[chunk[0][0]][0]
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, (j, _) in enumerate(chunk):
-            groups[(jobs[j][1], jobs[j][0])].append(i)
+            groups[(jobs[j][2], jobs[j][1])].append(i)
         interventions = []
         for (sweep_index, layer), members in groups.items():
             sweep = setup.sweeps[sweep_index]
             site = sweep.site(layer)
             members_t = torch.tensor(members)
-            patches = [jobs[int(job_ids[i])][2] for i in members]
+            patches = [jobs[int(job_ids[i])][3] for i in members]
             positions = torch.tensor([p.position for p in patches]) if "position" in sweep.by else None
             heads = torch.tensor([p.head for p in patches]) if "head" in sweep.by else None
-            interventions.append(patch_from(
-                site, setup.source[site], rows=members_t, positions=positions, heads=heads,
-                source_rows=setup.source_rows[prompts[members_t]], paired=True,
+            value = _source_values(site, setup.source[site], setup.source_rows[prompts[members_t]], positions, heads)
+            interventions.append(Intervention(
+                site, "set", value=value, rows=members_t, heads=heads, paired=True,
+                positions=positions - offset if positions is not None else None,
             ))
-        first = min(jobs[j][0] for j, _ in chunk)
-        if can_skip and first > 0:
-            hidden = setup.target_cache[Site(SiteKind.RESID_PRE, first)][prompts]
+        first = min(jobs[j][1] for j, _ in chunk)
+        if setup.can_skip:
+            hidden = setup.target_cache[Site(SiteKind.RESID_PRE, first)][prompts][:, offset:]
+            prefix = None
+            if offset > 0:
+                prefix = KVPrefix(offset, {
+                    layer: (k[prompts][:, :, :offset], v[prompts][:, :, :offset])
+                    for layer, (k, v) in setup.target_kv.items() if layer >= first
+                })
             logits, _ = model.run_stage(batch, start=first, stop=model.n_layers, hidden=hidden, with_head=True,
-                                        interventions=interventions, logits="last")
+                                        interventions=interventions, logits="last", prefix=prefix)
         else:
             logits = model.run(batch, interventions=interventions, logits="last").logits
         values = setup.metric(logits, setup.inputs.select(prompts)).double()
         totals.index_add_(0, job_ids, values.cpu())
         bar.update(len(chunk))
     bar.close()
-    return [_row(setup.sweeps[i], "exact", p, float(totals[k] / n), setup) for k, (_, i, p) in enumerate(jobs)]
+    return [_row(setup.sweeps[i], "exact", p, float(totals[k] / n), setup) for k, (_, _, i, p) in enumerate(jobs)]
 
 
-def _batches(rows, jobs, batch_rows: int, by_layer: bool):
-    """Consecutive slices of ``rows`` of at most ``batch_rows``; with ``by_layer`` a slice never
-    spans two patched layers, so every batch starts at its own layer."""
+def _batches(rows, jobs, batch_rows: int, layer_block: int | None):
+    """Consecutive slices of ``rows`` of at most ``batch_rows``. With a ``layer_block`` a slice shares
+    one prefix position and spans fewer than ``layer_block`` patched layers, so it can start at its
+    lowest layer and its prefix position."""
     start = 0
     while start < len(rows):
         stop = min(start + batch_rows, len(rows))
-        if by_layer:
-            layer = jobs[rows[start][0]][0]
-            stop = next((i for i in range(start, stop) if jobs[rows[i][0]][0] != layer), stop)
+        if layer_block is not None:
+            offset, layer = jobs[rows[start][0]][:2]
+            stop = next(
+                (i for i in range(start, stop)
+                 if jobs[rows[i][0]][0] != offset or jobs[rows[i][0]][1] - layer >= layer_block),
+                stop,
+            )
         yield rows[start:stop]
         start = stop
 

@@ -1,0 +1,129 @@
+"""Throughput of the Ray pipeline backend vs the single-process engine, same machine, same batch.
+
+    python bench/pipeline_throughput.py [--model smollm2-135m] [--batch 32] [--seq 64] [--stages 2]
+        [--micro-batches 2,4,8] [--repeats 5] [--device cpu|cuda] [--capture-batches 16]
+
+Measured in one run (interleaved repeats, medians):
+- ``engine``: ``HookedModel.run(batch, logits="last")`` on the whole batch in this process;
+- ``pipeline 1 stage``: the same through one Ray stage actor (Ray overhead, no stage boundary);
+- ``pipeline N stages, M micro-batches``: the GPipe schedule (ratio to ``engine`` is the goal, >= 0.9x);
+- ``capture stream``: ``capture_to_store`` of 4 residual sites over ``--capture-batches`` batches,
+  engine vs pipeline (stages write their own sites), into a temporary store.
+
+On CPU each stage gets ``cores / stages`` torch threads (the engine uses all cores); with ``--device
+cuda`` all stages share the one GPU (``gpus_per_stage = 1 / stages``) and the engine runs on it too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--stages", type=int, default=2)
+    parser.add_argument("--micro-batches", default="2,4,8")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--capture-batches", type=int, default=16)
+    args = parser.parse_args()
+
+    import ray
+
+    from interplab import load_model
+    from interplab.engine import TokenBatch
+    from interplab.runtime import ParallelConfig, capture_to_store
+    from interplab.runtime.pipeline import PipelineModel
+    from interplab.store import open_store
+
+    cores = os.cpu_count() or 1
+    gpu = args.device == "cuda"
+    ray.init(address="local", num_cpus=cores, num_gpus=1 if gpu else 0, include_dashboard=False, logging_level="warning", log_to_driver=False)
+    engine = load_model(args.model, device=args.device)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(100, engine.d_vocab, (args.batch, args.seq), generator=gen)
+    batch = TokenBatch.from_ids(ids.tolist())
+    tokens = args.batch * args.seq
+
+    def config(stages: int, micro: int | None = None) -> ParallelConfig:
+        if gpu:
+            return ParallelConfig(stages=stages, gpus_per_stage=1 / stages, cpus_per_stage=1, micro_batches=micro)
+        return ParallelConfig(stages=stages, cpus_per_stage=max(1, cores // stages), micro_batches=micro)
+
+    def engine_run():
+        engine.run(batch, logits="last")
+        if gpu:
+            torch.cuda.synchronize()
+
+    engine_run()
+    rows = []
+    base = _median_time(engine_run, args.repeats)
+    rows.append(("engine (single process)", base))
+    one = PipelineModel(args.model, config(1, 1))
+    try:
+        one.run(batch, logits="last")
+        rows.append(("pipeline 1 stage (Ray, no boundary)", _median_time(lambda: one.run(batch, logits="last"), args.repeats)))
+    finally:
+        one.close()
+    pipe = PipelineModel(args.model, config(args.stages))
+    try:
+        for micro in [int(m) for m in args.micro_batches.split(",")]:
+            pipe.parallel = pipe.parallel.model_copy(update={"micro_batches": micro})
+            pipe.run(batch, logits="last")
+            t = _median_time(lambda: pipe.run(batch, logits="last"), args.repeats)
+            rows.append((f"pipeline {args.stages} stages, {micro} micro-batches", t))
+        base_check = _median_time(engine_run, args.repeats)  # the baseline again, after the pipeline ran
+        rows.append(("engine again (drift check)", base_check))
+
+        prompts_ids = [ids[i % args.batch].tolist() for i in range(args.batch * args.capture_batches)]
+        texts = [engine.tokenizer.decode(p) for p in prompts_ids]
+        sites = [f"resid_post.{i}" for i in range(0, engine.n_layers, max(1, engine.n_layers // 4))][:4]
+        with tempfile.TemporaryDirectory() as tmp:
+            store = open_store(os.path.join(tmp, "store"))
+
+            def capture(backend):
+                writer = store.begin_run("capture", model=args.model)
+                start = time.perf_counter()
+                capture_to_store(backend, texts, sites, writer, batch_size=args.batch, positions=[-1])
+                elapsed = time.perf_counter() - start
+                writer.commit()
+                return elapsed
+
+            capture(engine)  # warm-up
+            capture_tokens = sum(len(engine.tokenize(t).input_ids[0]) for t in texts[: args.batch]) * args.capture_batches
+            cap_engine = capture(engine)
+            cap_pipe = capture(pipe)
+    finally:
+        pipe.close()
+
+    device = torch.cuda.get_device_name() if gpu else f"CPU, {cores} cores, torch threads {torch.get_num_threads()}"
+    print(f"model {args.model}, batch {args.batch} x {args.seq} tokens, {device}, medians of {args.repeats}")
+    print(f"{'configuration':48s} {'seconds':>8s} {'tokens/s':>10s} {'vs engine':>9s}")
+    for name, t in rows:
+        print(f"{name:48s} {t:8.3f} {tokens / t:10.0f} {base / t:8.2f}x")
+    print(f"capture stream, {args.capture_batches} batches, sites {sites}:")
+    print(f"{'  engine':48s} {cap_engine:8.3f} {capture_tokens / cap_engine:10.0f} {1.0:8.2f}x")
+    print(f"{'  pipeline ' + str(args.stages) + ' stages':48s} {cap_pipe:8.3f} {capture_tokens / cap_pipe:10.0f} {cap_engine / cap_pipe:8.2f}x")
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Everything that happens before a job touches the store: parse, validate, plan its chunks.
+
+:func:`prepare` runs pydantic validation, the common semantic checks (store URI, ``parallel``, the
+model loads) and the kind's own ``validate``, then asks for the chunk ids. Any problem is a
+:class:`SpecError` and nothing has been written anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from interplab.jobs.errors import SpecError, SpecErrors
+from interplab.jobs.model import check_parallel, validation_model
+from interplab.jobs.registry import JobKind, get_kind, parse_spec
+from interplab.jobs.spec import JobSpec
+
+
+@dataclass
+class PreparedJob:
+    spec: JobSpec
+    kind: JobKind
+    chunk_ids: list[str]
+    provenance: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+    @property
+    def record(self) -> dict[str, Any]:
+        return self.spec.to_record()
+
+
+def resolve_store(cli_store: str | None, spec: JobSpec) -> tuple[str, str]:
+    """The store URI (``--store`` > spec ``store`` > ``$INTERPLAB_STORE`` > default) and the path of
+    the setting it came from (for errors)."""
+    from interplab.store.fs import DEFAULT_STORE, STORE_ENV
+
+    if cli_store:
+        return cli_store, "--store"
+    if spec.store:
+        return spec.store, "store"
+    if os.environ.get(STORE_ENV):
+        return os.environ[STORE_ENV], f"${STORE_ENV}"
+    return DEFAULT_STORE, "store"
+
+
+def check_store(uri: str, path: str) -> str:
+    """Refuse a store URI that cannot be used, without creating or writing anything."""
+    from interplab.store import StoreError
+    from interplab.store import fs, layout
+
+    allowed = "a directory or s3://bucket/prefix"
+    try:
+        loc = fs.resolve(uri)
+    except StoreError as exc:
+        raise SpecError(path, str(exc), uri, allowed) from None
+    if loc.local:
+        if os.path.exists(loc.root) and not os.path.isdir(loc.root):
+            raise SpecError(path, "is a file, not a store directory", uri, allowed)
+        marker = os.path.join(loc.root, layout.MARKER)
+        if os.path.isdir(loc.root) and os.listdir(loc.root) and not os.path.exists(marker):
+            raise SpecError(path, "is a non-empty directory that is not an interplab store", uri,
+                            "an existing store, an empty or a new directory")
+    return loc.uri
+
+
+def prepare(raw_or_spec: dict[str, Any] | JobSpec, source: str = "", *, store: str | None = None) -> tuple[PreparedJob, str]:
+    """Validate fully (pydantic + semantic) and plan the chunks; return the job and its store URI."""
+    try:
+        spec = raw_or_spec if isinstance(raw_or_spec, JobSpec) else parse_spec(raw_or_spec, source)
+        kind = get_kind(spec.kind)
+        uri, where = resolve_store(store, spec)
+        uri = check_store(uri, where)
+        check_parallel(spec)
+        model = validation_model(spec)
+        kind.runner.validate(spec, model)
+        chunk_ids = [str(c) for c in kind.runner.chunks(spec, model)]
+        provenance_fn = getattr(kind.runner, "provenance", None)
+        provenance = dict(provenance_fn(spec)) if provenance_fn is not None else {}
+    except (SpecError, SpecErrors) as exc:
+        raise exc.with_source(source) if source and not getattr(exc, "source", "") else exc
+    _check_chunk_ids(kind.name, chunk_ids)
+    return PreparedJob(spec, kind, chunk_ids, provenance, source), uri
+
+
+def _check_chunk_ids(kind: str, chunk_ids: list[str]) -> None:
+    from interplab.store import StoreError, layout
+
+    if not chunk_ids:
+        raise SpecError("(spec)", f"the {kind} job has nothing to do (no chunks)", [], "at least one chunk of work")
+    keys = [chunk_key(c) for c in chunk_ids]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"job kind {kind!r} returned duplicate chunk ids: {chunk_ids}")
+    for c in chunk_ids:
+        try:
+            layout.chunk_key(c)
+        except StoreError as exc:
+            raise ValueError(f"job kind {kind!r}: bad chunk id {c!r}: {exc}") from None
+
+
+def chunk_key(chunk: str | int) -> str:
+    """Canonical chunk key (``"3"``, ``"000003"`` and ``3`` are the same chunk)."""
+    from interplab.store import layout
+
+    return layout.chunk_key(layout.parse_chunk_key(chunk) if isinstance(chunk, str) else chunk)
+
+
+def find_run(uri: str, run_id: str):
+    """The store's record of ``run_id``, or None when the store or the run does not exist yet."""
+    from interplab.store import StoreError, open_store
+
+    try:
+        store = open_store(uri, create=False)
+    except StoreError:
+        return None
+    try:
+        return store.run(run_id)
+    except StoreError:
+        return None
+
+
+def check_resumable(job: PreparedJob, info) -> None:
+    """A run may be continued only by the same kind, spec and data it began with."""
+    path = f"run {info.run_id}"
+    if info.kind != job.kind.name:
+        raise SpecError("kind", f"{path} is a {info.kind} run", job.kind.name, info.kind)
+    if info.spec is not None and info.spec != job.record:
+        changed = sorted(k for k in set(info.spec) | set(job.record) if info.spec.get(k) != job.record.get(k))
+        raise SpecError(changed[0] if changed else "(spec)", f"{path} was started with a different spec "
+                        f"(fields differ: {', '.join(changed)}); resume it with its own spec (interplab run --resume "
+                        f"{info.run_id}) or start a new run", job.record.get(changed[0]) if changed else None,
+                        repr(info.spec.get(changed[0])) if changed else "")
+    for key, value in job.provenance.items():
+        if key in info.provenance and info.provenance[key] != value:
+            raise SpecError("(data)", f"{path}: {key} changed since the run began, so its chunks would not match",
+                            value, repr(info.provenance[key]))
+
+
+def _stored_run(run_id: str, store: str | None, option: str):
+    from interplab.store import StoreError, open_store
+    from interplab.store.fs import DEFAULT_STORE, STORE_ENV
+
+    uri = store or os.environ.get(STORE_ENV) or DEFAULT_STORE
+    try:
+        opened = open_store(uri, create=False)
+        info = opened.run(run_id)
+    except StoreError as exc:
+        raise SpecError(option, str(exc), run_id, "the id of a run in this store (interplab runs)") from None
+    if info.spec is None:
+        raise SpecError(option, "the run has no saved spec (it was not started by a job)", run_id, "a job's run id")
+    return info, opened.uri
+
+
+def saved_spec(run_id: str, store: str | None) -> dict[str, Any]:
+    """The spec a run was started with (to re-run it exactly)."""
+    return dict(_stored_run(run_id, store, "--rerun")[0].spec)
+
+
+def saved_store(run_id: str, store: str | None) -> str:
+    return _stored_run(run_id, store, "--rerun")[1]
+
+
+def prepare_resume(run_id: str, store: str | None) -> tuple[PreparedJob, str, Any]:
+    """Re-validate the spec a run was started with; return the job, the store URI and the run's record."""
+    info, uri = _stored_run(run_id, store, "--resume")
+    job, uri = prepare(dict(info.spec), f"run {run_id}", store=uri)
+    check_resumable(job, info)
+    return job, uri, info

@@ -1,0 +1,101 @@
+"""A pipeline of 1, 2 and 3 stages gives the single-process engine's answers (float32, 1e-5)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from interplab import load_model
+from interplab.engine import steer, zero
+from interplab.runtime import AdamConfig, make_trainer
+from tests.runtime.helpers import CLEAN, CORRUPT, logit_diff, next_token_loss, resid_sweep, sites_of
+
+pytestmark = pytest.mark.slow  # real Ray actors: ~10 s of start-up per pipeline
+
+CASES = [("llama", 1), ("llama", 2), ("llama", 3), ("gpt2", 2), ("qwen2", 3), ("gemma2", 2)]
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{f}-{s}stage" for f, s in CASES])
+def case(request, pipelines):
+    family, stages = request.param
+    pipe = pipelines.get(f"tiny-{family}", stages=stages, micro_batches=2)
+    return load_model(f"tiny-{family}"), pipe
+
+
+def test_split_and_surface(case):
+    ref, pipe = case
+    assert pipe.n_layers == ref.n_layers and pipe.d_model == ref.d_model and pipe.n_heads == ref.n_heads
+    assert pipe.stage_ranges[0][0] == 0 and pipe.stage_ranges[-1][1] == ref.n_layers
+    assert pipe.sites() == ref.sites() and pipe.weight_hash == ref.weight_hash
+    assert torch.equal(pipe.tokenize(CLEAN).input_ids, ref.tokenize(CLEAN).input_ids)
+
+
+@pytest.mark.parametrize("positions", [None, [-1, 0]], ids=["all", "some"])
+def test_captures_and_logits(case, positions):
+    ref, pipe = case
+    prompts = CLEAN + ["Mary lives in", "The city of Paris is in France"]  # padded rows too
+    sites = sites_of(ref)
+    want = ref.run(prompts, capture=sites, positions=positions)
+    got = pipe.run(prompts, capture=sites, positions=positions)
+    torch.testing.assert_close(got.logits, want.logits, **TOL)
+    assert list(got.cache) == list(want.cache)
+    for site in sites:
+        torch.testing.assert_close(got.cache[site], want.cache[site], **TOL, msg=site)
+    assert torch.equal(got.cache.positions, want.cache.positions) and torch.equal(got.cache.valid, want.cache.valid)
+
+
+def test_capture_only_stops_early(case):
+    ref, pipe = case
+    got = pipe.run(CLEAN, capture=["resid_post.0"], logits="none")
+    assert got.logits is None
+    torch.testing.assert_close(got.cache["resid_post.0"], ref.run(CLEAN, capture=["resid_post.0"]).cache["resid_post.0"], **TOL)
+
+
+def test_interventions_routed_to_their_stage(case):
+    ref, pipe = case
+    direction = torch.randn(ref.d_model, generator=torch.Generator().manual_seed(0))
+    items = [zero("z.0", heads=[1, 3], rows=[0, 1], positions=[-1, -2], paired=True),
+             steer("resid_pre.2", direction, coeff=2.0, rows=[1]),
+             zero("mlp_post.1", positions=[3])]
+    want = ref.run(CLEAN * 2, interventions=items, capture=["resid_post.2"])
+    got = pipe.run(CLEAN * 2, interventions=items, capture=["resid_post.2"])
+    torch.testing.assert_close(got.logits, want.logits, **TOL)
+    torch.testing.assert_close(got.cache["resid_post.2"], want.cache["resid_post.2"], **TOL)
+
+
+def test_patching_sweep(case):
+    ref, pipe = case
+    layers = range(ref.n_layers)
+    torch.testing.assert_close(resid_sweep(pipe, CLEAN, CORRUPT, layers), resid_sweep(ref, CLEAN, CORRUPT, layers), **TOL)
+
+
+def test_site_gradients(case):
+    ref, pipe = case
+    sites = [s for s in sites_of(ref) if s != "logits"]
+    items = [steer("resid_pre.1", torch.ones(ref.d_model), coeff=0.1)]
+    want = ref.gradients(CLEAN * 2, logit_diff, sites, interventions=items, capture=["resid_pre.1"], logits="last")
+    got = pipe.gradients(CLEAN * 2, logit_diff, sites, interventions=items, capture=["resid_pre.1"], logits="last")
+    torch.testing.assert_close(got.value, want.value, **TOL)
+    torch.testing.assert_close(got.logits, want.logits, **TOL)
+    for site in sites:
+        torch.testing.assert_close(got.grads[site], want.grads[site], **TOL, msg=site)
+    torch.testing.assert_close(got.cache["resid_pre.1"], want.cache["resid_pre.1"], **TOL)
+
+
+def test_adam_step(case, pipelines):
+    """Last in the module for each case: it changes the pipeline's weights (the pipeline is dropped after)."""
+    _, pipe = case
+    ref = load_model(pipe.name)  # a fresh copy: the shared one must not be trained
+    adam = AdamConfig(lr=1e-3, eps=1e-4)
+    prompts = CLEAN + ["Mary lives in"]
+    want_loss = make_trainer(ref, adam).step(prompts, next_token_loss)
+    got_loss = make_trainer(pipe, adam).step(prompts, next_token_loss)
+    torch.testing.assert_close(got_loss, want_loss, **TOL)
+    stage_params = pipe.stage_parameters()
+    ref_params = dict(ref.model.named_parameters(remove_duplicate=False))
+    for name, value in stage_params.items():
+        torch.testing.assert_close(value, ref_params[name].detach(), **TOL, msg=name)
+    expected = {n for n, p in ref.model.named_parameters()}  # every parameter is held by some stage
+    assert expected <= set(stage_params)
+    pipelines.discard(pipe)
