@@ -37,13 +37,14 @@ if TYPE_CHECKING:
 class JobSummary:
     """What ``interplab run`` prints after a commit: short lines and SQL queries to look at results.
 
-    ``{run_id}`` in ``sql`` is replaced by the run's id."""
+    ``{run_id}`` in ``lines`` and ``sql`` is replaced by the run's id."""
 
     lines: list[str] = field(default_factory=list)
     sql: list[str] = field(default_factory=list)
 
     def for_run(self, run_id: str) -> JobSummary:
-        return JobSummary(list(self.lines), [q.replace("{run_id}", run_id) for q in self.sql])
+        return JobSummary([line.replace("{run_id}", run_id) for line in self.lines],
+                          [q.replace("{run_id}", run_id) for q in self.sql])
 
 
 @runtime_checkable

@@ -135,6 +135,8 @@ class PatchingRunner:
 
     def validate(self, spec: PatchingSpec, model) -> None:
         where = "prompts" if spec.prompts is not None else "dataset"
+        if spec.prompts is not None:
+            _check_prompts(spec.prompts, model.tokenizer)
         try:
             pairs = pair_set(spec, model)
         except TaskError as exc:
@@ -182,7 +184,7 @@ class PatchingRunner:
             lines=[
                 f"{spec.method} {spec.direction} patching of {names} over {pairs.size} prompt pair(s), metric {spec.metric}",
                 f"clean {result.baselines['clean']:.4f}, corrupted {result.baselines['corrupted']:.4f}",
-                "heatmap: interplab plot <run_id> -o heatmap.png",
+                "heatmap: interplab plot {run_id} -o heatmap.png",
             ],
             sql=[
                 "SELECT sweep, method, layer, position, head, round(normalized, 3) AS normalized FROM patching "
@@ -193,6 +195,25 @@ class PatchingRunner:
 
     def provenance(self, spec: PatchingSpec) -> dict:
         return {"sweeps": [s.name for s in parse_sweeps(spec.sweep)]}
+
+
+def _check_prompts(prompts: list[PairPrompt], tokenizer) -> None:
+    """One :class:`SpecError` naming the first pair field that does not fit the tokenizer."""
+    from interplab.engine.tokens import encode, show_tokens, single_token
+
+    for i, pair in enumerate(prompts):
+        clean, corrupted = encode(tokenizer, pair.clean), encode(tokenizer, pair.corrupted)
+        if len(clean) != len(corrupted):
+            raise SpecError(
+                f"prompts[{i}].corrupted",
+                f"clean and corrupted prompts need the same number of tokens: clean is {show_tokens(tokenizer, pair.clean)}, "
+                f"corrupted is {show_tokens(tokenizer, pair.corrupted)}",
+                pair.corrupted,
+                f"a prompt of {len(clean)} tokens",
+            )
+        for field in ("answer", "wrong"):
+            with at_path(f"prompts[{i}].{field}", getattr(pair, field), "a single token, e.g. ' Mary'"):
+                single_token(tokenizer, getattr(pair, field), what=field)
 
 
 def _key(chunk_id: str) -> str:
