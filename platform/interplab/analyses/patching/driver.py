@@ -70,6 +70,8 @@ class _Setup:
         capture = list(dict.fromkeys(self.sites + extra))
         self.can_skip = need_resid and hasattr(model, "run_stage")
         self.layer_block = max(1, round(n_layers / 8))
+        cells_per_batch = 16  # (position, layer) cells per batch, before counting prompts
+        self.position_block = max(1, min(pairs.clean.seq_len, cells_per_batch // self.layer_block // max(1, pairs.size // 4)))
         prefix_ok = self.can_skip and pairs.same_length and not pairs.clean.padded
         clean = model.run(pairs.clean, capture=capture, logits="last", keep_kv=prefix_ok)
         corrupted = model.run(pairs.corrupted, capture=capture, logits="last", keep_kv=prefix_ok)
@@ -139,15 +141,18 @@ def _exact(setup: _Setup, batch_rows: int, progress: bool) -> list[dict]:
     for index, sweep in enumerate(setup.sweeps):
         for p in sweep.patches(model.n_layers, setup.target_batch.seq_len, model.n_heads):
             jobs.append((_prefix_position(sweep, p) if setup.target_kv else 0, p.layer, index, p))
-    jobs.sort(key=lambda job: job[:3])
+    # blocks of (prefix position, layer) cells share a batch: it starts at the block's lowest layer and
+    # position, so a few rows recompute a little more, in exchange for batches big enough to be fast
+    lb, pb = setup.layer_block, setup.position_block
+    jobs.sort(key=lambda job: (job[0] // pb, job[1] // lb, job[0], job[1], job[2]))
     rows = [(j, prompt) for j in range(len(jobs)) for prompt in range(n)]
     totals = torch.zeros(len(jobs), dtype=torch.float64)
     bar = _progress(len(rows), progress, "exact patching")
-    for chunk in _batches(rows, jobs, batch_rows, setup.layer_block if setup.can_skip else None):
+    for chunk in _batches(rows, jobs, batch_rows, (pb, lb) if setup.can_skip else None):
         job_ids = torch.tensor([j for j, _ in chunk])
         prompts = torch.tensor([p for _, p in chunk])
         batch = setup.target_batch.select(prompts)
-        offset = jobs[chunk[0][0]][0]
+        offset = min(jobs[j][0] for j, _ in chunk)
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, (j, _) in enumerate(chunk):
             groups[(jobs[j][2], jobs[j][1])].append(i)
@@ -184,20 +189,22 @@ def _exact(setup: _Setup, batch_rows: int, progress: bool) -> list[dict]:
     return [_row(setup.sweeps[i], "exact", p, float(totals[k] / n), setup) for k, (_, _, i, p) in enumerate(jobs)]
 
 
-def _batches(rows, jobs, batch_rows: int, layer_block: int | None):
-    """Consecutive slices of ``rows`` of at most ``batch_rows``. With a ``layer_block`` a slice shares
-    one prefix position and spans fewer than ``layer_block`` patched layers, so it can start at its
-    lowest layer and its prefix position."""
+def _batches(rows, jobs, batch_rows: int, blocks: tuple[int, int] | None):
+    """Consecutive slices of ``rows`` of at most ``batch_rows``. With ``blocks`` (position block,
+    layer block) a slice stays inside one block of (prefix position, layer) cells, so it can start at
+    the block's lowest layer and reuse the keys/values before its lowest position."""
     start = 0
     while start < len(rows):
         stop = min(start + batch_rows, len(rows))
-        if layer_block is not None:
-            offset, layer = jobs[rows[start][0]][:2]
-            stop = next(
-                (i for i in range(start, stop)
-                 if jobs[rows[i][0]][0] != offset or jobs[rows[i][0]][1] - layer >= layer_block),
-                stop,
-            )
+        if blocks is not None:
+            pb, lb = blocks
+
+            def block(i):
+                job = jobs[rows[i][0]]
+                return job[0] // pb, job[1] // lb
+
+            first = block(start)
+            stop = next((i for i in range(start, stop) if block(i) != first), stop)
         yield rows[start:stop]
         start = stop
 
