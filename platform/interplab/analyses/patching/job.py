@@ -30,6 +30,7 @@ from pydantic import Field, PositiveInt, field_validator, model_validator
 
 from interplab.analyses.metrics import metric_names
 from interplab.analyses.patching.driver import activation_patching
+from interplab.analyses.patching.result import baselines_table
 from interplab.analyses.patching.sweeps import SweepError, parse_sweeps
 from interplab.analyses.tasks import IOI_CORRUPTIONS, PairSet, PromptPair, TaskError, facts_pairs, ioi_pairs, load_pairs
 from interplab.analyses.tasks.pairs import pairs_from_records
@@ -157,22 +158,15 @@ class PatchingRunner:
         result = _run(spec, model, [sweep])
         writer.write_table("patching", result.to_arrow(), chunk=_key(chunk_id))
         if result.correlation:
-            import pyarrow as pa
-
-            table = pa.Table.from_pylist(
-                [{"sweep": k, "name": "exact_atp_correlation", "value": v} for k, v in result.correlation.items()],
-                schema=pa.schema([("sweep", pa.string()), ("name", pa.string()), ("value", pa.float64())]),
-            )
-            writer.write_table("baselines", table, chunk=_key(chunk_id))
+            rows = [{"sweep": k, "name": "exact_atp_correlation", "value": v} for k, v in result.correlation.items()]
+            writer.write_table("baselines", baselines_table(rows), chunk=_key(chunk_id))
 
     def finalize(self, spec: PatchingSpec, model, writer) -> JobSummary:
         import pyarrow as pa
 
         pairs = pair_set(spec, model)
         result = _run(spec, model, [], baselines_only=True)
-        writer.write_table("baselines", pa.Table.from_pylist(
-            [{"sweep": "", "name": k, "value": v} for k, v in result.baselines.items()],
-            schema=pa.schema([("sweep", pa.string()), ("name", pa.string()), ("value", pa.float64())])), chunk="baselines")
+        writer.write_table("baselines", result.baselines_arrow(), chunk="baselines")
         tok = model.tokenizer
         rows = []
         for i in range(pairs.size):

@@ -35,29 +35,26 @@ class PatchingResult:
         return out
 
     def to_arrow(self):
+        """The ``patching`` table rows (the store's schema for that table)."""
         import pyarrow as pa
 
-        return pa.Table.from_pylist(
-            self.rows,
-            schema=pa.schema(
-                [
-                    ("sweep", pa.string()),
-                    ("method", pa.string()),
-                    ("layer", pa.int32()),
-                    ("position", pa.int32()),
-                    ("head", pa.int32()),
-                    ("value", pa.float64()),
-                    ("normalized", pa.float64()),
-                ]
-            ),
-        )
+        from interplab.store.layout import KNOWN_SCHEMAS
+
+        return pa.Table.from_pylist(self.rows, schema=KNOWN_SCHEMAS["patching"])
 
     def baselines_arrow(self):
-        import pyarrow as pa
-
+        """Baselines and exact-vs-AtP correlations as ``baselines`` table rows."""
         rows = [{"sweep": "", "name": k, "value": v} for k, v in self.baselines.items()]
         rows += [{"sweep": s, "name": "exact_atp_correlation", "value": v} for s, v in self.correlation.items()]
-        return pa.Table.from_pylist(rows, schema=pa.schema([("sweep", pa.string()), ("name", pa.string()), ("value", pa.float64())]))
+        return baselines_table(rows)
+
+
+def baselines_table(rows: list[dict]):
+    import pyarrow as pa
+
+    from interplab.store.layout import KNOWN_SCHEMAS
+
+    return pa.Table.from_pylist(rows, schema=KNOWN_SCHEMAS["baselines"])
 
 
 def pearson(a: torch.Tensor, b: torch.Tensor) -> float:
