@@ -213,8 +213,11 @@ def _informative_hooks(model, delta: Weights, seq_len: int):
 
 # ------------------------------------------------------------------ scores
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of the dot product over the last axis: ``[b, s, (h,) d] → [s, (h)]``."""
-    return (a.float() * b.float()).sum(-1).mean(0)
+    """Row sum of the dot product over the last axis: ``[b, s, (h,) d] → [s, (h)]``.
+
+    One factor is a gradient of the batch-mean loss, i.e. the per-prompt gradient divided by the
+    number of prompts, so the row sum is the mean over prompts of the per-prompt score."""
+    return (a.float() * b.float()).sum(-1).sum(0)
 
 
 def extractive_scores(
