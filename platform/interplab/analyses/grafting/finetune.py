@@ -27,12 +27,13 @@ IGNORE = -100
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """Adam (β = 0.9, 0.999; ε = 1e-8; no weight decay) at a constant learning rate."""
+    """Adam (β = 0.9, 0.999; ε = ``adam_eps``; no weight decay) at a constant learning rate."""
 
     lr: float = 3e-5
     epochs: int = 6
     batch_size: int = 5
     seed: int = 0
+    adam_eps: float = 1e-8
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -109,7 +110,7 @@ def finetune(
     if trainable is not None and not trainable:
         raise ValueError(f"layers {layers} select no parameters")
     with frozen(model, trainable) as after_step:
-        trainer = make_trainer(model, AdamConfig(lr=config.lr))
+        trainer = make_trainer(model, AdamConfig(lr=config.lr, eps=config.adam_eps))
         for epoch in range(1, config.epochs + 1):
             for rows in batches(len(examples), config, epoch):
                 batch, loss_fn = training_batch(model.tokenizer, [examples[i] for i in rows])

@@ -76,26 +76,24 @@ class DataSpec(StrictModel):
 
 
 class FinetuneSpec(StrictModel):
-    lr: PositiveFloat | list[PositiveFloat] = 3e-5
-    epochs: PositiveInt | list[PositiveInt] = 6
+    """``lr`` and ``epochs`` take one value or a list (a sweep: one chunk per combination)."""
+
+    lr: list[PositiveFloat] = Field(default=[3e-5], min_length=1)
+    epochs: list[PositiveInt] = Field(default=[6], min_length=1)
     batch_size: PositiveInt = 5
 
     @field_validator("lr", mode="before")
     @classmethod
     def _lr(cls, value):
-        return [_float(v) for v in value] if isinstance(value, list) else _float(value)
+        return [_float(v) for v in value] if isinstance(value, list) else [_float(value)]
 
-    @field_validator("lr", "epochs")
+    @field_validator("epochs", mode="before")
     @classmethod
-    def _non_empty(cls, value):
-        if isinstance(value, list) and not value:
-            raise ValueError("give at least one value")
-        return value
+    def _epochs(cls, value):
+        return value if isinstance(value, list) else [value]
 
     def grid(self) -> list[tuple[float, int]]:
-        lrs = self.lr if isinstance(self.lr, list) else [self.lr]
-        epochs = self.epochs if isinstance(self.epochs, list) else [self.epochs]
-        return [(lr, ep) for lr in lrs for ep in epochs]
+        return [(lr, ep) for lr in self.lr for ep in self.epochs]
 
 
 class ScoresSpec(StrictModel):
