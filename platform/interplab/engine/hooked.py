@@ -21,7 +21,7 @@ from interplab.engine import attention, hooks, runner
 from interplab.engine.cache import ActivationCache
 from interplab.engine.interventions import Intervention
 from interplab.engine.plan import HookPlan, KVPrefix, Positions
-from interplab.engine.sites import PER_HEAD_KINDS, Site, SiteError, SiteKind, parse_sites
+from interplab.engine.sites import PER_HEAD_KINDS, SPLIT_INPUT_KINDS, Site, SiteError, SiteKind, parse_sites
 from interplab.engine.stream import CaptureChunk
 from interplab.engine.tokens import TokenBatch, tokenize
 
@@ -112,10 +112,19 @@ class HookedModel:
         out = [Site(SiteKind.EMBED)] if SiteKind.EMBED in wanted else []
         for layer in range(self.n_layers):
             for kind in SiteKind:
-                if kind.layered and kind in wanted and (kind != SiteKind.RESID_MID or self.has_resid_mid):
+                if kind.layered and kind in wanted and self._has_kind(kind):
                     out.append(Site(kind, layer))
         out += [Site(k) for k in (SiteKind.FINAL, SiteKind.LOGITS) if k in wanted]
         return out
+
+    def _has_kind(self, kind: SiteKind) -> bool:
+        if kind == SiteKind.RESID_MID:
+            return self.has_resid_mid
+        if kind in SPLIT_INPUT_KINDS:
+            return self.spec.qkv is not None
+        if kind == SiteKind.MLP_IN:
+            return self.spec.ln_mlp is not None
+        return True
 
     def validate_site(self, site: Site | str) -> Site:
         """Parse and check a site against this model (layer/head in range, kind present)."""
@@ -128,6 +137,11 @@ class HookedModel:
             raise SiteError(
                 f"site {site}: the {self.spec.name} family with parallel attention and MLP has no resid_mid "
                 "(both read resid_pre); use resid_pre, attn_out or mlp_out"
+            )
+        if not self._has_kind(site.kind):
+            raise SiteError(
+                f"site {site}: the {self.spec.name} family has no per-head/MLP input sites (its attention and MLP "
+                "outputs pass through post-norms, so heads do not add to the stream one by one)"
             )
         return site
 

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 
 import torch
 
+from interplab.engine import split_inputs
 from interplab.engine.plan import HookPlan
 from interplab.engine.sites import SiteKind
 
@@ -108,6 +109,7 @@ def installed(hooked, plan: HookPlan, layers: range):
                 module = block.get_submodule(spec.o_proj)
                 hook = _head_out_hook(plan, layer, hooked.n_heads, spec.o_proj_transposed)
                 handles.append(module.register_forward_hook(hook))
+            handles += split_inputs.install(hooked, plan, layer, kinds)
         yield
     finally:
         for handle in handles:

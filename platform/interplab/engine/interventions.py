@@ -129,6 +129,11 @@ class Intervention:
 
     def apply(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Return ``x`` with this intervention applied (``x`` itself is not modified)."""
+        if self.op == "apply" and self.rows is None and self.positions is None and self.heads is None and self.site.head is None:
+            new = self.fn(x)  # the whole activation: no gather/scatter
+            if new.shape != x.shape:
+                raise InterventionError(f"intervention on {self.site}: fn returned shape {tuple(new.shape)}, expected {tuple(x.shape)}")
+            return new
         index = self.index(x, lengths)
         selected = x[index]
         if self.op == "apply":

@@ -28,6 +28,10 @@ class SiteKind(str, Enum):
     V = "v"
     PATTERN = "pattern"
     MLP_POST = "mlp_post"
+    Q_IN = "q_in"
+    K_IN = "k_in"
+    V_IN = "v_in"
+    MLP_IN = "mlp_in"
     FINAL = "final"
     LOGITS = "logits"
 
@@ -49,8 +53,10 @@ class SiteKind(str, Enum):
 
 _GLOBAL_KINDS = frozenset({SiteKind.EMBED, SiteKind.FINAL, SiteKind.LOGITS})
 PER_HEAD_KINDS = frozenset(
-    {SiteKind.HEAD_OUT, SiteKind.Z, SiteKind.Q, SiteKind.K, SiteKind.V, SiteKind.PATTERN}
+    {SiteKind.HEAD_OUT, SiteKind.Z, SiteKind.Q, SiteKind.K, SiteKind.V, SiteKind.PATTERN,
+     SiteKind.Q_IN, SiteKind.K_IN, SiteKind.V_IN}
 )
+SPLIT_INPUT_KINDS = (SiteKind.Q_IN, SiteKind.K_IN, SiteKind.V_IN)
 _ATTENTION_KINDS = frozenset({SiteKind.Z, SiteKind.Q, SiteKind.K, SiteKind.V, SiteKind.PATTERN})
 RESIDUAL_KINDS = (SiteKind.RESID_PRE, SiteKind.RESID_MID, SiteKind.RESID_POST)
 VALID_KINDS = tuple(k.value for k in SiteKind)

@@ -17,6 +17,30 @@ if TYPE_CHECKING:
     from torch import nn
     from transformers import PretrainedConfig
 
+@dataclass(frozen=True)
+class QKVLayout:
+    """Where one layer's query/key/value projections are, for the per-head input sites.
+
+    ``q_in``/``k_in``/``v_in`` give every query head its own copy of the residual stream it reads
+    (before the attention norm), so each head's q, k and v can be patched or differentiated on its
+    own; the engine then applies ``ln`` and that head's rows of the projection itself.
+
+    Attributes:
+        ln: the norm the projections read through (path in one decoder layer).
+        q, k, v: the projection modules (the same path three times when fused).
+        fused: ``None`` (separate projections), ``"blocks"`` (one output ``[q | k | v]``, GPT-2's
+            ``c_attn``) or ``"heads"`` (per head ``[q_h k_h v_h]``, GPT-NeoX's ``query_key_value``).
+        transposed: the weight is ``[in, out]`` (GPT-2's ``Conv1D``).
+    """
+
+    ln: str
+    q: str
+    k: str
+    v: str
+    fused: str | None = None
+    transposed: bool = False
+
+
 EmbedFn = Callable[["nn.Module", "torch.Tensor", "torch.Tensor"], "torch.Tensor"]
 
 
@@ -40,6 +64,9 @@ class ArchSpec:
             with ``use_parallel_residual``): such layers have no ``resid_mid``.
         logit_softcap: the config attribute holding a final-logit soft cap, if the family has one.
         tiny_config: builds a small random config of this family for tests (``vocab_size`` given).
+        qkv: the q/k/v projections, for ``q_in``/``k_in``/``v_in`` (None: the family has no
+            per-head inputs, e.g. post-norm families whose heads do not add to the stream one by one).
+        ln_mlp: the norm the MLP reads through (path in one layer), for ``mlp_in``.
         checkpoint_aliases: parameter name -> the key it is saved under in safetensors checkpoints,
             where the two differ (used when loading only some tensors).
     """
@@ -63,6 +90,8 @@ class ArchSpec:
     parallel_residual: Callable[[PretrainedConfig], bool] = field(default=lambda config: False)
     logit_softcap: str | None = None
     checkpoint_aliases: dict[str, str] = field(default_factory=dict)
+    qkv: QKVLayout | None = None
+    ln_mlp: str | None = None
     notes: str = ""
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from interplab.models.arch.base import ArchSpec, register_arch
+from interplab.models.arch.base import ArchSpec, QKVLayout, register_arch
 
 
 def _embed(base, input_ids, position_ids):
@@ -42,6 +42,8 @@ SPEC = register_arch(
         mlp_out="mlp",
         mlp_down="mlp.c_proj",
         embed_fn=_embed,
+        qkv=QKVLayout("ln_1", "attn.c_attn", "attn.c_attn", "attn.c_attn", fused="blocks", transposed=True),
+        ln_mlp="ln_2",
         notes="embed = wte(token) + wpe(position)",
     )
 )

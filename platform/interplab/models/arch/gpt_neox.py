@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from interplab.models.arch.base import ArchSpec, register_arch
+from interplab.models.arch.base import ArchSpec, QKVLayout, register_arch
 
 
 def tiny_config(vocab_size: int):
@@ -38,6 +38,14 @@ SPEC = register_arch(
         o_proj="attention.dense",
         mlp_out="mlp",
         mlp_down="mlp.dense_4h_to_h",
+        qkv=QKVLayout(
+            "input_layernorm",
+            "attention.query_key_value",
+            "attention.query_key_value",
+            "attention.query_key_value",
+            fused="heads",
+        ),
+        ln_mlp="post_attention_layernorm",
         checkpoint_aliases={"lm_head.weight": "embed_out.weight"},
         parallel_residual=lambda config: bool(getattr(config, "use_parallel_residual", False)),
         notes="with use_parallel_residual (Pythia) attention and MLP both read resid_pre: no resid_mid",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from interplab.models.arch.base import ArchSpec, register_arch
+from interplab.models.arch.base import ArchSpec, QKVLayout, register_arch
 
 
 def tiny_config(vocab_size: int):
@@ -35,6 +35,8 @@ SPEC = register_arch(
         o_proj="self_attn.o_proj",
         mlp_out="mlp",
         mlp_down="mlp.down_proj",
+        qkv=QKVLayout("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ln_mlp="post_attention_layernorm",
         tiny_config=tiny_config,
     )
 )
