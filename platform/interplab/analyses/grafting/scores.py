@@ -155,10 +155,6 @@ def _output_assignment(model, key: str, out_features: int) -> torch.Tensor:
     return kv0 + torch.arange(kv).repeat_interleave(hd)  # k or v
 
 
-def _param(weights: Weights, name: str) -> torch.Tensor | None:
-    return weights.get(name)
-
-
 def _module_name(model, module) -> str:
     for name, m in model.model.named_modules():
         if m is module:
