@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--exact-top", type=int, default=400)
     parser.add_argument("--greedy-sizes", default="50,100,200,370,500,1000,2000")
     parser.add_argument("--out", default="/tmp/interplab-circuits")
+    parser.add_argument("--timing-only", action="store_true", help="stop after the cost ratios")
     args = parser.parse_args()
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -127,6 +128,9 @@ def main() -> None:
     print(f"| forward {t_fwd:.3f} s | fwd+bwd {t_fb:.3f} s | EAP {t_eap:.2f} s ({t_eap / t_fb:.2f}x fwd+bwd) | "
           f"EAP-IG(5) {t_ig:.2f} s ({t_ig / t_fb:.2f}x) | evaluate {t_eval:.3f} s ({t_eval / t_fwd:.2f}x forward) |")
     write_mib(out_dir / "eap-ig-inputs.json", graph, ig, circuit, d_model=model.d_model)
+    if args.timing_only:
+        (out_dir / "timing.json").write_text(json.dumps(res, indent=1))
+        return
 
     cpr, cmd, signed, absolute = cpr_cmd(task, ig, method="eap-ig-inputs")
     res["mib"] = {"cpr": cpr, "cmd": cmd, "signed": signed.__dict__ | {"circuits": None}, "absolute": absolute.__dict__ | {"circuits": None}}
