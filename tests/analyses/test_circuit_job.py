@@ -51,7 +51,9 @@ def test_circuit_job_finds_the_planted_circuit(tmp_path):
     acdc_row = by_method["acdc"]
     assert acdc_row["circuit_value"] == pytest.approx(acdc_row["clean"], abs=0.1) and acdc_row["cpr"] > 0.5 and acdc_row["cmd"] < 0.5
     curve = store.sql("SELECT count(*) AS n FROM faithfulness WHERE run_id = $r AND method = 'acdc'", q).to_pylist()[0]
-    assert curve["n"] == 2 * 10  # MIB grid, signed and absolute
+    from interplab.analyses.circuits.faithfulness import mib_sizes
+
+    assert curve["n"] == 2 * len(mib_sizes(circuit_task(job, model).graph))  # MIB grid (distinct sizes), signed and absolute
     export = store.sql("SELECT json FROM mib_exports WHERE run_id = $r AND method = 'eap-ig-inputs'", q).to_pylist()[0]["json"]
     path = tmp_path / "mib.json"
     path.write_text(export)
@@ -62,10 +64,11 @@ def test_circuit_job_finds_the_planted_circuit(tmp_path):
 
     from click.testing import CliRunner
 
-    from interplab.cli.main import main
+    from interplab.cli.main import _register, cli
 
-    out = CliRunner().invoke(main, ["plot", run_id, "-o", str(tmp_path / "c.svg"), "--method", "acdc", "--store", str(tmp_path / "store")])
+    _register()
+    out = CliRunner().invoke(cli, ["plot", run_id, "-o", str(tmp_path / "c.svg"), "--method", "acdc", "--store", str(tmp_path / "store")])
     assert out.exit_code == 0, out.output
     assert (tmp_path / "c.svg").read_text().count("a2.h3") >= 1 and (tmp_path / "c-faithfulness.svg").exists()
-    out = CliRunner().invoke(main, ["plot", run_id, "-o", str(tmp_path / "c.dot"), "--store", str(tmp_path / "store")])
+    out = CliRunner().invoke(cli, ["plot", run_id, "-o", str(tmp_path / "c.dot"), "--store", str(tmp_path / "store")])
     assert '"a0.h1" -> "a2.h3"' in (tmp_path / "c.dot").read_text()
