@@ -224,3 +224,47 @@ def test_informative_sums_equal_parameter_gradients_and_finite_differences(setup
             assert got == pytest.approx(want, rel=1e-5, abs=1e-8), (layer, comp)
             fd = -(loss_at(eps, deltas) - loss_at(-eps, deltas)) / (2 * eps)
             assert got == pytest.approx(fd, rel=1e-2, abs=1e-5), (layer, comp)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "qwen2", "gpt_neox"])
+def test_informative_with_biases_and_fused_projections(family):
+    """Other layouts: Conv1D + fused [q|k|v] + biases (GPT-2), q/k/v biases (Qwen2), per-head fused qkv
+    (NeoX). Per layer, the scores of all components sum to −⟨∂L/∂θ, Δ⟩ over the layer's linear maps and
+    biases; GPT-2's head 1 and its MLP are checked on their own (column/row slices by hand)."""
+    model = load_model(f"tiny-{family}", dtype="float64")
+    theta = {n: v.double() for n, v in get_weights(model).items()}
+    gen = torch.Generator().manual_seed(2)
+    tuned = {n: v + 0.05 * torch.randn(v.shape, generator=gen, dtype=v.dtype) for n, v in theta.items()}
+    words = ["Mary", "John", "Alice"]
+    data = examples_from_records({"ImplF": [{"prompt": f"The people in the city {w} is from speak", "answer": a}
+                                            for w, a in zip(words, LANGS)]})["ImplF"]
+    scores = extractive_scores(model, theta, tuned, data, data[1:] + data[:1])["informative"]
+    answers = torch.tensor([model.tokenizer(a, add_special_tokens=False)["input_ids"][0] for a in LANGS[:3]])
+    ids = model.tokenize([ex.prompt for ex in data]).input_ids
+    model.model.zero_grad()
+    with torch.enable_grad():
+        loss_of(model.model(ids).logits, answers).backward()
+    params = dict(model.model.named_parameters())
+    prefix = f"{model.spec.base}.{model.spec.layers}."
+    norms = ("ln", "norm", "layernorm")
+    for layer in range(model.n_layers):
+        names = [n for n in params if n.startswith(f"{prefix}{layer}.") and not any(k in n.split(".")[-2] for k in norms)]
+        want = -sum(float((params[n].grad * (tuned[n] - theta[n])).sum()) for n in names)
+        assert float(torch.nan_to_num(scores[layer]).sum()) == pytest.approx(want, rel=1e-5, abs=1e-8), (family, layer)
+    if family == "gpt2":
+        d, hd, h = 64, 16, 1
+        block = f"{prefix}0."
+
+        def inner(name, index):
+            return float((params[name].grad[index] * (tuned[name] - theta[name])[index]).sum())
+
+        cols = slice(h * hd, (h + 1) * hd)
+        head = inner(block + "attn.c_attn.weight", (slice(None), cols)) + inner(block + "attn.c_attn.bias", cols) \
+            + inner(block + "attn.c_proj.weight", (cols, slice(None)))
+        assert float(scores[0, 1 + h].sum()) == pytest.approx(-head, rel=1e-5, abs=1e-8)
+        kv = slice(d + h * hd, d + (h + 1) * hd), slice(2 * d + h * hd, 2 * d + (h + 1) * hd)
+        kv_head = sum(inner(block + "attn.c_attn.weight", (slice(None), c)) + inner(block + "attn.c_attn.bias", c) for c in kv)
+        assert float(scores[0, 1 + 4 + h].sum()) == pytest.approx(-kv_head, rel=1e-5, abs=1e-8)
+        mlp = sum(inner(block + f"mlp.{m}.{p}", slice(None)) for m in ("c_fc", "c_proj") for p in ("weight", "bias"))
+        assert float(scores[0, 0].sum()) == pytest.approx(-mlp, rel=1e-5, abs=1e-8)
+        assert float(scores[0, -1].sum()) == pytest.approx(-inner(block + "attn.c_proj.bias", slice(None)), rel=1e-5, abs=1e-8)

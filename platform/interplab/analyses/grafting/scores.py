@@ -114,7 +114,9 @@ def _layer_modules(model, layer: int) -> dict[str, torch.nn.Module]:
 
     mlp = get(spec.mlp_down.rsplit(".", 1)[0])
     out = {"o": get(spec.o_proj)}
-    if spec.qkv is not None:
+    if spec.qkv is not None and spec.qkv.fused is not None:
+        out["qkv"] = get(spec.qkv.q)  # one module: one hook, split by the fused layout
+    elif spec.qkv is not None:
         out.update(q=get(spec.qkv.q), k=get(spec.qkv.k), v=get(spec.qkv.v))
     else:
         attn = spec.o_proj.rsplit(".", 1)[0]
