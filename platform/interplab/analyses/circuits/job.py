@@ -34,12 +34,11 @@ from interplab.analyses.circuits.evaluate import evaluate
 from interplab.analyses.circuits.graph import CircuitGraph, GraphError
 from interplab.analyses.circuits.scores import METHODS, acdc, score_edges
 from interplab.analyses.circuits.task import CircuitTask, prepare
-from interplab.analyses.metrics import metric_names
-from interplab.analyses.patching.job import PairDataset, PairPrompt, _check_prompts, spec_pairs
+from interplab.analyses.patching.job import PairTaskSpec, _check_prompts, spec_pairs
 from interplab.analyses.tasks import PairSet, TaskError
 from interplab.jobs.errors import SpecError
 from interplab.jobs.registry import JobSummary, register_kind
-from interplab.jobs.spec import JobSpec, _Strict
+from interplab.jobs.spec import _Strict
 
 
 class CircuitRule(_Strict):
@@ -61,11 +60,8 @@ class AcdcOptions(_Strict):
     metric: str | None = None
 
 
-class CircuitSpec(JobSpec):
+class CircuitSpec(PairTaskSpec):
     kind: Literal["circuit"]
-    prompts: list[PairPrompt] | None = None
-    dataset: PairDataset | None = None
-    metric: str = "logit_diff"
     methods: list[str] = Field(default_factory=lambda: ["eap-ig-inputs"], min_length=1)
     ig_steps: PositiveInt = 5
     level: Literal["edge", "node"] = "edge"
@@ -74,13 +70,6 @@ class CircuitSpec(JobSpec):
     acdc: AcdcOptions = Field(default_factory=AcdcOptions)
     export_mib: bool = True
     max_rows: PositiveInt | None = None
-
-    @field_validator("metric")
-    @classmethod
-    def _metric(cls, value: str) -> str:
-        if value not in metric_names():
-            raise ValueError(f"unknown metric {value!r}; allowed: {', '.join(metric_names())}")
-        return value
 
     @field_validator("methods")
     @classmethod
@@ -91,20 +80,6 @@ class CircuitSpec(JobSpec):
         if len(set(value)) != len(value):
             raise ValueError("methods: each method once")
         return value
-
-    @model_validator(mode="after")
-    def _one_prompt_source(self) -> CircuitSpec:
-        if (self.prompts is None) == (self.dataset is None):
-            raise ValueError("give exactly one of 'prompts' (a list of clean/corrupted/answer/wrong) or 'dataset'")
-        if self.prompts is not None and not self.prompts:
-            raise ValueError("'prompts' is empty: give at least one clean/corrupted pair")
-        return self
-
-    @classmethod
-    def resolve_paths(cls, raw: dict, base_dir: str) -> dict:
-        from interplab.analyses.patching.job import PatchingSpec
-
-        return PatchingSpec.resolve_paths(raw, base_dir)
 
 
 @lru_cache(maxsize=2)

@@ -64,17 +64,12 @@ class PairDataset(_Strict):
         return self
 
 
-class PatchingSpec(JobSpec):
-    kind: Literal["patching"]
+class PairTaskSpec(JobSpec):
+    """Fields every analysis over clean/corrupted prompt pairs shares (patching, circuits)."""
+
     prompts: list[PairPrompt] | None = None
     dataset: PairDataset | None = None
-    sweep: str | list[str | dict] | dict = "resid_pre"
-    direction: Literal["denoise", "noise"] = "denoise"
-    method: Literal["exact", "atp", "both"] = "exact"
     metric: str = "logit_diff"
-    ablation: Literal["zero", "mean", "resample"] | None = None
-    batch_rows: PositiveInt | None = None
-    memory_mb: PositiveInt = 1024
 
     @field_validator("metric")
     @classmethod
@@ -83,14 +78,8 @@ class PatchingSpec(JobSpec):
             raise ValueError(f"unknown metric {value!r}; allowed: {', '.join(metric_names())}")
         return value
 
-    @field_validator("sweep")
-    @classmethod
-    def _sweep(cls, value):
-        parse_sweeps(value)  # SweepError is a ValueError: reported at 'sweep'
-        return value
-
     @model_validator(mode="after")
-    def _one_prompt_source(self) -> PatchingSpec:
+    def _one_prompt_source(self) -> PairTaskSpec:
         if (self.prompts is None) == (self.dataset is None):
             raise ValueError("give exactly one of 'prompts' (a list of clean/corrupted/answer/wrong) or 'dataset'")
         if self.prompts is not None and not self.prompts:
@@ -109,7 +98,23 @@ class PatchingSpec(JobSpec):
         return raw
 
 
-def spec_pairs(spec: PatchingSpec, tokenizer) -> list[PromptPair]:
+class PatchingSpec(PairTaskSpec):
+    kind: Literal["patching"]
+    sweep: str | list[str | dict] | dict = "resid_pre"
+    direction: Literal["denoise", "noise"] = "denoise"
+    method: Literal["exact", "atp", "both"] = "exact"
+    ablation: Literal["zero", "mean", "resample"] | None = None
+    batch_rows: PositiveInt | None = None
+    memory_mb: PositiveInt = 1024
+
+    @field_validator("sweep")
+    @classmethod
+    def _sweep(cls, value):
+        parse_sweeps(value)  # SweepError is a ValueError: reported at 'sweep'
+        return value
+
+
+def spec_pairs(spec: PairTaskSpec, tokenizer) -> list[PromptPair]:
     if spec.prompts is not None:
         return pairs_from_records([p.model_dump() for p in spec.prompts])
     data = spec.dataset
