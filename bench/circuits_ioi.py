@@ -23,8 +23,7 @@ from interplab import load_model
 from interplab.analyses.circuits import extract
 from interplab.analyses.circuits.evaluate import evaluate
 from interplab.analyses.circuits.faithfulness import cpr_cmd, faithfulness_curve, write_mib
-from interplab.analyses.circuits.scores import score_edges
-from interplab.analyses.circuits.evaluate import run_patched
+from interplab.analyses.circuits.scores import exact, score_edges
 from interplab.analyses.circuits.task import prepare
 from interplab.analyses.tasks import PairSet, ioi_pairs
 
@@ -55,23 +54,6 @@ def bare_forward_backward(model, pairs):
         (logits[rows, pairs.answer] - logits[rows, pairs.wrong]).mean().backward()
 
     return fwd, fwd_bwd
-
-
-def exact_subset(task, candidates: torch.Tensor, per_pass: int = 32) -> torch.Tensor:
-    """m(N) - m(N \\ {e}) for the candidate edges only (``[k, 2]`` source/destination)."""
-    graph, n = task.graph, task.n
-    out = torch.zeros(len(candidates))
-    layers = torch.tensor([graph.dest_layer(int(d)) for d in candidates[:, 1]])
-    order = torch.argsort(layers, descending=True)
-    full = float(task.clean_value.float().mean())
-    for first in range(0, len(order), per_pass):
-        idx = order[first : first + per_pass]
-        chosen = candidates[idx]
-        patched = torch.zeros(len(chosen), graph.n_sources, graph.n_dests, dtype=torch.bool)
-        patched[torch.arange(len(chosen)), chosen[:, 0], chosen[:, 1]] = True
-        values = run_patched(task, patched.repeat_interleave(n, 0), torch.arange(n).repeat(len(chosen)))
-        out[idx] = full - values.float().reshape(len(chosen), n).mean(1)
-    return out
 
 
 def head_roles(model, pairs, heads: list[tuple[int, int]]) -> dict[str, dict[str, float]]:
@@ -151,12 +133,11 @@ def main() -> None:
     values = ig[graph.edges[:, 0], graph.edges[:, 1]].abs()
     cand = graph.edges[torch.argsort(values, descending=True)[: args.exact_top]]
     t0 = time.perf_counter()
-    ex = exact_subset(task, cand)
+    exact_scores = exact(task, edges=cand)
+    ex = exact_scores[cand[:, 0], cand[:, 1]]
     t_exact = time.perf_counter() - t0
     ig_c = ig[cand[:, 0], cand[:, 1]]
     corr = float(torch.corrcoef(torch.stack([ig_c, ex]))[0, 1])
-    exact_scores = torch.zeros_like(ig)
-    exact_scores[cand[:, 0], cand[:, 1]] = ex
     ex_curve = faithfulness_curve(task, exact_scores, sizes=[s for s in sizes if s <= args.exact_top], rule="topn", absolute=True, method="exact")
     res["exact"] = {"candidates": args.exact_top, "seconds": t_exact, "corr_with_eap_ig": corr,
                     "sizes": ex_curve.sizes, "faithfulness": ex_curve.faithfulness}

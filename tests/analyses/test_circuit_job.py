@@ -13,18 +13,11 @@ from interplab.analyses.circuits.scores import score_edges
 from interplab.jobs.registry import parse_spec
 from interplab.store import open_store
 from tests.analyses.planted import planted_gpt2
+from tests.analyses.jobs_inline import run_job as run_inline
 
 
 def run_job(job, model, store):
-    runner = CircuitRunner()
-    runner.validate(job, model)
-    with store.begin_run("circuit", model=job.model, spec=job.model_dump()) as writer:
-        for chunk in runner.chunks(job, model):
-            runner.run_chunk(job, model, chunk, writer)
-            runner.run_chunk(job, model, chunk, writer)  # a retried chunk must not duplicate rows
-        summary = runner.finalize(job, model, writer)
-        writer.commit()
-    return writer.run_id, summary
+    return run_inline(CircuitRunner(), "circuit", job, model, store)
 
 
 def test_circuit_job_finds_the_planted_circuit(tmp_path):

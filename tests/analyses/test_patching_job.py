@@ -7,6 +7,7 @@ from interplab.analyses.patching.job import PatchingRunner, pair_set
 from interplab.jobs.errors import SpecError, SpecErrors
 from interplab.jobs.registry import parse_spec
 from interplab.store import open_store
+from tests.analyses.jobs_inline import run_job as run_inline
 
 PAIR = {
     "clean": "When Mary and John went to the store, John gave a drink to",
@@ -23,15 +24,7 @@ def spec(**fields):
 
 
 def run_job(job, model, store):
-    runner = PatchingRunner()
-    runner.validate(job, model)
-    with store.begin_run("patching", model=job.model, spec=job.model_dump()) as writer:
-        for chunk in runner.chunks(job, model):
-            runner.run_chunk(job, model, chunk, writer)
-            runner.run_chunk(job, model, chunk, writer)  # a retried chunk must not duplicate rows
-        summary = runner.finalize(job, model, writer)
-        writer.commit()
-    return writer.run_id, summary
+    return run_inline(PatchingRunner(), "patching", job, model, store)
 
 
 def test_job_rows_equal_the_driver_and_are_queryable(tmp_path, tiny_models):

@@ -57,6 +57,8 @@ class _LayerInputs:
         if active & {SiteKind.K_IN, SiteKind.V_IN}:
             active |= {SiteKind.K_IN, SiteKind.V_IN}
         self.kinds = sorted(active, key=lambda k: _COMPONENT[k])
+        device = self.block.get_submodule(self.layout.q).weight.device
+        self.rows = {k: projection_rows(self.layout, _COMPONENT[k], self.n_heads, self.n_kv, self.head_dim).to(device) for k in self.kinds}
         self.inputs: dict[SiteKind, torch.Tensor] = {}
 
     def ln_pre_hook(self, module, args):
@@ -73,7 +75,7 @@ class _LayerInputs:
 
     def _project(self, kind: SiteKind, module) -> torch.Tensor:
         """``[b, s, h, d_head]``: each head's rows of ``module`` applied to its own normed input."""
-        rows = projection_rows(self.layout, _COMPONENT[kind], self.n_heads, self.n_kv, self.head_dim).to(module.weight.device)
+        rows = self.rows[kind]
         weight = _weight_out_in(module, self.layout.transposed)[rows]  # [h, d_head, d_model]
         normed = self.ln.forward(self.inputs.pop(kind))
         out = torch.einsum("bshi,hoi->bsho", normed, weight)
@@ -91,8 +93,7 @@ class _LayerInputs:
     def fused_hook(self, module, args, output):
         out = output.clone()
         for kind in self.kinds:
-            rows = projection_rows(self.layout, _COMPONENT[kind], self.n_heads, self.n_kv, self.head_dim)
-            out[..., rows.reshape(-1).to(out.device)] = self._project(kind, module).reshape(*out.shape[:2], -1)
+            out[..., self.rows[kind].reshape(-1)] = self._project(kind, module).reshape(*out.shape[:2], -1)
         return out
 
 

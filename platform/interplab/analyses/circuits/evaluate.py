@@ -21,8 +21,8 @@ import torch
 from interplab.analyses.circuits.graph import QKV, CircuitGraph
 from interplab.analyses.circuits.task import CircuitTask
 from interplab.analyses.metrics import get_metric
+from interplab.engine.hooked import HookedModel
 from interplab.engine.interventions import Intervention
-from interplab.engine.tokens import TokenBatch
 
 DEFAULT_MEMORY = 768 * 2**20  # bytes for the per-row source differences
 
@@ -139,15 +139,14 @@ def run_patched(task: CircuitTask, patched: torch.Tensor, prompt_of_row: torch.T
     """Metric per row with ``patched[r]`` (bool ``[U, V]``: corrupted edges) on prompt ``prompt_of_row[r]``
     (``metric`` overrides the task's, e.g. ``"kl"``)."""
     model = task.model
-    if not hasattr(model, "run_stage") or type(model).__name__ == "PipelineModel":
+    if not isinstance(model, HookedModel):
         raise TypeError("edge-patching evaluation runs in one process; pass a HookedModel (scoring runs on pipelines)")
     graph = task.graph
     patched = graph.check_mask(patched)
     # the logits read the last layer's output, so at least the last layer runs
     start = min(_first_layer(graph, patched), graph.n_layers - 1)
     state = _PatchState(task, patched, prompt_of_row, start)
-    clean = task.pairs.clean
-    batch = TokenBatch(clean.input_ids[prompt_of_row], clean.attention_mask[prompt_of_row], clean.lengths[prompt_of_row])
+    batch = task.pairs.clean.select(prompt_of_row)
     hidden = task.clean_resid[start][prompt_of_row] if start > 0 else None
     logits, _ = model.run_stage(batch, start=start, stop=graph.n_layers, hidden=hidden, with_head=True,
                                 interventions=_interventions(state, start), logits="last")
@@ -166,9 +165,8 @@ def evaluate(task: CircuitTask, circuits: torch.Tensor, *, memory: int = DEFAULT
     graph = task.graph
     single = circuits.ndim == 2
     circuits = graph.check_mask(circuits[None] if single else circuits)
-    n, per_pass = task.n, rows_per_pass(task, memory)
-    per_pass = max(n, per_pass - per_pass % n)
-    chunk = max(1, per_pass // n)
+    n = task.n
+    chunk = max(1, rows_per_pass(task, memory) // n)  # circuits per pass
     values = []
     for first in range(0, len(circuits), chunk):
         part = circuits[first : first + chunk]

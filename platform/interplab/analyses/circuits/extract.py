@@ -33,16 +33,6 @@ def threshold(graph: CircuitGraph, scores: torch.Tensor, tau: float, *, absolute
     return (_ranked(graph, scores, absolute) >= tau) & graph.allowed
 
 
-def _dests_of_source(graph: CircuitGraph, src: int) -> list[int]:
-    """The destinations belonging to source ``src``'s node (a head's q/k/v inputs, an MLP's input)."""
-    if src == 0:
-        return []
-    layer, within = divmod(src - 1, graph.n_heads + 1)
-    if within == graph.n_heads:
-        return [graph.mlp_dest(layer)]
-    return [graph.qkv_dest(layer, within, which) for which in ("q", "k", "v")]
-
-
 def greedy(graph: CircuitGraph, scores: torch.Tensor, n: int, *, absolute: bool = False) -> torch.Tensor:
     """Grow from the logits: repeatedly add the best edge into a node already in the circuit."""
     ranked = _ranked(graph, scores, absolute)
@@ -62,7 +52,7 @@ def greedy(graph: CircuitGraph, scores: torch.Tensor, n: int, *, absolute: bool 
         added += 1
         if src not in reached:
             reached.add(src)
-            for d in _dests_of_source(graph, src):
+            for d in (graph.dest_owner == src).nonzero(as_tuple=True)[0].tolist():
                 open_dest(d)
     return mask
 
@@ -70,27 +60,31 @@ def greedy(graph: CircuitGraph, scores: torch.Tensor, n: int, *, absolute: bool 
 def prune(graph: CircuitGraph, mask: torch.Tensor) -> torch.Tensor:
     """Drop edges that cannot matter: out of a node no kept edge reaches from the input (it computes
     from corrupted inputs only, so its output is the corrupted one), or into a node with no kept
-    path to the logits."""
-    mask = graph.check_mask(mask).clone()
-    node_of_dest = torch.empty(graph.n_dests, dtype=torch.long)
-    for src in range(graph.n_sources):
-        for d in _dests_of_source(graph, src):
-            node_of_dest[d] = src
-    node_of_dest[graph.logits_dest] = graph.n_sources  # the logits node
-    n_nodes = graph.n_sources + 1
-    while True:
-        node_edges = torch.zeros(graph.n_sources, n_nodes, dtype=torch.bool)
-        src_idx, dst_idx = mask.nonzero(as_tuple=True)
-        node_edges[src_idx, node_of_dest[dst_idx]] = True
-        forward = torch.zeros(n_nodes, dtype=torch.bool)
-        forward[0] = True
-        for node in range(1, n_nodes):  # sources are in topological order, the logits last
-            forward[node] = bool((node_edges[:, node] & forward[: graph.n_sources]).any())
-        backward = torch.zeros(n_nodes, dtype=torch.bool)
-        backward[-1] = True
-        for node in reversed(range(graph.n_sources)):
-            backward[node] = bool((node_edges[node] & backward).any())
-        new = mask & forward[: graph.n_sources, None] & backward[node_of_dest][None, :]
-        if torch.equal(new, mask):
-            return new
-        mask = new
+    path to the logits. One pass is a fixpoint: every edge on a kept edge's path is kept too."""
+    mask = graph.check_mask(mask)
+    owner = graph.dest_owner
+    n_nodes = graph.n_sources + 1  # sources in topological order, then the logits
+    node_edges = torch.zeros(graph.n_sources, n_nodes, dtype=torch.bool)
+    src_idx, dst_idx = mask.nonzero(as_tuple=True)
+    node_edges[src_idx, owner[dst_idx]] = True
+    forward = torch.zeros(n_nodes, dtype=torch.bool)
+    forward[0] = True
+    for node in range(1, n_nodes):
+        forward[node] = bool((node_edges[:, node] & forward[: graph.n_sources]).any())
+    backward = torch.zeros(n_nodes, dtype=torch.bool)
+    backward[-1] = True
+    for node in reversed(range(graph.n_sources)):
+        backward[node] = bool((node_edges[node] & backward).any())
+    return mask & forward[: graph.n_sources, None] & backward[owner][None, :]
+
+
+def circuit(graph: CircuitGraph, scores: torch.Tensor, *, rule: str = "topn", size: int | None = None,
+            tau: float | None = None, absolute: bool = False, prune_dangling: bool = True) -> torch.Tensor:
+    """One circuit by ``rule``: ``topn``/``greedy`` (``size`` edges) or ``threshold`` (``tau``), then pruned."""
+    if rule == "threshold":
+        mask = threshold(graph, scores, tau, absolute=absolute)
+    elif rule in ("topn", "greedy"):
+        mask = (greedy if rule == "greedy" else top_n)(graph, scores, size, absolute=absolute)
+    else:
+        raise ValueError(f"unknown circuit rule {rule!r}; use topn, greedy or threshold")
+    return prune(graph, mask) if prune_dangling else mask

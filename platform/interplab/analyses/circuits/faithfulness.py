@@ -57,18 +57,11 @@ def mib_sizes(graph: CircuitGraph, percents=MIB_PERCENTS) -> list[int]:
     return sorted({max(1, round(graph.n_edges * p / 100)) for p in percents})
 
 
-def circuit(graph: CircuitGraph, scores: torch.Tensor, size: int, *, rule: Rule = "topn", absolute: bool = False,
-            prune: bool = True) -> torch.Tensor:
-    pick = extract.greedy if rule == "greedy" else extract.top_n
-    mask = pick(graph, scores, size, absolute=absolute)
-    return extract.prune(graph, mask) if prune else mask
-
-
 def faithfulness_curve(task: CircuitTask, scores: torch.Tensor, *, method: str = "", sizes: list[int] | None = None,
                        rule: Rule = "topn", absolute: bool = False, prune: bool = True, keep_circuits: bool = False) -> Curve:
     graph = task.graph
     sizes = sizes or mib_sizes(graph)
-    masks = torch.stack([circuit(graph, scores, n, rule=rule, absolute=absolute, prune=prune) for n in sizes])
+    masks = torch.stack([extract.circuit(graph, scores, rule=rule, size=n, absolute=absolute, prune_dangling=prune) for n in sizes])
     values = evaluate(task, masks).float()
     full, empty = float(task.clean_value.float().mean()), float(task.corrupt_value.float().mean())
     span = full - empty

@@ -100,6 +100,18 @@ class CircuitGraph:
         """The node each destination belongs to (``a3.h5<q>`` -> ``a3.h5``)."""
         return [name.split("<")[0] for name in self.dest_names]
 
+    @cached_property
+    def dest_owner(self) -> torch.Tensor:
+        """The source index of the node each destination belongs to (``n_sources`` for the logits)."""
+        owner = torch.empty(self.n_dests, dtype=torch.long)
+        for layer in range(self.n_layers):
+            for h in range(self.n_heads):
+                for which in QKV:
+                    owner[self.qkv_dest(layer, h, which)] = self.head_source(layer, h)
+            owner[self.mlp_dest(layer)] = self.mlp_source(layer)
+        owner[self.logits_dest] = self.n_sources
+        return owner
+
     def upstream(self, dest: int) -> int:
         """Number of sources that write before ``dest`` reads (sources ``0..upstream-1``)."""
         if dest == self.logits_dest:

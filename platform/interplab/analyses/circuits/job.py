@@ -21,6 +21,7 @@ prints the path).
 
 from __future__ import annotations
 
+import json
 import time
 from functools import lru_cache
 from typing import Literal
@@ -29,7 +30,6 @@ from pydantic import Field, PositiveInt, field_validator, model_validator
 
 from interplab.analyses.circuits import extract
 from interplab.analyses.circuits.faithfulness import Curve, cpr_cmd, faithfulness_curve, to_mib
-from interplab.analyses.circuits.faithfulness import circuit as make_circuit
 from interplab.analyses.circuits.evaluate import evaluate
 from interplab.analyses.circuits.graph import CircuitGraph, GraphError
 from interplab.analyses.circuits.scores import METHODS, acdc, score_edges
@@ -106,13 +106,11 @@ def _edge_scores(spec: CircuitSpec, task: CircuitTask, method: str):
 
 
 def _circuit(spec: CircuitSpec, graph: CircuitGraph, scores, fixed):
-    if fixed is not None:
-        return extract.prune(graph, fixed) if spec.circuit.prune else fixed
     rule = spec.circuit
-    if rule.rule == "threshold":
-        mask = extract.threshold(graph, scores, rule.threshold, absolute=rule.absolute)
-        return extract.prune(graph, mask) if rule.prune else mask
-    return make_circuit(graph, scores, rule.size, rule=rule.rule, absolute=rule.absolute, prune=rule.prune)
+    if fixed is not None:  # ACDC decides its circuit itself
+        return extract.prune(graph, fixed) if rule.prune else fixed
+    return extract.circuit(graph, scores, rule=rule.rule, size=rule.size, tau=rule.threshold,
+                           absolute=rule.absolute, prune_dangling=rule.prune)
 
 
 def _curve_rows(curve: Curve, method: str) -> list[dict]:
@@ -192,8 +190,6 @@ class CircuitRunner:
             writer.write_table("faithfulness", pa.Table.from_pylist(rows), chunk=_key(chunk_id))
         writer.write_table("circuit_summary", pa.Table.from_pylist([summary], schema=_summary_schema()), chunk=_key(chunk_id))
         if spec.export_mib:
-            import json
-
             writer.write_table("mib_exports", pa.table({"method": [chunk_id], "json": [json.dumps(to_mib(graph, scores, mask, d_model=model.d_model))]}),
                                chunk=_key(chunk_id))
 

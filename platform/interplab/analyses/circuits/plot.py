@@ -111,8 +111,6 @@ def draw_faithfulness(rows: list[dict], output: str | Path, title: str = "") -> 
 def plot_circuit_run(store, run_id: str, output: str | Path, method: str | None = None) -> list[Path]:
     """The circuit diagram of ``method`` (default: the run's first) to ``output``, and the run's
     faithfulness curves next to it (``<stem>-faithfulness<suffix>``)."""
-    from interplab.analyses.circuits.graph import CircuitGraph
-
     summary = store.sql("SELECT method FROM circuit_summary WHERE run_id = $run_id ORDER BY method", {"run_id": run_id}).to_pylist()
     if not summary:
         raise ValueError(f"run {run_id} has no circuit results")
@@ -124,7 +122,7 @@ def plot_circuit_run(store, run_id: str, output: str | Path, method: str | None 
                       "WHERE run_id = $run_id AND method = $method", {"run_id": run_id, "method": method}).to_pylist()
     layers = store.sql("SELECT max(src_layer) + 1 AS n_layers FROM edges WHERE run_id = $run_id", {"run_id": run_id}).to_pylist()[0]["n_layers"]
     heads = store.sql("SELECT src FROM edges WHERE run_id = $run_id AND src LIKE 'a0.h%' GROUP BY src", {"run_id": run_id}).to_pylist()
-    n_heads = len(heads) or CircuitGraph(1, 1).n_heads
+    n_heads = max(1, len(heads))
     output = Path(output)
     paths = [draw_circuit(edges, int(layers), n_heads, output, title=f"{run_id}: {method}, {len(edges)} edges")]
     rows = store.sql("SELECT method, rule, absolute, fraction, faithfulness FROM faithfulness WHERE run_id = $run_id",

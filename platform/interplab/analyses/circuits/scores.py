@@ -28,12 +28,11 @@ from dataclasses import dataclass
 
 import torch
 
-from interplab.analyses.circuits.evaluate import rows_per_pass, run_patched
+from interplab.analyses.circuits.evaluate import DEFAULT_MEMORY, rows_per_pass, run_patched
 from interplab.analyses.circuits.graph import QKV, CircuitGraph
 from interplab.analyses.circuits.task import CircuitTask
 from interplab.engine.interventions import Intervention
 from interplab.engine.sites import Site
-from interplab.engine.tokens import TokenBatch
 
 GRADIENT_METHODS = ("eap", "eap-ig-inputs", "eap-ig-activations", "clean-corrupted")
 METHODS = (*GRADIENT_METHODS, "exact", "acdc")
@@ -56,16 +55,11 @@ def stack_dest_grads(graph: CircuitGraph, grads) -> torch.Tensor:
     return torch.cat(parts, dim=2)
 
 
-def _batch(task: CircuitTask, prompt_rows: torch.Tensor, corrupted: bool = False) -> TokenBatch:
-    source = task.pairs.corrupted if corrupted else task.pairs.clean
-    return TokenBatch(source.input_ids[prompt_rows], source.attention_mask[prompt_rows], source.lengths[prompt_rows])
-
-
-def _grad_pass(task: CircuitTask, prompt_rows: torch.Tensor, interventions, denominator: int, corrupted: bool = False) -> torch.Tensor:
+def _grad_pass(task: CircuitTask, prompt_rows: torch.Tensor, interventions, denominator: int) -> torch.Tensor:
     """Metric gradients at every destination input, ``[rows, s, V, d]``; the metric is summed over
     rows and divided by ``denominator`` (so gradients of several passes add up to a mean)."""
     metric = task.scalar_metric(prompt_rows, sign=len(prompt_rows) / denominator)
-    result = task.model.gradients(_batch(task, prompt_rows, corrupted), metric, dest_sites(task.graph),
+    result = task.model.gradients(task.pairs.clean.select(prompt_rows), metric, dest_sites(task.graph),
                                   interventions=interventions, logits="last")
     return stack_dest_grads(task.graph, result.grads).float()
 
@@ -141,15 +135,15 @@ def eap_ig_activations(task: CircuitTask, ig_steps: int = 5, max_rows: int | Non
     return scores * graph.allowed
 
 
-def exact(task: CircuitTask, memory: int | None = None) -> torch.Tensor:
-    """``m(N) - m(N \\ {e})`` for every edge, rows grouped by destination layer (latest first)."""
+def exact(task: CircuitTask, edges: torch.Tensor | None = None, memory: int = DEFAULT_MEMORY) -> torch.Tensor:
+    """``m(N) - m(N \\ {e})`` for every edge (or only ``edges``, ``Long[k, 2]`` source/destination),
+    rows grouped by destination layer (latest first) so that most rows skip most layers."""
     graph = task.graph
-    edges = graph.edges
+    edges = graph.edges if edges is None else edges
     layer_of = torch.tensor([graph.dest_layer(int(d)) for d in edges[:, 1]])
     order = torch.argsort(layer_of, descending=True, stable=True)
     n = task.n
-    per_pass = rows_per_pass(task, memory) if memory else rows_per_pass(task)
-    per_pass = max(1, per_pass // n)
+    per_pass = max(1, rows_per_pass(task, memory) // n)
     scores = torch.zeros(graph.n_sources, graph.n_dests)
     full = task.clean_value.float()
     for first in range(0, len(order), per_pass):
