@@ -121,6 +121,7 @@ class StageWorker:
         self._call_prompts: dict[int, list[int]] = {}
         self._writers: dict[tuple[str, str], Any] = {}
         self._optimizer = None
+        self._training = False  # init_optimizer called (the optimizer is None when all is frozen)
         self.steps = 0
         self._tie_head_if_whole()
 
@@ -258,7 +259,8 @@ class StageWorker:
         grad_out = grad_out.to(self.device)
         sites, tensors = self._targets(key)
         if task.mode == "train":
-            torch.autograd.backward(stage.output, grad_out)
+            if stage.output.requires_grad:  # False: nothing on or below this stage trains
+                torch.autograd.backward(stage.output, grad_out)
             grads = [None] * len(sites) + ([hidden.grad] if hidden is not None else [])
         else:
             grads = list(torch.autograd.grad(stage.output, tensors, grad_out, allow_unused=True)) if tensors else []
@@ -316,14 +318,104 @@ class StageWorker:
             return self.hooked.model.get_submodule(arch.lm_head).weight
         return None
 
+    def _tied_names(self) -> tuple[str, str] | None:
+        """``(head name, embedding name)`` when the model ties them (one parameter in the full model)."""
+        if not self._tied():
+            return None
+        arch = self.hooked.spec
+        return f"{arch.lm_head}.weight", f"{arch.base}.{arch.embed}.weight"
+
+    def _aliases(self) -> dict[str, str]:
+        """Full model name -> the name this stage holds it under (a tied copy answers to both names)."""
+        owned = self._owned_parameters()
+        out = {name: name for name in owned}
+        tied = self._tied_names()
+        if tied is not None:
+            head, embed = tied
+            if head in owned and embed not in owned:
+                out[embed] = head
+            elif embed in owned and head not in owned:
+                out[head] = embed
+        return out
+
     @_stage_errors
-    def init_optimizer(self, adam: AdamConfig) -> int:
+    def parameter_names(self) -> list[str]:
+        """Full model names of the parameters this stage holds (both names of a tied copy on a whole model)."""
+        return list(self._owned_parameters())
+
+    @_stage_errors
+    def set_parameters(self, values: dict[str, Any]) -> int:
+        """Copy ``values`` (full model name -> tensor) into this stage's own parameters.
+
+        Only names this stage holds are accepted; with tied embeddings the embedding and head names
+        both address this stage's copy (both copies of a split pipeline are set when the driver sends
+        the value to both stages, as :meth:`PipelineModel.set_parameters` does). Returns the number of
+        distinct parameters written.
+        """
         import torch
 
-        params = list({id(p): p for p in self._owned_parameters().values()}.values())
-        self._optimizer = torch.optim.Adam(params, lr=adam.lr, betas=adam.betas, eps=adam.eps, weight_decay=adam.weight_decay)
+        owned, aliases = self._owned_parameters(), self._aliases()
+        targets: dict[int, tuple[Any, str]] = {}
+        for name, value in values.items():
+            if name not in aliases:
+                raise ValueError(
+                    f"unknown parameter {name!r} for stage {self.spec.index} (layers {self.spec.start}-{self.spec.stop - 1}); "
+                    f"it holds {len(owned)} parameters, e.g. {sorted(owned)[:3]}"
+                )
+            param = owned[aliases[name]]
+            if tuple(value.shape) != tuple(param.shape):
+                raise ValueError(f"parameter {name!r} has shape {tuple(param.shape)}, got a value of shape {tuple(value.shape)}")
+            seen = targets.get(id(param))
+            if seen is not None and not torch.equal(seen[0], value):
+                raise ValueError(f"{seen[1]!r} and {name!r} are one tied parameter but were given different values")
+            targets[id(param)] = (value, name)
+        with torch.no_grad():
+            for name, value in values.items():
+                param = owned[aliases[name]]
+                param.copy_(value.to(param.device, param.dtype))
+        return len(targets)
+
+    @_stage_errors
+    def init_optimizer(self, adam: AdamConfig, trainable: list[str] | None = None) -> int:
+        """A fresh Adam over this stage's trainable parameters; returns how many it covers.
+
+        ``trainable`` holds full model names (None: all); names held by other stages are ignored,
+        the pipeline checks that each name exists somewhere. Every other parameter of this stage gets
+        ``requires_grad`` False until the next ``init_optimizer``/``release_optimizer``, so nothing
+        updates it. A tied embedding trains when either of its names is listed, on both stages.
+        """
+        import torch
+
+        owned, aliases = self._owned_parameters(), self._aliases()
+        if trainable is None:
+            keep = set(owned)
+        else:
+            keep = {aliases[n] for n in trainable if n in aliases}
+            tied = self._tied_names()
+            if tied is not None and keep & set(tied):
+                keep |= set(tied) & set(owned)
+        params: dict[int, Any] = {}
+        for name, param in owned.items():
+            param.requires_grad_(name in keep)
+            if name in keep:
+                params[id(param)] = param
+        self._optimizer = (
+            torch.optim.Adam(list(params.values()), lr=adam.lr, betas=adam.betas, eps=adam.eps, weight_decay=adam.weight_decay)
+            if params else None
+        )
+        self._training = True
         self.steps = 0
         return len(params)
+
+    @_stage_errors
+    def release_optimizer(self) -> int:
+        """Drop the optimizer and its state; every parameter requires grad again. Returns the count."""
+        owned = self._owned_parameters()
+        for param in owned.values():
+            param.requires_grad_(True)
+        self._optimizer = None
+        self._training = False
+        return len(owned)
 
     @_stage_errors
     def tied_grad(self):
@@ -345,10 +437,11 @@ class StageWorker:
 
     @_stage_errors
     def step(self, call: int) -> int:
-        if self._optimizer is None:
+        if not self._training:
             raise RuntimeError("no optimizer: call init_optimizer first")
-        self._optimizer.step()
-        self._optimizer.zero_grad(set_to_none=True)
+        if self._optimizer is not None:  # None: every parameter of this stage is frozen
+            self._optimizer.step()
+            self._optimizer.zero_grad(set_to_none=True)
         self.steps += 1
         self.drop(call)
         return self.steps

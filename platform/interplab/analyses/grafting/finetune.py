@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from interplab.analyses.grafting.data import Example
-from interplab.analyses.grafting.weights import frozen, trainable_names
+from interplab.analyses.grafting.weights import trainable_names
 from interplab.engine.tokens import TokenBatch, encode, pad_id
 
 IGNORE = -100
@@ -97,7 +97,8 @@ def finetune(
     layers: tuple[int, int] | None = None,
     on_epoch: Callable[[int], None] | None = None,
 ) -> TrainLog:
-    """Train ``model`` in place on ``examples`` (only decoder layers ``[start, stop)`` when ``layers``).
+    """Train ``model`` in place on ``examples`` (only decoder layers ``[start, stop)`` when ``layers``:
+    Adam covers only those, every other parameter keeps ``requires_grad`` False until the end).
 
     ``on_epoch(epoch)`` is called after each epoch (epochs count from 1), e.g. to evaluate.
     """
@@ -109,13 +110,11 @@ def finetune(
     trainable = None if layers is None else trainable_names(model, layers)
     if trainable is not None and not trainable:
         raise ValueError(f"layers {layers} select no parameters")
-    with frozen(model, trainable) as after_step:
-        trainer = make_trainer(model, AdamConfig(lr=config.lr, eps=config.adam_eps))
+    with make_trainer(model, AdamConfig(lr=config.lr, eps=config.adam_eps), trainable=trainable) as trainer:
         for epoch in range(1, config.epochs + 1):
             for rows in batches(len(examples), config, epoch):
                 batch, loss_fn = training_batch(model.tokenizer, [examples[i] for i in rows])
                 loss = trainer.step(batch, loss_fn)
-                after_step()
                 log.steps.append((epoch, float(loss)))
             if on_epoch is not None:
                 on_epoch(epoch)

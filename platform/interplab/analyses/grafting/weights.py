@@ -1,19 +1,18 @@
-"""Reading, writing and freezing a model's weights on either backend.
+"""Reading and writing a model's weights on either backend, and the names a layer-range finetune trains.
 
     theta = get_weights(model)             # name -> float32 CPU copy (a tied head appears once)
     set_weights(model, graft)              # copy values in (every stage of a pipeline gets its own)
-    with frozen(model, trainable) as after_step: ...   # everything not in ``trainable`` stays put
+    names = trainable_names(model, (0, 22))   # for make_trainer(model, adam, trainable=names)
 
 Names are those of ``model.model.named_parameters()`` of the single-process model; with tied
-embeddings the head is the embedding. On a :class:`~interplab.runtime.pipeline.PipelineModel` the
-values travel to the stage actors through ``ActorHandle.__ray_call__`` (a function run on the actor's
-:class:`~interplab.runtime.stage.StageWorker`), because the runtime has no weight-setting method yet.
+embeddings the head is the embedding. A :class:`~interplab.runtime.pipeline.PipelineModel` routes
+values to the stages that hold them (``PipelineModel.set_parameters``; a tied embedding's value
+reaches both of its copies).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 
 import torch
 
@@ -64,127 +63,28 @@ def get_weights(model) -> Weights:
     return out
 
 
-def _stage_names(worker) -> list[str]:
-    return list(worker._owned_parameters())
-
-
-def _stage_set(worker, values: Weights) -> int:
-    with torch.no_grad():
-        owned = worker._owned_parameters()
-        for name, value in values.items():
-            owned[name].copy_(value.to(owned[name].device, owned[name].dtype))
-    return len(values)
-
-
-def _stage_snapshot(worker, names: list[str]) -> int:
-    owned = worker._owned_parameters()
-    worker._interplab_frozen = {n: owned[n].detach().clone() for n in names if n in owned}
-    return len(worker._interplab_frozen)
-
-
-def _stage_restore(worker) -> int:
-    frozen = getattr(worker, "_interplab_frozen", {})
-    with torch.no_grad():
-        owned = worker._owned_parameters()
-        for name, value in frozen.items():
-            owned[name].copy_(value)
-    return len(frozen)
-
-
-def _stage_release(worker) -> None:
-    worker._interplab_frozen = {}
-
-
-def _actors(model) -> list:
-    return list(model._replicas[0].actors)
-
-
-def _on_stages(model, fn: Callable, per_actor_args: list[tuple] | None = None) -> list:
-    import ray
-
-    actors = _actors(model)
-    args = per_actor_args or [()] * len(actors)
-    return ray.get([a.__ray_call__.remote(fn, *extra) for a, extra in zip(actors, args)])
-
-
-def _resolve(model, name: str, weights: Weights) -> torch.Tensor | None:
-    if name in weights:
-        return weights[name]
-    tied = _tied_names(model)
-    if tied is not None and name == tied[0]:
-        return weights.get(tied[1])
-    return None
-
-
 def set_weights(model, weights: Weights) -> None:
     """Copy ``weights`` (name -> tensor, every parameter) into the model."""
-    if not _is_pipeline(model):
-        params = dict(model.model.named_parameters())
-        missing = sorted(set(params) - set(weights))
-        if missing:
-            raise KeyError(f"set_weights: no value for {missing[:3]}{'...' if len(missing) > 3 else ''}")
-        with torch.no_grad():
-            for name, param in params.items():
-                param.copy_(weights[name].to(param.device, param.dtype))
+    names = get_weights_names(model)
+    missing = [n for n in names if n not in weights]
+    if missing:
+        raise KeyError(f"set_weights: no value for {missing[:3]}{'...' if len(missing) > 3 else ''}")
+    if _is_pipeline(model):
+        model.set_parameters({n: weights[n] for n in names})
         return
-    per_stage = []
-    for names in _on_stages(model, _stage_names):
-        part = {}
-        for name in names:
-            value = _resolve(model, name, weights)
-            if value is None:
-                raise KeyError(f"set_weights: no value for {name}")
-            part[name] = value
-        per_stage.append((part,))
-    _on_stages(model, _stage_set, per_stage)
+    with torch.no_grad():
+        for name, param in model.model.named_parameters():
+            param.copy_(weights[name].to(param.device, param.dtype))
 
 
-# ------------------------------------------------------------------ freezing
+# ------------------------------------------------------------------ layer ranges
 def trainable_names(model, layers: tuple[int, int] | None) -> list[str]:
     """Parameters a finetune with ``layers`` updates (all when None; else only those decoder layers)."""
     return select(model, get_weights_names(model), layers)
 
 
 def get_weights_names(model) -> list[str]:
+    """Every parameter's name (a tied head appears once, as the embedding)."""
     if not _is_pipeline(model):
         return [n for n, _ in model.model.named_parameters()]
-    names = [n for part in _on_stages(model, _stage_names) for n in part]
-    tied = _tied_names(model)
-    if tied is not None and tied[1] in names:
-        names = [n for n in names if n != tied[0]]
-    return list(dict.fromkeys(names))
-
-
-@contextmanager
-def frozen(model, trainable: Sequence[str] | None) -> Iterator[Callable[[], None]]:
-    """Keep every parameter outside ``trainable`` (names; None = train all) at its current value.
-
-    Single process: ``requires_grad_(False)`` (Adam skips parameters without gradients, and no
-    backward pass runs through layers below the lowest trainable one). Pipeline: each stage keeps a
-    copy of its frozen parameters and the yielded ``after_step()`` restores them after every optimizer
-    step, which gives the same trained weights (Adam is per parameter). Yields ``after_step``.
-    """
-    if trainable is None:
-        yield lambda: None
-        return
-    keep = set(trainable)
-    tied = _tied_names(model)
-    if tied is not None and tied[1] in keep:
-        keep.add(tied[0])
-    if not _is_pipeline(model):
-        params = list(model.model.named_parameters())
-        before = {n: p.requires_grad for n, p in params}
-        try:
-            for name, param in params:
-                param.requires_grad_(name in keep)
-            yield lambda: None
-        finally:
-            for name, param in params:
-                param.requires_grad_(before[name])
-        return
-    names_per_stage = _on_stages(model, _stage_names)
-    _on_stages(model, _stage_snapshot, [([n for n in names if n not in keep],) for names in names_per_stage])
-    try:
-        yield lambda: _on_stages(model, _stage_restore) and None
-    finally:
-        _on_stages(model, _stage_release)
+    return model.parameter_names()
