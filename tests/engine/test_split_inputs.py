@@ -39,6 +39,22 @@ def test_split_gradients_add_up(family):
     assert torch.allclose(g["mlp_in.1"] + g["resid_post.1"], g["resid_mid.1"], atol=1e-5)
 
 
+@pytest.mark.parametrize("family", SPLIT)
+def test_derived_head_input_gradients_equal_materialised_ones(family):
+    """Gradient-only layers derive J_normᵀ W_hᵀ g_h after the backward pass; a patched layer gives every
+    head its own normed copy of the stream. Both must give the same per-head input gradients."""
+    model = load_model(f"tiny-{family}")
+    metric = lambda logits, batch: (logits[:, -1, :7] ** 2).sum()  # noqa: E731
+    sites = ["q_in.1", "k_in.1", "v_in.1", "q_in.0"]
+    derived = model.gradients(PROMPTS, metric, sites).grads
+    noop = [Intervention(f"{k}.1", "apply", fn=lambda x: x * 1.0) for k in ("q_in", "k_in", "v_in")]
+    materialised = model.gradients(PROMPTS, metric, sites, interventions=noop).grads
+    for site in sites:
+        assert derived[site].shape == (2, derived[site].shape[1], model.n_heads, model.d_model)
+        assert derived[site].abs().amax() > 1e-4
+        torch.testing.assert_close(derived[site], materialised[site], atol=1e-5, rtol=1e-4)
+
+
 def test_patching_one_heads_key_input_changes_only_that_head():
     model = load_model("tiny-llama")
     vec = torch.randn(model.d_model, generator=torch.Generator().manual_seed(0))

@@ -325,6 +325,8 @@ class HookedModel:
         for site, g in zip(parse_sites(list(sites)), grads):
             key = site.all_heads()
             g = torch.zeros_like(plan.grad_tensors[key]) if g is None else g
+            if key in plan.grad_derive:
+                g = plan.grad_derive[key](g)
             if key.kind == SiteKind.HEAD_OUT:
                 g = g.unsqueeze(2).expand(-1, -1, self.n_heads, -1)
             g = plan.gather(g.detach(), pattern=key.kind == SiteKind.PATTERN)

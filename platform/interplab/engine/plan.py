@@ -9,7 +9,7 @@ reach it.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -92,6 +92,8 @@ class HookPlan:
         self.keep_grad = keep_grad or bool(self.grad_sites)
         self.captured: dict[Site, torch.Tensor] = {}
         self.grad_tensors: dict[Site, torch.Tensor] = {}
+        # a site whose gradient is derived from its tensor's gradient after the backward pass
+        self.grad_derive: dict[Site, Callable[[torch.Tensor], torch.Tensor]] = {}
         self.resid_pre: dict[int, torch.Tensor] = {}
         self._active: dict[tuple[SiteKind, int | None], bool] = {}
         for key in list(self.capture_sites) + list(self.interventions) + list(self.grad_sites):

@@ -8,6 +8,12 @@ query head its own copy of the stream (grouped-query heads expanded), applies th
 each copy and multiplies it by that head's rows of the projection. Without patches the result equals
 the fused projection; the layer's other computations are unchanged.
 
+When a layer's q/k/v inputs are only differentiated (no patch, no capture), nothing is copied in the
+forward pass: the projections run fused, grouped key/value heads are repeated to one per query head,
+and each head's input gradient is derived after the backward pass from the gradient at its
+projection output, ``∂m/∂x_h = J_norm(x)ᵀ W_hᵀ ∂m/∂y_h`` (:class:`_LayerGrads`). Both ways give
+the same gradients; the derived one costs about one extra projection backward per layer.
+
 ``mlp_in`` is the stream the MLP reads before its norm (``resid_mid``, or ``resid_pre`` for parallel
 residual layers); a change there reaches the MLP only, not the skip connection.
 """
@@ -16,8 +22,9 @@ from __future__ import annotations
 
 import torch
 
+from interplab.engine.norms import norm_vjp, project_normed
 from interplab.engine.plan import HookPlan
-from interplab.engine.sites import SPLIT_INPUT_KINDS, SiteKind
+from interplab.engine.sites import SPLIT_INPUT_KINDS, Site, SiteKind
 
 _COMPONENT = {SiteKind.Q_IN: 0, SiteKind.K_IN: 1, SiteKind.V_IN: 2}
 
@@ -77,11 +84,7 @@ class _LayerInputs:
         """``[b, s, h, d_head]``: each head's rows of ``module`` applied to its own normed input."""
         rows = self.rows[kind]
         weight = _weight_out_in(module, self.layout.transposed)[rows]  # [h, d_head, d_model]
-        normed = self.ln.forward(self.inputs.pop(kind))
-        out = torch.einsum("bshi,hoi->bsho", normed, weight)
-        if module.bias is not None:
-            out = out + module.bias[rows]
-        return out
+        return project_normed(self.ln, self.inputs.pop(kind), weight, None if module.bias is None else module.bias[rows])
 
     def separate_hook(self, kind: SiteKind):
         def hook(module, args, output):
@@ -90,27 +93,136 @@ class _LayerInputs:
 
         return hook
 
+    def covers(self, module) -> bool:
+        """True if the hooks replace every output feature of the fused ``module``."""
+        return sum(r.numel() for r in self.rows.values()) == _weight_out_in(module, self.layout.transposed).shape[0]
+
     def fused_hook(self, module, args, output):
-        out = output.clone()
+        if output.shape[1] == 0:  # skipped (see skip_projection): every feature is written below
+            b, s = self.inputs[self.kinds[0]].shape[:2]
+            out = output.new_empty(b, s, output.shape[-1])
+        else:
+            out = output.clone()
         for kind in self.kinds:
             out[..., self.rows[kind].reshape(-1)] = self._project(kind, module).reshape(*out.shape[:2], -1)
         return out
+
+
+def skip_projection(module, args):
+    """Forward pre-hook: run ``module`` on zero positions (its output is replaced by a forward hook)."""
+    return (args[0][:, :0], *args[1:])
+
+
+class _LayerGrads:
+    """Gradient-only q/k/v inputs of one layer: register projection outputs as gradient targets and
+    derive each head's input gradient from theirs (see the module docstring)."""
+
+    def __init__(self, hooked, plan: HookPlan, layer: int, kinds: list[SiteKind]) -> None:
+        self.plan = plan
+        self.layer = layer
+        self.layout = hooked.spec.qkv
+        self.block = hooked.layer(layer)
+        self.ln = self.block.get_submodule(self.layout.ln)
+        self.n_heads, self.n_kv, self.head_dim = hooked.n_heads, hooked.n_kv_heads, hooked.head_dim
+        self.kinds = kinds
+        self.stream: torch.Tensor | None = None
+
+    def ln_pre_hook(self, module, args):
+        x = args[0]
+        self.stream = x.detach()
+        for kind in self.kinds:  # a capture is the stream itself, one view per head
+            self.plan.record(kind, self.layer, x[:, :, None, :].expand(*x.shape[:2], self.n_heads, x.shape[-1]))
+        return None
+
+    def _derive(self, kind: SiteKind, module, columns: torch.Tensor):
+        """``g`` at the target's ``columns`` ``[h, d_head]`` -> gradient of each head's input ``[b, s, h, d]``."""
+        rows = projection_rows(self.layout, _COMPONENT[kind], self.n_heads, self.n_kv, self.head_dim)
+        stream, ln = self.stream, self.ln
+        contiguous = torch.equal(columns.reshape(-1) - columns[0, 0], torch.arange(columns.numel()))
+
+        def derive(g: torch.Tensor) -> torch.Tensor:
+            weight = _weight_out_in(module, self.layout.transposed).detach()[rows.to(g.device)]  # [h, d_head, d]
+            if contiguous:  # a block of columns: a view, no copy
+                g = g.narrow(-1, int(columns[0, 0]), columns.numel()).unflatten(-1, tuple(columns.shape))
+            else:
+                g = g[..., columns.to(g.device)]
+            per_head = torch.einsum("bsho,hoi->hbsi", g, weight)
+            return norm_vjp(ln, stream, per_head).to(g.dtype).permute(1, 2, 0, 3)
+
+        return derive
+
+    def _target(self, kind: SiteKind, tensor: torch.Tensor, module, columns: torch.Tensor) -> None:
+        site = Site(kind, self.layer)
+        if site in self.plan.grad_sites:
+            self.plan.grad_tensors[site] = tensor
+            self.plan.grad_derive[site] = self._derive(kind, module, columns)
+
+    def separate_hook(self, kind: SiteKind):
+        groups = 1 if kind == SiteKind.Q_IN else self.n_heads // self.n_kv
+        columns = torch.arange(self.n_heads * self.head_dim).reshape(self.n_heads, self.head_dim)
+
+        def hook(module, args, output):
+            if groups > 1:  # one key/value per query head, so each has a gradient of its own
+                b, s, _ = output.shape
+                output = output.view(b, s, self.n_kv, self.head_dim).repeat_interleave(groups, dim=2).reshape(b, s, -1)
+            if kind in self.kinds:
+                self._target(kind, output, module, columns)
+            return output
+
+        return hook
+
+    def fused_hook(self, module, args, output):
+        for kind in self.kinds:
+            columns = projection_rows(self.layout, _COMPONENT[kind], self.n_heads, self.n_kv, self.head_dim)
+            self._target(kind, output, module, columns)
+        return None
+
+
+def _grad_only(plan: HookPlan, layer: int, kinds: set[SiteKind]) -> bool:
+    return not any(plan.intervened(k, layer) for k in kinds)
+
+
+def _fused_gqa(hooked) -> bool:
+    return hooked.spec.qkv.fused is not None and hooked.n_kv_heads != hooked.n_heads
+
+
+def _install_grads(hooked, plan: HookPlan, layer: int, kinds: set[SiteKind]) -> list:
+    state = _LayerGrads(hooked, plan, layer, sorted(kinds, key=lambda k: _COMPONENT[k]))
+    layout, block = state.layout, state.block
+    handles = [state.ln.register_forward_pre_hook(state.ln_pre_hook)]
+    if layout.fused is not None:
+        return handles + [block.get_submodule(layout.q).register_forward_hook(state.fused_hook)]
+    paths = {SiteKind.Q_IN: layout.q, SiteKind.K_IN: layout.k, SiteKind.V_IN: layout.v}
+    hooked_kinds = set(kinds)
+    if kinds & {SiteKind.K_IN, SiteKind.V_IN}:  # keys and values must have the same number of heads
+        hooked_kinds |= {SiteKind.K_IN, SiteKind.V_IN}
+    for kind in sorted(hooked_kinds, key=lambda k: _COMPONENT[k]):
+        handles.append(block.get_submodule(paths[kind]).register_forward_hook(state.separate_hook(kind)))
+    return handles
 
 
 def install(hooked, plan: HookPlan, layer: int, kinds: set[SiteKind]) -> list:
     """Install the hooks for the split-input kinds of ``layer`` the plan uses; returns the handles."""
     handles = []
     block = hooked.layer(layer)
-    if any(k in kinds for k in SPLIT_INPUT_KINDS):
+    split = {k for k in kinds if k in SPLIT_INPUT_KINDS}
+    if split and _grad_only(plan, layer, split) and not _fused_gqa(hooked):
+        handles += _install_grads(hooked, plan, layer, split)
+    elif split:
         state = _LayerInputs(hooked, plan, layer)
         layout = state.layout
         handles.append(state.ln.register_forward_pre_hook(state.ln_pre_hook))
         if layout.fused is None:
             paths = {SiteKind.Q_IN: layout.q, SiteKind.K_IN: layout.k, SiteKind.V_IN: layout.v}
             for kind in state.kinds:
-                handles.append(block.get_submodule(paths[kind]).register_forward_hook(state.separate_hook(kind)))
+                module = block.get_submodule(paths[kind])
+                handles.append(module.register_forward_pre_hook(skip_projection))
+                handles.append(module.register_forward_hook(state.separate_hook(kind)))
         else:
-            handles.append(block.get_submodule(layout.q).register_forward_hook(state.fused_hook))
+            module = block.get_submodule(layout.q)
+            if state.covers(module):
+                handles.append(module.register_forward_pre_hook(skip_projection))
+            handles.append(module.register_forward_hook(state.fused_hook))
     if SiteKind.MLP_IN in kinds:
         ln = block.get_submodule(hooked.spec.ln_mlp)
 

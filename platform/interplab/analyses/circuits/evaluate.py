@@ -42,29 +42,28 @@ class _PatchState:
         self.rows = prompt_of_row
         rows, (_, s, n_src, d) = len(prompt_of_row), task.clean_sources.shape
         self.s, self.d = s, d
-        dtype = task.clean_sources.dtype
-        self.diff = torch.empty(rows, n_src, s * d, dtype=dtype)  # entries are written before they are read
-        self.total = torch.zeros(rows, s * d, dtype=dtype)
+        # every source starts at its corrupted output; ``record`` subtracts the live one in place
+        self.diff = task.corrupt_by_source[prompt_of_row]
+        self.total = torch.zeros(rows, s * d, dtype=self.diff.dtype)
         # sources written before layer `start` are the clean run's (from layer 0 on, all are recorded live)
         first = 1 + start * (graph.n_heads + 1) if start > 0 else 0
         if first:
-            pre = (task.corrupt_sources[:, :, :first] - task.clean_sources[:, :, :first])[prompt_of_row]
-            self._store(0, pre)
+            clean = task.clean_sources[:, :, :first][prompt_of_row]
+            self._subtract(0, clean)
         self.written = first
 
-    def _store(self, first: int, delta: torch.Tensor) -> None:
-        rows, s, count, d = delta.shape
-        flat = delta.permute(0, 2, 1, 3).reshape(rows, count, s * d)
-        self.diff[:, first : first + count] = flat
-        self.total += flat.sum(1)
+    def _subtract(self, first: int, value: torch.Tensor) -> None:
+        """``diff[:, first:first + count] -= value`` (``value`` ``[rows, s, count, d]``), and update the total."""
+        rows, s, count, d = value.shape
+        block = self.diff[:, first : first + count]
+        block.view(rows, count, s, d).sub_(value.permute(0, 2, 1, 3).to(block.dtype))
+        self.total += block.sum(1)
 
     def record(self, first: int, count: int) -> Callable[[torch.Tensor], torch.Tensor]:
         """``apply`` fn for a source site covering sources ``first..first+count-1``."""
 
         def fn(x: torch.Tensor) -> torch.Tensor:
-            value = x if x.ndim == 4 else x[:, :, None]
-            corrupt = self.task.corrupt_sources[:, :, first : first + count][self.rows].to(x.dtype)
-            self._store(first, corrupt - value)
+            self._subtract(first, x if x.ndim == 4 else x[:, :, None])
             self.written = first + count
             return x
 

@@ -45,23 +45,29 @@ def dest_sites(graph: CircuitGraph) -> list[Site]:
     return sites + [Site("resid_post", graph.n_layers - 1)]
 
 
-def stack_dest_grads(graph: CircuitGraph, grads) -> torch.Tensor:
-    """``[b, s, n_dests, d]`` in destination order from a gradient cache of :func:`dest_sites`."""
+def _dest_block(graph: CircuitGraph, grads, layers: range, steps: int) -> torch.Tensor:
+    """Gradients at the destinations of ``layers`` (``n_layers`` means the logits), summed over the
+    ``steps`` row blocks, as ``[n_block_dests, b * s * d]`` in destination order."""
     parts = []
-    for layer in range(graph.n_layers):
-        parts += [grads[Site(f"{which}_in", layer)] for which in QKV]
-        parts.append(grads[Site("mlp_in", layer)][:, :, None])
-    parts.append(grads[Site("resid_post", graph.n_layers - 1)][:, :, None])
-    return torch.cat(parts, dim=2)
+    for layer in layers:
+        if layer == graph.n_layers:
+            parts.append(grads[Site("resid_post", graph.n_layers - 1)][:, :, None])
+        else:
+            parts += [grads[Site(f"{which}_in", layer)] for which in QKV]
+            parts.append(grads[Site("mlp_in", layer)][:, :, None])
+    g = torch.cat(parts, dim=2).float()
+    rows, s, c, d = g.shape
+    g = g.reshape(steps, rows // steps, s, c, d).sum(0)
+    return g.permute(2, 0, 1, 3).reshape(c, -1)
 
 
-def _grad_pass(task: CircuitTask, prompt_rows: torch.Tensor, interventions, denominator: int) -> torch.Tensor:
-    """Metric gradients at every destination input, ``[rows, s, V, d]``; the metric is summed over
-    rows and divided by ``denominator`` (so gradients of several passes add up to a mean)."""
+def _grad_pass(task: CircuitTask, prompt_rows: torch.Tensor, interventions, denominator: int):
+    """Metric gradients at every destination input (a cache keyed by :func:`dest_sites`); the metric
+    is summed over rows and divided by ``denominator`` (so gradients of several passes add up to a mean)."""
     metric = task.scalar_metric(prompt_rows, sign=len(prompt_rows) / denominator)
     result = task.model.gradients(task.pairs.clean.select(prompt_rows), metric, dest_sites(task.graph),
                                   interventions=interventions, logits="last")
-    return stack_dest_grads(task.graph, result.grads).float()
+    return result.grads
 
 
 def _row_chunks(task: CircuitTask, rows_per_prompt: int, max_rows: int | None) -> Iterator[torch.Tensor]:
@@ -75,12 +81,30 @@ def _row_chunks(task: CircuitTask, rows_per_prompt: int, max_rows: int | None) -
         yield torch.arange(first, min(task.n, first + per_chunk))
 
 
-def _score(task: CircuitTask, prompts: torch.Tensor, grads: torch.Tensor, src: slice = slice(None)) -> torch.Tensor:
-    """``-Σ δ_u · g_v`` over rows and positions (rows of ``grads`` repeat ``prompts`` step-major)."""
-    delta = (task.corrupt_sources[:, :, src] - task.clean_sources[:, :, src])[prompts].float()
-    steps = grads.shape[0] // len(prompts)
-    grads = grads.reshape(steps, len(prompts), *grads.shape[1:]).sum(0)
-    return -torch.einsum("bsud,bsvd->uv", delta, grads)
+LAYERS_PER_PRODUCT = 4
+
+
+def _score(task: CircuitTask, prompts: torch.Tensor, grads, src: slice = slice(None)) -> torch.Tensor:
+    """``-Σ δ_u · g_v`` over rows and positions (rows of ``grads`` repeat ``prompts`` step-major).
+
+    One matrix product per few destination layers, over the sources upstream of them only (about
+    half of all source/destination pairs are not edges), without stacking every gradient at once."""
+    graph = task.graph
+    first, stop = src.start or 0, graph.n_sources if src.stop is None else src.stop
+    delta = (task.corrupt_sources[prompts, :, first:stop] - task.clean_sources[prompts, :, first:stop]).float()
+    delta = delta.permute(2, 0, 1, 3).reshape(stop - first, -1)  # [sources, b * s * d]
+    steps = grads[Site("mlp_in", 0)].shape[0] // len(prompts)
+    scores = torch.zeros(stop - first, graph.n_dests)
+    width = 3 * graph.n_heads + 1
+    for layer in range(0, graph.n_layers + 1, LAYERS_PER_PRODUCT):
+        layers = range(layer, min(layer + LAYERS_PER_PRODUCT, graph.n_layers + 1))
+        last = layers[-1]
+        upstream = graph.n_sources if last == graph.n_layers else graph.upstream(graph.mlp_dest(last))
+        if upstream <= first:
+            continue
+        cols = slice(layer * width, min((last + 1) * width, graph.n_dests))
+        scores[: upstream - first, cols] = -(delta[: upstream - first] @ _dest_block(graph, grads, layers, steps).T)
+    return scores
 
 
 def eap(task: CircuitTask, max_rows: int | None = None) -> torch.Tensor:

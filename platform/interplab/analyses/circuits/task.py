@@ -7,6 +7,7 @@ reuse them. Works on a :class:`~interplab.engine.HookedModel` and on a pipeline 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -49,6 +50,12 @@ class CircuitTask:
     clean_logprobs: torch.Tensor  # [n, vocab] at each prompt's last position
     clean_value: torch.Tensor  # [n] metric of the full model
     corrupt_value: torch.Tensor  # [n] metric with every edge corrupted
+
+    @functools.cached_property
+    def corrupt_by_source(self) -> torch.Tensor:
+        """``[n, U, s * d]``: the corrupted outputs laid out for edge patching (one copy, made once)."""
+        n, s, u, d = self.corrupt_sources.shape
+        return self.corrupt_sources.permute(0, 2, 1, 3).reshape(n, u, s * d)
 
     @property
     def metric(self) -> RowMetric:
