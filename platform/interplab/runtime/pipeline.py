@@ -130,6 +130,31 @@ class PipelineModel:
     def stage_actor(self, stage: int, replica: int = 0):
         return self._replicas[replica].actors[stage]
 
+    def stage_forward(
+        self, index: int, batch: TokenBatch, hidden: torch.Tensor | None, *, capture: Sequence[Site | str] = (),
+        interventions: Sequence[Intervention] = (), logits: LogitsMode = "last", replica: int = 0,
+    ) -> tuple[torch.Tensor, ActivationCache]:
+        """Run stage ``index`` alone on ``hidden`` (the previous stage's output; None for the first):
+        ``(its output: hidden state, or logits on the last stage; its captures)``.
+
+        For analyses that carry their own state from stage to stage (edge patching sends each stage the
+        source differences the earlier stages produced); every site must belong to stage ``index``.
+        """
+        import ray
+
+        capture, _ = self._validate(capture, interventions)
+        wrong = [str(s) for s in [*capture, *(x.site for x in interventions)] if self.stage_of(s) != index]
+        if wrong:
+            raise ValueError(f"sites {wrong} do not belong to stage {index} (layers {self.stage_ranges[index]})")
+        spec = self._specs[index]
+        task = StageTask(call=next(self._calls), mb=0, prompt_ids=list(range(batch.size)), batch=batch, mode="run",
+                         capture=capture, interventions=list(interventions), logits=logits, with_head=spec.last)
+        out, side = self.stage_actor(index, replica).forward.options(num_returns=2).remote(task, hidden)
+        try:
+            return ray.get(out), ray.get(side)
+        except Exception as exc:  # noqa: BLE001 - re-raised as the user's error
+            raise cluster.unwrap(exc) from None
+
     # ------------------------------------------------------------------ planning
     def _micro_parts(self, batch: TokenBatch, interventions: Sequence[Intervention]) -> list[tuple[int, int]]:
         if not splittable(interventions):

@@ -7,6 +7,9 @@ corrupted output of every source outside the circuit and the live output of ever
 Evaluating a circuit therefore costs one forward pass, and rows of one batch can carry different
 circuits (``masks[c]`` for circuit ``c``, each applied to every prompt).
 
+On a pipeline model the stages run one after another, each receiving the earlier stages' source
+differences with the hidden state (:func:`_run_patched_stages`).
+
 Rows start at the first layer any of their corrupted edges reaches: earlier layers are the clean
 run's, so they come from its cached residual stream (exact per-edge patching mostly runs late
 layers only).
@@ -23,6 +26,7 @@ from interplab.analyses.circuits.task import CircuitTask
 from interplab.analyses.metrics import get_metric
 from interplab.engine.hooked import HookedModel
 from interplab.engine.interventions import Intervention
+from interplab.engine.sites import Site
 
 DEFAULT_MEMORY = 768 * 2**20  # bytes for the per-row source differences
 
@@ -36,8 +40,7 @@ class _PatchState:
 
     def __init__(self, task: CircuitTask, patched: torch.Tensor, prompt_of_row: torch.Tensor, start: int) -> None:
         graph = task.graph
-        self.graph = graph
-        self.task = task
+        self.graph = graph  # no reference to the task or model: the state is sent to pipeline stages
         self.patched = patched  # [rows, U, V] bool: edge corrupted
         self.rows = prompt_of_row
         rows, (_, s, n_src, d) = len(prompt_of_row), task.clean_sources.shape
@@ -137,20 +140,51 @@ def _first_layer(graph: CircuitGraph, patched: torch.Tensor) -> int:
 def run_patched(task: CircuitTask, patched: torch.Tensor, prompt_of_row: torch.Tensor, metric: str | None = None) -> torch.Tensor:
     """Metric per row with ``patched[r]`` (bool ``[U, V]``: corrupted edges) on prompt ``prompt_of_row[r]``
     (``metric`` overrides the task's, e.g. ``"kl"``)."""
-    model = task.model
-    if not isinstance(model, HookedModel):
-        raise TypeError("edge-patching evaluation runs in one process; pass a HookedModel (scoring runs on pipelines)")
     graph = task.graph
     patched = graph.check_mask(patched)
     # the logits read the last layer's output, so at least the last layer runs
     start = min(_first_layer(graph, patched), graph.n_layers - 1)
-    state = _PatchState(task, patched, prompt_of_row, start)
     batch = task.pairs.clean.select(prompt_of_row)
-    hidden = task.clean_resid[start][prompt_of_row] if start > 0 else None
-    logits, _ = model.run_stage(batch, start=start, stop=graph.n_layers, hidden=hidden, with_head=True,
-                                interventions=_interventions(state, start), logits="last")
+    if isinstance(task.model, HookedModel):
+        state = _PatchState(task, patched, prompt_of_row, start)
+        hidden = task.clean_resid[start][prompt_of_row] if start > 0 else None
+        logits, _ = task.model.run_stage(batch, start=start, stop=graph.n_layers, hidden=hidden, with_head=True,
+                                         interventions=_interventions(state, start), logits="last")
+    else:
+        logits = _run_patched_stages(task, patched, prompt_of_row, start, batch)
     fn = get_metric(metric) if metric else task.metric
     return fn(logits.float(), task.inputs(prompt_of_row))
+
+
+def _run_patched_stages(task: CircuitTask, patched: torch.Tensor, prompt_of_row: torch.Tensor, start: int, batch) -> torch.Tensor:
+    """Edge patching on a pipeline, one stage after another from the stage holding layer ``start``.
+
+    Each stage gets the hidden state and the patch state (every earlier source's difference) and
+    returns its output and its sources' live outputs; the driver adds their differences to the state
+    before the next stage. Stages run in turn on one batch, so this costs a forward pass plus sending
+    the differences (``rows x sources x positions x d_model``) to each stage."""
+    model, graph = task.model, task.graph
+    first_stage = model.stage_of(Site("resid_pre", start))
+    lo = model.stage_ranges[first_stage][0]
+    state = _PatchState(task, patched, prompt_of_row, lo)
+    hidden = task.clean_resid[lo][prompt_of_row] if lo > 0 else None
+    for index in range(first_stage, model.n_stages):
+        a, b = model.stage_ranges[index]
+        sources = ([Site("embed")] if index == 0 else []) + [Site(kind, layer) for layer in range(a, b) for kind in ("head_out", "mlp_out")]
+        items = [x for x in _interventions(state, lo) if model.stage_of(x.site) == index]
+        hidden, cache = model.stage_forward(index, batch, hidden, capture=sources, interventions=items, logits="last")
+        for site in sources:  # what the stage recorded in its own copy of the state
+            first, count = _source_range(graph, site)
+            state.record(first, count)(cache[site])
+    return hidden
+
+
+def _source_range(graph: CircuitGraph, site: Site) -> tuple[int, int]:
+    if site.kind.value == "embed":
+        return 0, 1
+    if site.kind.value == "head_out":
+        return graph.head_source(site.layer, 0), graph.n_heads
+    return graph.mlp_source(site.layer), 1
 
 
 def rows_per_pass(task: CircuitTask, memory: int = DEFAULT_MEMORY) -> int:

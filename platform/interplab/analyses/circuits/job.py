@@ -138,11 +138,6 @@ class CircuitRunner:
             raise SpecError(where, str(exc), "(see message)", "equal-length clean/corrupted prompts, single-token answers") from None
         if not bool((pairs.clean.lengths == pairs.corrupted.lengths).all()):
             raise SpecError(where, "clean and corrupted prompts must have equal token lengths pair by pair", "(see prompts)")
-        pipeline = type(model).__name__ == "PipelineModel"
-        needs_one_process = {"exact", "acdc"} & set(spec.methods) or spec.faithfulness != "none"
-        if pipeline and needs_one_process:
-            raise SpecError("methods", "exact, acdc and faithfulness evaluation run in one process; on a pipeline use "
-                            "gradient methods with 'faithfulness: none'", ", ".join(spec.methods), "eap, eap-ig-inputs, ...")
 
     def chunks(self, spec: CircuitSpec, model) -> list[str]:
         return list(spec.methods)

@@ -18,7 +18,8 @@ and ``g_v`` the metric's gradient at destination ``v``'s input,
   edges whose score is below the threshold were removed.
 
 Gradient methods run through :meth:`gradients` of a :class:`~interplab.engine.HookedModel` or of a
-pipeline model (gradients cross stages there); ``exact`` and ``acdc`` evaluate circuits in one process.
+pipeline model (gradients cross stages there); ``exact`` and ``acdc`` evaluate circuits by edge patching
+(:mod:`~interplab.analyses.circuits.evaluate`), on a pipeline stage after stage.
 """
 
 from __future__ import annotations
