@@ -126,9 +126,24 @@ def test_patching_table_and_metadata(store):
 
 
 def test_generic_result_table_gets_a_view(store):
+    with store.begin_run("custom", model="tiny", spec={}) as w:
+        w.write_table("my_scores", pa.table({"src": ["a"], "dst": ["b"], "score": [0.3]}))
+    assert store.sql("SELECT run_id, src, score FROM my_scores").to_pylist() == [{"run_id": w.run_id, "src": "a", "score": 0.3}]
+
+
+def test_tables_with_a_view_file_get_its_columns(store):
+    """storage/edges.sql fixes the edges view's columns; files of another shape still read (all columns)."""
+    edges = {"method": ["eap"], "src": ["a0.h1"], "dst": ["m2"], "src_layer": [0], "dst_layer": [2], "score": [0.5],
+             "in_circuit": [True], "scratch": [1.0]}
     with store.begin_run("circuit", model="tiny", spec={}) as w:
-        w.write_table("edges", pa.table({"src": ["a"], "dst": ["b"], "score": [0.3]}))
-    assert store.sql("SELECT run_id, src, score FROM edges").to_pylist() == [{"run_id": w.run_id, "src": "a", "score": 0.3}]
+        w.write_table("edges", pa.table(edges))
+    got = store.sql("SELECT * FROM edges")
+    assert got.column_names == ["run_id", "method", "src", "dst", "src_layer", "dst_layer", "score", "in_circuit"]
+    with pytest.raises(StoreError, match="scratch"):
+        store.sql("SELECT scratch FROM edges")
+    with store.begin_run("circuit", model="tiny", spec={}) as w:
+        w.write_table("circuits", pa.table({"src": ["a"], "dst": ["b"]}))  # no method/rule column
+    assert store.sql("SELECT src, dst FROM circuits").to_pylist() == [{"src": "a", "dst": "b"}]
 
 
 def test_mixed_widths_and_heads(store):

@@ -31,7 +31,7 @@ from interplab.store import codec, layout
 from interplab.store.errors import StoreError
 from interplab.store.fs import Location
 from interplab.store.manifest import FileEntry, RunInfo
-from interplab.store.sqlfiles import view_sql
+from interplab.store.sqlfiles import has_view_sql, view_sql
 
 ALLOWED_TABLE_FUNCTIONS = frozenset({"range", "generate_series", "unnest"})
 BASE_VIEWS = ("runs", "prompts", "activations", "patching", "baselines")
@@ -176,17 +176,23 @@ class Session:
         for table in ("prompts", "patching", "baselines"):
             self._view(table, self._table_relation(loc, table, by_table.pop(table, [])))
         for table, entries in sorted(by_table.items()):
-            if table not in self.views:
-                self._view(table, self._table_relation(loc, table, entries), generic=True)
+            if table not in self.views:  # typed where storage/<table>.sql defines the view, else every column
+                self._view(table, self._table_relation(loc, table, entries), generic=not has_view_sql(table))
         for d, relation in widths.items():
             self._con.execute(f"CREATE VIEW activations_d{d} AS SELECT {_ACT_COLUMNS}, act FROM {relation}")
             self.views.append(f"activations_d{d}")
 
     def _view(self, name: str, relation: str, generic: bool = False) -> None:
+        if not generic:
+            try:
+                self._con.execute(view_sql(name).replace("{{" + name + "}}", relation))
+            except duckdb.BinderException:
+                if name in BASE_VIEWS:
+                    raise
+                # files written before the view's columns were settled: show every column rather than none
+                generic = True
         if generic:
             self._con.execute(f"CREATE VIEW {name} AS SELECT * FROM {relation}")
-        else:
-            self._con.execute(view_sql(name).replace("{{" + name + "}}", relation))
         self.views.append(name)
 
     def _activation_views(self, loc: Location, entries: list[FileEntry]) -> dict[int, str]:

@@ -33,6 +33,12 @@ def _sql_dir():
 
 
 @cache
+def has_view_sql(name: str) -> bool:
+    """True if the package defines a typed view for table ``name``."""
+    return _NAME.match(name) is not None and (_sql_dir() / f"{name}.sql").is_file()
+
+
+@cache
 def view_sql(name: str) -> str:
     path = _sql_dir() / f"{name}.sql"
     if not path.is_file():
