@@ -1,12 +1,15 @@
 """Throughput of the Ray pipeline backend vs the single-process engine, same machine, same batch.
 
     python bench/pipeline_throughput.py [--model smollm2-135m] [--batch 32] [--seq 64] [--stages 2]
-        [--micro-batches 2,4,8] [--repeats 5] [--device cpu|cuda] [--capture-batches 16]
+        [--micro-batches 2,4,8] [--transports refs,compiled] [--repeats 5] [--device cpu|cuda]
+        [--capture-batches 16]
 
 Measured in one run (interleaved repeats, medians):
 - ``engine``: ``HookedModel.run(batch, logits="last")`` on the whole batch in this process;
 - ``pipeline 1 stage``: the same through one Ray stage actor (Ray overhead, no stage boundary);
-- ``pipeline N stages, M micro-batches``: the GPipe schedule (ratio to ``engine`` is the goal, >= 0.9x);
+- ``pipeline N stages, M micro-batches``: the GPipe schedule (ratio to ``engine`` is the goal, >= 0.9x),
+  once per transport: ``refs`` (object references, one actor call per stage and micro-batch) and
+  ``compiled`` (a Ray Compiled Graph; NCCL between stages on GPU);
 - ``capture stream``: ``capture_to_store`` of 4 residual sites over ``--capture-batches`` batches,
   engine vs pipeline (stages write their own sites), into a temporary store.
 
@@ -43,6 +46,7 @@ def main() -> None:
     parser.add_argument("--micro-batches", default="2,4,8")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--transports", default="refs,compiled")
     parser.add_argument("--capture-batches", type=int, default=16)
     args = parser.parse_args()
 
@@ -84,12 +88,14 @@ def main() -> None:
     finally:
         one.close()
     pipe = PipelineModel(args.model, config(args.stages))
+    pipe.parallel = pipe.parallel.model_copy(update={"transport": "refs"})
     try:
-        for micro in [int(m) for m in args.micro_batches.split(",")]:
-            pipe.parallel = pipe.parallel.model_copy(update={"micro_batches": micro})
-            pipe.run(batch, logits="last")
-            t = _median_time(lambda: pipe.run(batch, logits="last"), args.repeats)
-            rows.append((f"pipeline {args.stages} stages, {micro} micro-batches", t))
+        for transport in args.transports.split(","):
+            for micro in [int(m) for m in args.micro_batches.split(",")]:
+                pipe.parallel = pipe.parallel.model_copy(update={"micro_batches": micro, "transport": transport})
+                pipe.run(batch, logits="last")
+                t = _median_time(lambda: pipe.run(batch, logits="last"), args.repeats)
+                rows.append((f"pipeline {args.stages} stages, {micro} micro-batches, {transport}", t))
         base_check = _median_time(engine_run, args.repeats)  # the baseline again, after the pipeline ran
         rows.append(("engine again (drift check)", base_check))
 
@@ -110,15 +116,16 @@ def main() -> None:
             capture(engine)  # warm-up
             capture_tokens = sum(len(engine.tokenize(t).input_ids[0]) for t in texts[: args.batch]) * args.capture_batches
             cap_engine = capture(engine)
+            pipe.parallel = pipe.parallel.model_copy(update={"transport": "refs"})
             cap_pipe = capture(pipe)
     finally:
         pipe.close()
 
     device = torch.cuda.get_device_name() if gpu else f"CPU, {cores} cores, torch threads {torch.get_num_threads()}"
     print(f"model {args.model}, batch {args.batch} x {args.seq} tokens, {device}, medians of {args.repeats}")
-    print(f"{'configuration':48s} {'seconds':>8s} {'tokens/s':>10s} {'vs engine':>9s}")
+    print(f"{'configuration':56s} {'seconds':>8s} {'tokens/s':>10s} {'vs engine':>9s}")
     for name, t in rows:
-        print(f"{name:48s} {t:8.3f} {tokens / t:10.0f} {base / t:8.2f}x")
+        print(f"{name:56s} {t:8.3f} {tokens / t:10.0f} {base / t:8.2f}x")
     print(f"capture stream, {args.capture_batches} batches, sites {sites}:")
     print(f"{'  engine':48s} {cap_engine:8.3f} {capture_tokens / cap_engine:10.0f} {1.0:8.2f}x")
     print(f"{'  pipeline ' + str(args.stages) + ' stages':48s} {cap_pipe:8.3f} {capture_tokens / cap_pipe:10.0f} {cap_engine / cap_pipe:8.2f}x")

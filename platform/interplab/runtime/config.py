@@ -31,6 +31,11 @@ class ParallelConfig(BaseModel):
         micro_batches: micro-batches each ``run``/``gradients``/training batch is split into (GPipe);
             None means twice the number of stages.
         max_retries: times a micro-batch is retried after a stage actor died.
+        transport: how ``run`` calls move hidden states between stages: ``"refs"`` (Ray object
+            references; the driver submits each micro-batch as a chain of actor calls),
+            ``"compiled"`` (one Ray Compiled Graph per replica, compiled once and reused; NCCL between
+            GPU stages, shared memory on CPU) or ``"auto"`` (compiled when stages are on GPUs, refs on
+            CPU). Gradients, training and store captures use refs either way.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -41,6 +46,7 @@ class ParallelConfig(BaseModel):
     cpus_per_stage: float = Field(default=0.1, gt=0)
     micro_batches: int | None = Field(default=None, ge=1)
     max_retries: int = Field(default=3, ge=0)
+    transport: Literal["auto", "refs", "compiled"] = "auto"
 
     @field_validator("stages", mode="before")
     @classmethod

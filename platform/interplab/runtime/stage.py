@@ -70,6 +70,7 @@ class StageTask:
     emit: bool = True  # return the output (False: nothing downstream needs it)
     sink: StoreSink | None = None
     tokens: list[list[str]] | None = None
+    keep_on_device: bool = False  # return the output on the stage's device (a compiled graph sends it by NCCL)
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,9 @@ class StageWorker:
             cache = type(cache)({k: v.detach() for k, v in cache.items()}, cache.positions, cache.valid)
         else:
             cache = cache.to("cpu")
-        out = stage.output.detach().to("cpu") if task.emit else None
+        out = None
+        if task.emit:
+            out = stage.output.detach() if task.keep_on_device else stage.output.detach().to("cpu")
         if task.sink is not None:
             return out, self._write(task, cache)
         return out, cache
