@@ -37,6 +37,8 @@ from interplab.engine.sites import Site
 
 GRADIENT_METHODS = ("eap", "eap-ig-inputs", "eap-ig-activations", "clean-corrupted")
 METHODS = (*GRADIENT_METHODS, "exact", "acdc")
+GRAD_MEMORY = 2 * 2**30  # bytes of destination gradients per pass (bigger passes run faster)
+LAYERS_PER_PRODUCT = 4  # destination layers per matrix product when contracting scores
 
 
 def dest_sites(graph: CircuitGraph) -> list[Site]:
@@ -76,13 +78,12 @@ def _row_chunks(task: CircuitTask, rows_per_prompt: int, max_rows: int | None) -
     if max_rows is None:
         _, s, _, d = task.clean_sources.shape
         # gradients of every destination input dominate: [rows, s, V, d] floats
-        max_rows = max(1, (512 * 2**20) // (s * task.graph.n_dests * d * 4))
+        max_rows = max(1, GRAD_MEMORY // (s * task.graph.n_dests * d * 4))
     per_chunk = max(1, max_rows // rows_per_prompt)
     for first in range(0, task.n, per_chunk):
         yield torch.arange(first, min(task.n, first + per_chunk))
 
 
-LAYERS_PER_PRODUCT = 4
 
 
 def _score(task: CircuitTask, prompts: torch.Tensor, grads, src: slice = slice(None)) -> torch.Tensor:
