@@ -37,7 +37,7 @@ from interplab.engine.sites import Site
 
 GRADIENT_METHODS = ("eap", "eap-ig-inputs", "eap-ig-activations", "clean-corrupted")
 METHODS = (*GRADIENT_METHODS, "exact", "acdc")
-GRAD_MEMORY = 2 * 2**30  # bytes of destination gradients per pass (bigger passes run faster)
+GRAD_MEMORY = 512 * 2**20  # bytes of destination gradients per pass (15 SmolLM2 rows; larger passes were slower on CPU)
 LAYERS_PER_PRODUCT = 4  # destination layers per matrix product when contracting scores
 
 
