@@ -34,6 +34,7 @@ def test_norm_vjp_matches_autograd(kind):
     x = torch.randn(2, 3, 16, generator=gen) * 3 + 1
     v = torch.randn(5, 2, 3, 16, generator=gen)
     got = norm_vjp(norm, x, v)
+    assert torch.equal(norm_vjp(norm, x, v.clone(), overwrite=True), got)
     for i in range(5):
         leaf = x.clone().requires_grad_(True)
         (want,) = torch.autograd.grad(norm(leaf), leaf, v[i])

@@ -39,20 +39,22 @@ def project_normed(norm: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias:
     return out if bias is None else out + bias
 
 
-def norm_vjp(norm: nn.Module, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``[k, *x.shape]``: the gradient at ``x`` for each cotangent ``v[i]`` at ``norm(x)``."""
+def norm_vjp(norm: nn.Module, x: torch.Tensor, v: torch.Tensor, *, overwrite: bool = False) -> torch.Tensor:
+    """``[k, *x.shape]``: the gradient at ``x`` for each cotangent ``v[i]`` at ``norm(x)``
+    (``overwrite=True``: ``v`` is a scratch tensor the result may be computed in)."""
     x = x.detach().float()
     v = v.float()
+    scale = v.mul_ if overwrite and v.dtype == torch.float32 else v.mul
     if isinstance(norm, nn.LayerNorm) and norm.weight is not None and norm.normalized_shape == x.shape[-1:]:
         centred = x - x.mean(-1, keepdim=True)
         inv = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + norm.eps)
         x_hat = centred * inv
-        u = v * norm.weight.detach().float()
+        u = scale(norm.weight.detach().float())
         u -= u.mean(-1, keepdim=True)
     elif _rms(norm):
         inv = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
         x_hat = x * inv
-        u = v * norm.weight.detach().float()
+        u = scale(norm.weight.detach().float())
     else:
         with torch.enable_grad():
             leaf = x.requires_grad_(True)

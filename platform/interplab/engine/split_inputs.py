@@ -147,7 +147,7 @@ class _LayerGrads:
             else:
                 g = g[..., columns.to(g.device)]
             per_head = torch.einsum("bsho,hoi->hbsi", g, weight)
-            return norm_vjp(ln, stream, per_head).to(g.dtype).permute(1, 2, 0, 3)
+            return norm_vjp(ln, stream, per_head, overwrite=True).to(g.dtype).permute(1, 2, 0, 3)
 
         return derive
 

@@ -46,7 +46,9 @@ class _PatchState:
         rows, (_, s, n_src, d) = len(prompt_of_row), task.clean_sources.shape
         self.s, self.d = s, d
         # every source starts at its corrupted output; ``record`` subtracts the live one in place
-        self.diff = task.corrupt_by_source[prompt_of_row]
+        corrupt = task.corrupt_by_source
+        self.diff = task.workspace("diff", (rows, *corrupt.shape[1:]), corrupt.dtype)
+        torch.index_select(corrupt, 0, prompt_of_row, out=self.diff)
         self.total = torch.zeros(rows, s * d, dtype=self.diff.dtype)
         # sources written before layer `start` are the clean run's (from layer 0 on, all are recorded live)
         first = 1 + start * (graph.n_heads + 1) if start > 0 else 0

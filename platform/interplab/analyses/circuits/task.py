@@ -57,6 +57,15 @@ class CircuitTask:
         n, s, u, d = self.corrupt_sources.shape
         return self.corrupt_sources.permute(0, 2, 1, 3).reshape(n, u, s * d)
 
+    def workspace(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A buffer kept between calls (uninitialised): repeated evaluation passes reuse the same
+        memory instead of faulting in hundreds of fresh megabytes each time."""
+        spaces = self.__dict__.setdefault("_workspaces", {})
+        buf = spaces.get(name)
+        if buf is None or buf.shape != shape or buf.dtype != dtype:
+            spaces[name] = buf = torch.empty(shape, dtype=dtype)
+        return buf
+
     @property
     def metric(self) -> RowMetric:
         return get_metric(self.metric_name)
