@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 
 from interplab.engine import attention, hooks, runner
+from interplab.engine.arena import CaptureArena
 from interplab.engine.cache import ActivationCache
 from interplab.engine.interventions import Intervention
 from interplab.engine.plan import HookPlan, KVPrefix, Positions
@@ -83,6 +84,7 @@ class HookedModel:
         self.d_vocab = int(config.vocab_size)
         self.has_resid_mid = not self.spec.parallel_residual(config)
         self.layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * self.n_layers)
+        self._arena = CaptureArena()
         self.sliding_window = getattr(config, "sliding_window", None)
         attention.register()
         config._attn_implementation = attention.ATTN_IMPLEMENTATION
@@ -223,6 +225,8 @@ class HookedModel:
         """
         batch = self.tokenize(prompts)
         plan = self._plan(batch, capture, interventions, (), positions, keep_grad=grad, record_kv=keep_kv)
+        if plan.capture_sites and not grad:
+            plan.lease = self._arena.lease(self.dtype, self.device)
         stop, with_head = self.n_layers, True
         if logits == "none":
             last_layer = self._last_needed_layer(plan)
@@ -231,6 +235,8 @@ class HookedModel:
         with torch.set_grad_enabled(grad):
             out = self._execute(batch, plan, start=0, stop=stop, hidden=None, with_head=with_head, logits=logits)
         result_logits = out if with_head and logits != "none" else None
+        if plan.lease is not None:
+            self._arena.done(plan.lease, self.dtype)
         return RunResult(result_logits, self._cache(plan), batch, plan.kv if keep_kv else None)
 
     def run_stage(

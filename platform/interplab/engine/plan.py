@@ -92,6 +92,7 @@ class HookPlan:
         self.keep_grad = keep_grad or bool(self.grad_sites)
         self.captured: dict[Site, torch.Tensor] = {}
         self.grad_tensors: dict[Site, torch.Tensor] = {}
+        self.lease = None  # an arena lease for whole-activation captures (set by the model for plain runs)
         # a site whose gradient is derived from its tensor's gradient after the backward pass
         self.grad_derive: dict[Site, Callable[[torch.Tensor], torch.Tensor]] = {}
         self.resid_pre: dict[int, torch.Tensor] = {}
@@ -150,6 +151,10 @@ class HookPlan:
         if not self.keep_grad:
             x = x.detach()
         if self._all_positions:
+            if self.lease is not None and not self.keep_grad and x.is_floating_point() and x.is_contiguous():
+                out = self.lease.take(x)
+                if out is not None:  # a copy into reused memory (see interplab.engine.arena)
+                    return out.copy_(x)
             return x
         if pattern:
             rows = torch.arange(x.shape[0], device=x.device)[:, None]
