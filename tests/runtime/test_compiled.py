@@ -34,18 +34,18 @@ def test_compiled_run_equals_the_engine_and_interleaves_with_gradients(compiled)
     want = ref.run(PROMPTS, capture=sites, interventions=patch)
     for _ in range(2):  # the second call reuses the compiled graph
         got = compiled.run(PROMPTS, capture=sites, interventions=patch)
-        assert compiled._dags, "the run did not go through a compiled graph"
+        assert compiled._graphs.graphs, "the run did not go through a compiled graph"
         torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)
         for site in sites:
             torch.testing.assert_close(got.cache[site], want.cache[site], rtol=1e-5, atol=1e-5)
     # gradients use object references: the graph is torn down first, then rebuilt by the next run
     grads = compiled.gradients(PROMPTS, lambda logits, batch: logits[:, -1, :4].sum(), ["resid_pre.1"])
-    assert not compiled._dags
+    assert not compiled._graphs.graphs
     want_grads = ref.gradients(PROMPTS, lambda logits, batch: logits[:, -1, :4].sum(), ["resid_pre.1"])
     torch.testing.assert_close(grads.grads["resid_pre.1"], want_grads.grads["resid_pre.1"], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(resid_sweep(compiled, CLEAN, CORRUPT, range(3)), resid_sweep(ref, CLEAN, CORRUPT, range(3)),
                                rtol=1e-5, atol=1e-5)
-    assert compiled._dags
+    assert compiled._graphs.graphs
 
 
 def test_compiled_run_errors_name_the_stage(compiled):

@@ -27,6 +27,7 @@ from interplab.engine.plan import Positions, resolve_positions
 from interplab.engine.sites import Site, SiteKind, parse_sites
 from interplab.engine.tokens import TokenBatch
 from interplab.runtime import cluster
+from interplab.runtime.compiled import CompiledRuns
 from interplab.runtime.config import ParallelConfig
 from interplab.runtime.errors import StageError
 from interplab.runtime.microbatch import narrow_interventions, row_ranges, slice_batch, slice_positions, splittable
@@ -75,7 +76,7 @@ class PipelineModel:
         ]
         cluster.ensure_ray()
         self._replica_handles = [cluster.create_replica(r, self._specs, parallel.cpus_per_stage, gpus) for r in range(parallel.replicas)]
-        self._dags: dict[int, Any] = {}  # replica -> its compiled graph for `run` (transport "compiled")
+        self._graphs = CompiledRuns(self)  # compiled graphs for `run` (transport "compiled")
         self._calls = itertools.count()
         self._next_replica = itertools.count()
         self._steps = 0
@@ -86,8 +87,7 @@ class PipelineModel:
     def _replicas(self) -> list:
         """The replicas, for ordinary actor calls: a compiled graph holding their actors is torn down
         first (an actor in a compiled graph runs nothing else until the graph is torn down)."""
-        if self._dags:
-            self._release_dags()
+        self._graphs.release()
         return self._replica_handles
 
     # ------------------------------------------------------------------ the HookedModel surface
@@ -308,81 +308,12 @@ class PipelineModel:
                     with_head=with_head, emit_last=with_head and logits != "none",
                 )
 
-        if not (upto == self.n_stages - 1 and self._compiled_run(items(), results)):
+        if not (upto == self.n_stages - 1 and self._graphs.run(items(), results)):
             self._drive(items(), lambda key, sides, out: results.__setitem__(key, (sides, out)), window=len(parts))
         ordered = [results[mb] for mb in range(len(parts))]
         values = _concat_caches([c for sides, _ in ordered for c in sides], capture)
         out_logits = torch.cat([o for _, o in ordered], dim=0) if with_head and logits != "none" else None
         return RunResult(out_logits, ActivationCache(values, pos, valid), batch)
-
-    # ------------------------------------------------------------------ compiled graphs
-    def _uses_compiled(self) -> bool:
-        transport = self.parallel.transport
-        return transport == "compiled" or (transport == "auto" and self.parallel.gpus_per_stage > 0 and self.n_stages > 1)
-
-    def _dag_capacity(self) -> int:
-        return 2 * self.n_stages + 2  # micro-batches in flight per replica, as the object-reference path
-
-    def _dag(self, replica: int):
-        """The replica's compiled graph: stage i gets input i (its task) and stage i-1's output; the
-        outputs are every stage's side result and the last stage's output."""
-        if replica not in self._dags:
-            from ray.dag import InputNode, MultiOutputNode
-
-            actors = self._replica_handles[replica].actors
-            on_gpu = self.parallel.gpus_per_stage > 0
-            with InputNode() as inp:
-                hidden, sides = None, []
-                for i, actor in enumerate(actors):
-                    hidden, side = actor.forward.options(num_returns=2).bind(inp[i], hidden)
-                    if on_gpu and i < len(actors) - 1:
-                        hidden = hidden.with_tensor_transport("nccl")
-                    sides.append(side)
-                graph = MultiOutputNode([*sides, hidden])
-            self._dags[replica] = graph.experimental_compile(_max_inflight_executions=self._dag_capacity())
-        return self._dags[replica]
-
-    def _release_dags(self) -> None:
-        dags, self._dags = self._dags, {}
-        for dag in dags.values():
-            try:
-                dag.teardown()
-            except Exception:  # noqa: BLE001 - a graph whose actor died may fail to tear down; it is gone either way
-                pass
-
-    def _compiled_run(self, items: Iterable, results: dict) -> bool:
-        """Run ``items`` (as :meth:`_drive` takes them) through the compiled graphs, micro-batches
-        round-robin over the replicas, at most :meth:`_dag_capacity` in flight per replica. Returns False (nothing
-        stored) when the transport is not compiled or the graph failed for a reason other than the
-        work itself (a dead actor): the caller then runs the call with object references, which retry."""
-        if not self._uses_compiled():
-            return False
-        import ray
-
-        on_gpu = self.parallel.gpus_per_stage > 0
-        n = len(self._replica_handles)
-        in_flight: list[tuple[Any, Any]] = []
-        got: dict = {}
-        try:
-            for i, (key, make) in enumerate(items):
-                tasks = make(next(self._calls))
-                for task in tasks[:-1]:
-                    task.keep_on_device = on_gpu
-                if len(in_flight) >= self._dag_capacity() * n:
-                    done_key, ref = in_flight.pop(0)
-                    got[done_key] = ray.get(ref)
-                in_flight.append((key, self._dag(i % n).execute(*tasks)))
-            for key, ref in in_flight:
-                got[key] = ray.get(ref)
-        except Exception as exc:  # noqa: BLE001 - sorted below
-            self._release_dags()
-            error = cluster.unwrap(exc)
-            if isinstance(error, StageError):  # the work failed, not the machinery: the user's error
-                raise error from None
-            return False
-        for key, values in got.items():
-            results[key] = (list(values[:-1]), values[-1])
-        return True
 
     # ------------------------------------------------------------------ capture to the store
     def capture_to_store(
@@ -631,7 +562,7 @@ class PipelineModel:
         """Stop the stage actors and release their placement groups."""
         if self._closed:
             return
-        self._release_dags()
+        self._graphs.release()
         for replica in self._replica_handles:
             cluster.shutdown_replica(replica)
         self._closed = True
