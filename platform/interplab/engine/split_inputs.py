@@ -49,8 +49,17 @@ def _weight_out_in(module, transposed: bool) -> torch.Tensor:
     return module.weight.t() if transposed else module.weight
 
 
-class _LayerInputs:
-    """Hooks of one layer: stash each head's processed input, then project it per head."""
+def _with_kv_pairs(kinds) -> list[SiteKind]:
+    """``kinds`` in q, k, v order, with k and v together (the attention kernel needs as many key
+    heads as value heads)."""
+    kinds = set(kinds)
+    if kinds & {SiteKind.K_IN, SiteKind.V_IN}:
+        kinds |= {SiteKind.K_IN, SiteKind.V_IN}
+    return sorted(kinds, key=lambda k: _COMPONENT[k])
+
+
+class _Layer:
+    """What both kinds of per-layer hooks need: the plan, the layer's norm and q/k/v layout."""
 
     def __init__(self, hooked, plan: HookPlan, layer: int) -> None:
         self.plan = plan
@@ -59,11 +68,14 @@ class _LayerInputs:
         self.block = hooked.layer(layer)
         self.n_heads, self.n_kv, self.head_dim = hooked.n_heads, hooked.n_kv_heads, hooked.head_dim
         self.ln = self.block.get_submodule(self.layout.ln)
-        active = {k for k in SPLIT_INPUT_KINDS if plan.active(k, layer)}
-        # keys and values must have the same number of heads for the attention kernel
-        if active & {SiteKind.K_IN, SiteKind.V_IN}:
-            active |= {SiteKind.K_IN, SiteKind.V_IN}
-        self.kinds = sorted(active, key=lambda k: _COMPONENT[k])
+
+
+class _LayerInputs(_Layer):
+    """Hooks of one layer: stash each head's processed input, then project it per head."""
+
+    def __init__(self, hooked, plan: HookPlan, layer: int) -> None:
+        super().__init__(hooked, plan, layer)
+        self.kinds = _with_kv_pairs(k for k in SPLIT_INPUT_KINDS if plan.active(k, layer))
         device = self.block.get_submodule(self.layout.q).weight.device
         self.rows = {k: projection_rows(self.layout, _COMPONENT[k], self.n_heads, self.n_kv, self.head_dim).to(device) for k in self.kinds}
         self.inputs: dict[SiteKind, torch.Tensor] = {}
@@ -113,17 +125,12 @@ def skip_projection(module, args):
     return (args[0][:, :0], *args[1:])
 
 
-class _LayerGrads:
+class _LayerGrads(_Layer):
     """Gradient-only q/k/v inputs of one layer: register projection outputs as gradient targets and
     derive each head's input gradient from theirs (see the module docstring)."""
 
     def __init__(self, hooked, plan: HookPlan, layer: int, kinds: list[SiteKind]) -> None:
-        self.plan = plan
-        self.layer = layer
-        self.layout = hooked.spec.qkv
-        self.block = hooked.layer(layer)
-        self.ln = self.block.get_submodule(self.layout.ln)
-        self.n_heads, self.n_kv, self.head_dim = hooked.n_heads, hooked.n_kv_heads, hooked.head_dim
+        super().__init__(hooked, plan, layer)
         self.kinds = kinds
         self.stream: torch.Tensor | None = None
 
@@ -178,7 +185,8 @@ class _LayerGrads:
         return None
 
 
-def _grad_only(plan: HookPlan, layer: int, kinds: set[SiteKind]) -> bool:
+def _unpatched(plan: HookPlan, layer: int, kinds: set[SiteKind]) -> bool:
+    """No intervention on these kinds: captures and gradients need no per-head copies."""
     return not any(plan.intervened(k, layer) for k in kinds)
 
 
@@ -193,10 +201,7 @@ def _install_grads(hooked, plan: HookPlan, layer: int, kinds: set[SiteKind]) -> 
     if layout.fused is not None:
         return handles + [block.get_submodule(layout.q).register_forward_hook(state.fused_hook)]
     paths = {SiteKind.Q_IN: layout.q, SiteKind.K_IN: layout.k, SiteKind.V_IN: layout.v}
-    hooked_kinds = set(kinds)
-    if kinds & {SiteKind.K_IN, SiteKind.V_IN}:  # keys and values must have the same number of heads
-        hooked_kinds |= {SiteKind.K_IN, SiteKind.V_IN}
-    for kind in sorted(hooked_kinds, key=lambda k: _COMPONENT[k]):
+    for kind in _with_kv_pairs(kinds):
         handles.append(block.get_submodule(paths[kind]).register_forward_hook(state.separate_hook(kind)))
     return handles
 
@@ -206,7 +211,7 @@ def install(hooked, plan: HookPlan, layer: int, kinds: set[SiteKind]) -> list:
     handles = []
     block = hooked.layer(layer)
     split = {k for k in kinds if k in SPLIT_INPUT_KINDS}
-    if split and _grad_only(plan, layer, split) and not _fused_gqa(hooked):
+    if split and _unpatched(plan, layer, split) and not _fused_gqa(hooked):
         handles += _install_grads(hooked, plan, layer, split)
     elif split:
         state = _LayerInputs(hooked, plan, layer)
