@@ -202,3 +202,37 @@ def test_facts_and_ioi_generators_are_seeded_and_valid(tiny_models):
     assert flip.corrupted.endswith(f"{flip.answer.strip()} gave a {flip.clean.split(' gave a ')[1]}")
     facts = facts_pairs(tok, 3)
     PairSet.tokenize(tok, facts)
+
+
+def test_patches_that_change_nothing_are_not_run(tiny_models):
+    """A patch writing the value already there (positions before the first differing token, or a
+    layer-0 position holding the same token) is the target run itself: no row is computed for it,
+    and its value is still the naive loop's."""
+    from interplab.analyses.tasks import PromptPair
+
+    model = tiny_models("llama")
+    pair = PromptPair(clean="When Mary and John went to the store, John gave a drink to",
+                      corrupted="When Mary and John went to the store, Mary gave a drink to", answer=" Mary", wrong=" John")
+    pairs = PairSet.tokenize(model.tokenizer, [pair])
+    clean, corrupted = pairs.clean.input_ids[0], pairs.corrupted.input_ids[0]
+    first = int((clean != corrupted).nonzero()[0])
+    seq = pairs.clean.seq_len
+    expected_rows = int((clean != corrupted).sum()) + (model.n_layers - 1) * (seq - first)
+
+    ran = []
+    real = model.run_stage
+
+    def counting(batch, **kwargs):
+        ran.append(batch.input_ids.shape[0])
+        return real(batch, **kwargs)
+
+    model.run_stage = counting
+    try:
+        result = activation_patching(model, pairs, [Sweep("resid_pre")], batch_rows=5)
+    finally:
+        del model.run_stage
+    assert 0 < first < seq - 1 and sum(ran) == expected_rows < model.n_layers * seq
+    assert (result.rows_run, result.rows_unchanged) == (expected_rows, model.n_layers * seq - expected_rows)
+    _check(result, Sweep("resid_pre"), naive_sweep(model, pairs, Sweep("resid_pre")))
+    skipped = [r for r in result.rows if r["position"] < first]
+    assert skipped and all(r["value"] == pytest.approx(result.baselines["corrupted"], abs=1e-6) for r in skipped)

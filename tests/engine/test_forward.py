@@ -1,5 +1,6 @@
 """The layer loop reproduces transformers' own forward pass, on every family."""
 
+import pytest
 import torch
 
 from tests.conftest import PROMPTS, SHORT, real_positions
@@ -98,3 +99,54 @@ def test_cached_prefix_reproduces_the_full_pass(tiny):
         torch.testing.assert_close(cache["z.1"], full.cache["z.1"][:, p:], rtol=0, atol=1e-5)
         last, _ = tiny.run_stage(batch, start=1, stop=tiny.n_layers, hidden=hidden, with_head=True, prefix=prefix, logits="last")
         torch.testing.assert_close(last, full.logits[:, -1], rtol=0, atol=1e-5)
+
+
+def test_rows_joining_at_later_layers_equal_their_own_passes(tiny):
+    """run_stage(joins=...): rows entering at layer l (their resid_pre given) compute exactly what a
+    pass started at l computes for them alone, with padding, interventions and a cached prefix."""
+    from interplab.engine.interventions import Intervention
+    from interplab.engine.plan import KVPrefix
+
+    texts = PROMPTS + SHORT
+    batch = tiny.tokenize(texts)
+    n_layers = tiny.n_layers
+    pre = [f"resid_pre.{layer}" for layer in range(n_layers)]
+    full = tiny.run(batch, capture=pre)
+    # batch rows: prompts 0 and 2 run from layer 0, prompt 3 joins at layer 1, prompts 1 and 0 at the last layer
+    order = torch.tensor([0, 2, 3, 1, 0])
+    bumped = full.cache["resid_pre.1"][[3]] + 0.25
+    joins = {1: bumped, n_layers - 1: full.cache[f"resid_pre.{n_layers - 1}"][[1, 0]]}
+    steer = Intervention(tiny.validate_site(f"mlp_out.{n_layers - 1}"), "add", value=1.5, rows=torch.tensor([4]))
+    logits, _ = tiny.run_stage(batch.select(order), start=0, stop=n_layers, hidden=full.cache["resid_pre.0"][[0, 2]],
+                               joins=joins, with_head=True, interventions=[steer])
+    sel = real_positions(batch)
+    for row, prompt in enumerate([0, 2]):
+        torch.testing.assert_close(logits[row][sel[prompt]], full.logits[prompt][sel[prompt]], rtol=0, atol=1e-5)
+    alone, _ = tiny.run_stage(batch.select(torch.tensor([3])), start=1, stop=n_layers, hidden=bumped, with_head=True)
+    torch.testing.assert_close(logits[2][sel[3]], alone[0][sel[3]], rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits[3][sel[1]], full.logits[1][sel[1]], rtol=0, atol=1e-5)
+    steered = tiny.run(batch.select(torch.tensor([0])), interventions=[
+        Intervention(tiny.validate_site(f"mlp_out.{n_layers - 1}"), "add", value=1.5)]).logits
+    torch.testing.assert_close(logits[4], steered[0], rtol=0, atol=1e-5)
+    assert not torch.allclose(logits[4], full.logits[0])  # the steer reached only its row
+
+    same = tiny.tokenize(PROMPTS)  # equal lengths: a cached prefix of p positions
+    ref = tiny.run(same, capture=pre, keep_kv=True)
+    p = 3
+    prefix = KVPrefix(p, {layer: (k[[1, 0]][:, :, :p], v[[1, 0]][:, :, :p]) for layer, (k, v) in ref.kv.items()})
+    logits, _ = tiny.run_stage(same.select(torch.tensor([1, 0])), start=0, stop=n_layers, with_head=True, prefix=prefix,
+                               logits="last", joins={0: ref.cache["resid_pre.0"][[1], p:], 1: ref.cache["resid_pre.1"][[0], p:]})
+    torch.testing.assert_close(logits, ref.logits[[1, 0], -1], rtol=0, atol=1e-5)
+
+
+def test_joins_reject_what_they_cannot_do(tiny):
+    batch = tiny.tokenize(PROMPTS)
+    hidden = tiny.run(batch, capture=["resid_pre.1"]).cache["resid_pre.1"]
+    with pytest.raises(ValueError, match="holds? 1 rows, the batch has 2"):
+        tiny.run_stage(batch, start=1, stop=tiny.n_layers, joins={1: hidden[:1]})
+    with pytest.raises(ValueError, match=r"outside the stage's layers \[1, 2\)"):
+        tiny.run_stage(batch, start=1, stop=2, hidden=hidden[:1], joins={2: hidden[1:]})
+    with pytest.raises(ValueError, match="cannot be combined with capture"):
+        tiny.run_stage(batch, start=1, stop=tiny.n_layers, hidden=hidden[:1], joins={1: hidden[1:]}, capture=["resid_post.1"])
+    with pytest.raises(ValueError, match="no rows at layer 0"):
+        tiny.run_stage(batch, start=0, stop=tiny.n_layers, joins={1: hidden})

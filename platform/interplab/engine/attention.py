@@ -68,6 +68,8 @@ def interplab_attention(
             plan.kv[layer] = (key.detach(), value.detach())
         if plan.prefix is not None and plan.prefix.length > 0:
             cached_k, cached_v = plan.prefix.kv[layer]
+            if cached_k.shape[0] > key.shape[0]:  # rows still to join the batch (run_layers' joins)
+                cached_k, cached_v = cached_k[: key.shape[0]], cached_v[: key.shape[0]]
             key = torch.cat([cached_k.to(key.dtype), key], dim=2)
             value = torch.cat([cached_v.to(value.dtype), value], dim=2)
     hooked = plan is not None and layer is not None and any(plan.active(k, layer) for k in _ATTENTION_KINDS)

@@ -11,7 +11,7 @@ given hidden states: the building block of the pipeline-parallel (Ray) backend.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -173,22 +173,37 @@ class HookedModel:
             record_kv=record_kv,
         )
 
-    def _execute(self, batch: TokenBatch, plan: HookPlan, *, start: int, stop: int, hidden, with_head: bool, logits: LogitsMode):
+    def _execute(self, batch: TokenBatch, plan: HookPlan, *, start: int, stop: int, hidden, with_head: bool,
+                 logits: LogitsMode, joins: Mapping[int, torch.Tensor] | None = None):
         batch = batch.to(self.device)
         token = attention.activate(plan, self._attn_layer)
         try:
             with hooks.installed(self, plan, range(start, stop)):
-                if hidden is None:
+                if hidden is None and not joins:
                     hidden = runner.embed(self, batch.input_ids, plan)
                 offset = plan.prefix.length if plan.prefix is not None else 0
-                ctx = runner.build_context(self, batch.attention_mask, hidden, start, stop, offset)
-                hidden = runner.run_layers(self, hidden, ctx, plan, start, stop)
+                like = hidden if hidden is not None else joins[min(joins)]
+                ctx = runner.build_context(self, batch.attention_mask, like, start, stop, offset)
+                hidden = runner.run_layers(self, hidden, ctx, plan, start, stop, joins)
                 if not with_head:
                     return hidden
                 last = batch.last_positions() - offset if logits == "last" else None
                 return runner.unembed(self, hidden, plan, last)
         finally:
             attention.deactivate(token)
+
+    @staticmethod
+    def _check_joins(batch: TokenBatch, start: int, stop: int, hidden, joins, capturing: bool) -> None:
+        if capturing:
+            raise ValueError("run_stage: joins cannot be combined with capture or grad (the batch grows between layers)")
+        outside = sorted(layer for layer in joins if not start <= layer < stop)
+        if outside:
+            raise ValueError(f"run_stage: joins at layers {outside} lie outside the stage's layers [{start}, {stop})")
+        if hidden is None and start not in joins:
+            raise ValueError(f"run_stage: no rows at layer {start}: pass hidden or joins[{start}]")
+        rows = (0 if hidden is None else hidden.shape[0]) + sum(int(t.shape[0]) for t in joins.values())
+        if rows != batch.input_ids.shape[0]:
+            raise ValueError(f"run_stage: hidden and joins hold {rows} rows, the batch has {batch.input_ids.shape[0]}")
 
     def _last_needed_layer(self, plan: HookPlan) -> int | None:
         """The last layer a capture-only pass must run, or None if the head is needed."""
@@ -253,6 +268,7 @@ class HookedModel:
         logits: LogitsMode = "all",
         grad: bool = False,
         prefix: KVPrefix | None = None,
+        joins: Mapping[int, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, ActivationCache]:
         """Run layers ``[start, stop)`` (embedding first when ``hidden`` is None, head when ``with_head``).
 
@@ -260,7 +276,20 @@ class HookedModel:
         the captures of the sites this stage owns. With a ``prefix`` of length p, ``hidden`` holds
         positions ``p..s-1`` only, the first p positions' keys/values come from the prefix, and
         positions in captures and interventions count from p.
+
+        ``joins`` lets rows start at different layers: ``joins[l]`` (``[r, s, d]``) are the
+        ``resid_pre`` of r rows appended to the batch just before layer l. ``hidden`` then holds the
+        rows running from ``start`` (None if none do), and the batch's rows are in that order: first
+        ``hidden``'s, then each join's in layer order. Interventions on a layer may only name rows
+        present by then. Not combined with captures or gradients (their row count would change).
         """
+        if joins:
+            self._check_joins(batch, start, stop, hidden, joins, bool(capture) or grad)
+            plan = self._plan(batch, [], interventions, (), positions, keep_grad=False, prefix=prefix)
+            with torch.no_grad():
+                out = self._execute(batch, plan, start=start, stop=stop, hidden=hidden, with_head=with_head,
+                                    logits=logits, joins=joins)
+            return out, self._cache(plan)
         stage = self.stage_pass(
             batch, start=start, stop=stop, hidden=hidden, with_head=with_head, capture=capture,
             interventions=interventions, positions=positions, logits=logits, grad=grad, prefix=prefix,

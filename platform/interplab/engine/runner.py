@@ -9,6 +9,7 @@ stage. Masks and rotary embeddings are built here the way each family's model bu
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -24,8 +25,12 @@ class LayerContext:
     masks: dict[str, torch.Tensor | None]
     layer_types: list[str]
 
-    def kwargs(self, layer: int) -> dict:
-        out = {"attention_mask": self.masks[self.layer_types[layer]], "position_ids": self.position_ids}
+    def kwargs(self, layer: int, rows: int | None = None) -> dict:
+        """Keyword arguments of a decoder layer; ``rows`` trims a per-row mask to a batch's first rows."""
+        mask = self.masks[self.layer_types[layer]]
+        if mask is not None and rows is not None and mask.shape[0] > rows:
+            mask = mask[:rows]
+        out = {"attention_mask": mask, "position_ids": self.position_ids}
         if self.rotary is not None:
             out["position_embeddings"] = self.rotary
         return out
@@ -77,14 +82,27 @@ def embed(hooked, input_ids: torch.Tensor, plan: HookPlan) -> torch.Tensor:
     return plan.process(SiteKind.EMBED, None, hidden)
 
 
-def run_layers(hooked, hidden: torch.Tensor, ctx: LayerContext, plan: HookPlan, start: int, stop: int) -> torch.Tensor:
-    if plan.keep_grad and not hidden.requires_grad:
+def run_layers(
+    hooked,
+    hidden: torch.Tensor | None,
+    ctx: LayerContext,
+    plan: HookPlan,
+    start: int,
+    stop: int,
+    joins: Mapping[int, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Run decoder layers ``[start, stop)``. ``joins[layer]`` are rows appended to the batch just
+    before ``layer`` (their ``resid_pre``): a row that only differs from layer L on starts there."""
+    if plan.keep_grad and hidden is not None and not hidden.requires_grad:
         hidden = hidden.detach().requires_grad_(True)
     for layer in range(start, stop):
+        if joins and layer in joins:
+            new = joins[layer]
+            hidden = new if hidden is None else torch.cat([hidden, new.to(device=hidden.device, dtype=hidden.dtype)])
         hidden = plan.process(SiteKind.RESID_PRE, layer, hidden)
         if plan.active(SiteKind.RESID_MID, layer):
             plan.resid_pre[layer] = hidden
-        out = hooked.layer(layer)(hidden, **ctx.kwargs(layer))
+        out = hooked.layer(layer)(hidden, **ctx.kwargs(layer, hidden.shape[0]))
         hidden = out[0] if isinstance(out, tuple) else out
         hidden = plan.process(SiteKind.RESID_POST, layer, hidden)
     return hidden

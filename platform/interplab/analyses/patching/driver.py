@@ -47,6 +47,9 @@ def default_batch_rows(model, seq_len: int, memory_mb: int = 1024) -> int:
     return max(1, min(1024, (memory_mb << 20) // per_row))
 
 
+POSITION_BLOCK = 2  # prefix positions sharing a batch (it starts at the block's lowest position)
+
+
 class _Setup:
     """Clean/corrupted runs, the target and source activations, metric inputs and baselines."""
 
@@ -69,9 +72,7 @@ class _Setup:
         extra = [Site(SiteKind.RESID_PRE, layer) for layer in range(n_layers)] if need_resid else []
         capture = list(dict.fromkeys(self.sites + extra))
         self.can_skip = need_resid and hasattr(model, "run_stage")
-        self.layer_block = max(1, round(n_layers / 8))
-        cells_per_batch = 16  # (position, layer) cells per batch, before counting prompts
-        self.position_block = max(1, min(pairs.clean.seq_len, cells_per_batch // self.layer_block // max(1, pairs.size // 4)))
+        self.position_block = POSITION_BLOCK
         prefix_ok = self.can_skip and pairs.same_length and not pairs.clean.padded
         clean = model.run(pairs.clean, capture=capture, logits="last", keep_kv=prefix_ok)
         corrupted = model.run(pairs.corrupted, capture=capture, logits="last", keep_kv=prefix_ok)
@@ -134,21 +135,24 @@ def _source_values(site: Site, source: torch.Tensor, rows: torch.Tensor, positio
     return source[probe.index(source, torch.full((source.shape[0],), source.shape[1]))]
 
 
-def _exact(setup: _Setup, batch_rows: int, progress: bool) -> list[dict]:
+def _exact(setup: _Setup, result: PatchingResult, batch_rows: int, progress: bool) -> list[dict]:
     model, pairs = setup.model, setup.pairs
     n = pairs.size
     jobs = []  # (prefix position, layer, sweep index, patch)
     for index, sweep in enumerate(setup.sweeps):
         for p in sweep.patches(model.n_layers, setup.target_batch.seq_len, model.n_heads):
             jobs.append((_prefix_position(sweep, p) if setup.target_kv else 0, p.layer, index, p))
-    # blocks of (prefix position, layer) cells share a batch: it starts at the block's lowest layer and
-    # position, so a few rows recompute a little more, in exchange for batches big enough to be fast
-    lb, pb = setup.layer_block, setup.position_block
-    jobs.sort(key=lambda job: (job[0] // pb, job[1] // lb, job[0], job[1], job[2]))
-    rows = [(j, prompt) for j in range(len(jobs)) for prompt in range(n)]
-    totals = torch.zeros(len(jobs), dtype=torch.float64)
+    # a block of prefix positions shares a batch that starts at the block's lowest position; inside
+    # it rows are ordered by layer and join the batch at their own layer (run_stage's joins)
+    pb = setup.position_block
+    jobs.sort(key=lambda job: (job[0] // pb, job[1], job[0], job[2]))
+    unchanged = _unchanged(setup, jobs)
+    totals = (unchanged.double() * setup.target_per_prompt[None, :]).sum(1)
+    rows = [(j, prompt) for j in range(len(jobs)) for prompt in range(n) if not unchanged[j, prompt]]
+    result.rows_run += len(rows)
+    result.rows_unchanged += int(unchanged.sum())
     bar = _progress(len(rows), progress, "exact patching")
-    for chunk in _batches(rows, jobs, batch_rows, (pb, lb) if setup.can_skip else None):
+    for chunk in _batches(rows, jobs, batch_rows, pb if setup.can_skip else None):
         job_ids = torch.tensor([j for j, _ in chunk])
         prompts = torch.tensor([p for _, p in chunk])
         batch = setup.target_batch.select(prompts)
@@ -169,16 +173,20 @@ def _exact(setup: _Setup, batch_rows: int, progress: bool) -> list[dict]:
                 site, "set", value=value, rows=members_t, heads=heads, paired=True,
                 positions=positions - offset if positions is not None else None,
             ))
-        first = min(jobs[j][1] for j, _ in chunk)
         if setup.can_skip:
-            hidden = setup.target_cache[Site(SiteKind.RESID_PRE, first)][prompts][:, offset:]
+            layers = torch.tensor([jobs[j][1] for j, _ in chunk])
+            first = int(layers[0])
+            joins = {}
+            for layer in torch.unique_consecutive(layers).tolist():
+                members = prompts[layers == layer]
+                joins[layer] = setup.target_cache[Site(SiteKind.RESID_PRE, layer)][members][:, offset:]
             prefix = None
             if offset > 0:
                 prefix = KVPrefix(offset, {
                     layer: (k[prompts][:, :, :offset], v[prompts][:, :, :offset])
                     for layer, (k, v) in setup.target_kv.items() if layer >= first
                 })
-            logits, _ = model.run_stage(batch, start=first, stop=model.n_layers, hidden=hidden, with_head=True,
+            logits, _ = model.run_stage(batch, start=first, stop=model.n_layers, with_head=True, joins=joins,
                                         interventions=interventions, logits="last", prefix=prefix)
         else:
             logits = model.run(batch, interventions=interventions, logits="last").logits
@@ -189,22 +197,37 @@ def _exact(setup: _Setup, batch_rows: int, progress: bool) -> list[dict]:
     return [_row(setup.sweeps[i], "exact", p, float(totals[k] / n), setup) for k, (_, _, i, p) in enumerate(jobs)]
 
 
-def _batches(rows, jobs, batch_rows: int, blocks: tuple[int, int] | None):
-    """Consecutive slices of ``rows`` of at most ``batch_rows``. With ``blocks`` (position block,
-    layer block) a slice stays inside one block of (prefix position, layer) cells, so it can start at
-    the block's lowest layer and reuse the keys/values before its lowest position."""
+def _unchanged(setup: _Setup, jobs) -> torch.Tensor:
+    """``Bool[jobs, prompts]``: the patch would write exactly the value already there (e.g. a position
+    before the first token where clean and corrupted prompts differ). Such a patched run *is* the
+    target run, so its metric is the target's and no forward pass is needed."""
+    n = setup.pairs.size
+    out = torch.zeros(len(jobs), n, dtype=torch.bool)
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for k, (_, layer, index, _) in enumerate(jobs):
+        groups[(index, layer)].append(k)
+    for (index, layer), members in groups.items():
+        sweep = setup.sweeps[index]
+        site = sweep.site(layer)
+        patches = [jobs[k][3] for k in members]
+        prompts = torch.arange(n).repeat(len(members))
+        positions = torch.tensor([p.position for p in patches]).repeat_interleave(n) if "position" in sweep.by else None
+        heads = torch.tensor([p.head for p in patches]).repeat_interleave(n) if "head" in sweep.by else None
+        source = _source_values(site, setup.source[site], setup.source_rows[prompts], positions, heads)
+        target = _source_values(site, _canonical(site, setup.target_cache[site]), prompts, positions, heads)
+        out[torch.tensor(members)] = (source == target).flatten(1).all(1).view(len(members), n)
+    return out
+
+
+def _batches(rows, jobs, batch_rows: int, position_block: int | None):
+    """Consecutive slices of ``rows`` of at most ``batch_rows``. With a ``position_block`` a slice
+    stays inside one block of prefix positions, so it can reuse the keys/values before the block."""
     start = 0
     while start < len(rows):
         stop = min(start + batch_rows, len(rows))
-        if blocks is not None:
-            pb, lb = blocks
-
-            def block(i):
-                job = jobs[rows[i][0]]
-                return job[0] // pb, job[1] // lb
-
-            first = block(start)
-            stop = next((i for i in range(start, stop) if block(i) != first), stop)
+        if position_block is not None:
+            first = jobs[rows[start][0]][0] // position_block
+            stop = next((i for i in range(start, stop) if jobs[rows[i][0]][0] // position_block != first), stop)
         yield rows[start:stop]
         start = stop
 
@@ -270,7 +293,7 @@ def activation_patching(
     tok = model.tokenizer
     result.tokens = [tok.decode([int(t)]) for t in setup.target_batch.input_ids[0, : int(setup.target_batch.lengths[0])]]
     if method in ("exact", "both"):
-        result.rows += _exact(setup, rows, progress)
+        result.rows += _exact(setup, result, rows, progress)
     if method in ("atp", "both"):
         result.rows += _atp(setup)
     if method == "both":

@@ -14,13 +14,17 @@ class PatchingResult:
     ``value`` is the metric averaged over prompts for that patch, in the metric's units;
     ``normalized`` is ``(value - corrupted) / (clean - corrupted)``. ``baselines`` holds the clean and
     corrupted metric (``clean``, ``corrupted``) and, when both methods ran, ``correlation`` holds the
-    Pearson correlation of exact and AtP values per sweep.
+    Pearson correlation of exact and AtP values per sweep. ``rows_run`` counts the (patch, prompt)
+    rows exact patching computed, ``rows_unchanged`` those it did not need to (the patch wrote the
+    value already there, so the row is the target run).
     """
 
     rows: list[dict] = field(default_factory=list)
     baselines: dict[str, float] = field(default_factory=dict)
     correlation: dict[str, float] = field(default_factory=dict)
     tokens: list[str] = field(default_factory=list)
+    rows_run: int = 0
+    rows_unchanged: int = 0
 
     def values(self, sweep: str, method: str = "exact", key: str = "value") -> torch.Tensor:
         """The sweep's values as a dense tensor over its axes (layer[, position][, head])."""
