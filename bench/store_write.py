@@ -12,16 +12,20 @@ act payload only; ratio = store / raw (goal >= 0.8). Best of 3 rounds each.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from interplab.store import open_store
+
+SITES = 8  # sites per capture chunk in the capture-stream measurement
 
 
 def _best(fn, cleanup, rounds: int = 3) -> float:
@@ -76,12 +80,62 @@ def bench(dtype: str, d: int, total_mb: int, root: str) -> dict:
         for c in range(n_chunks):
             pq.write_table(table, os.path.join(root, "naive.parquet"))
 
+    # a capture chunk of SITES sites (the engine's capture stream): written by write_capture_chunk,
+    # which encodes the sites' files on parallel threads; raw = one file per site, one thread, and
+    # the same with as many threads as the store uses
+    import torch
+
+    from interplab.engine.stream import CaptureChunk
+    from interplab.engine.sites import Site, SiteKind
+    from interplab.store.capture import WRITE_THREADS
+
+    per_site = act[: rows_per_chunk // SITES]
+    b = max(1, len(per_site) // 128)
+    p = len(per_site) // b
+    site_act = torch.from_numpy(np.ascontiguousarray(per_site[: b * p])).view(b, p, d)
+    chunk = CaptureChunk(
+        index=0, prompt_ids=list(range(b)), token_ids=torch.randint(0, 49152, (b, p)), lengths=[p] * b,
+        tokens=[[f"tok{j}" for j in range(p)] for _ in range(b)], positions=torch.arange(p).expand(b, p),
+        valid=torch.ones(b, p, dtype=torch.bool), acts={Site(SiteKind.RESID_POST, layer): site_act for layer in range(SITES)},
+    )
+    chunk_payload = n_chunks * SITES * site_act.numel() * itemsize
+    site_bytes = memoryview(site_act.numpy())
+
+    def raw_sites(threads: int):
+        def run() -> None:
+            os.makedirs(raw_dir)
+            paths = [os.path.join(raw_dir, f"chunk-{c}-{s}.bin") for c in range(n_chunks) for s in range(SITES)]
+
+            def one(path: str) -> None:
+                with open(path, "wb") as f:
+                    f.write(site_bytes)
+
+            if threads == 1:
+                for path in paths:
+                    one(path)
+            else:
+                with ThreadPoolExecutor(threads) as pool:
+                    list(pool.map(one, paths))
+        return run
+
+    def store_chunks() -> None:
+        s = open_store(store_dir)
+        w = s.begin_run("capture", model="bench", spec={})
+        for c in range(n_chunks):
+            w.write_capture_chunk(dataclasses.replace(chunk, index=c), dtype=dtype)
+        w.commit()
+
     t_raw = _best(raw, cleanup)
     t_store = _best(store, cleanup)
     t_naive = _best(naive, cleanup, rounds=1)
-    mbps = lambda t: payload / t / 1e6  # noqa: E731
+    t_raw_sites = _best(raw_sites(1), cleanup)
+    t_raw_par = _best(raw_sites(WRITE_THREADS), cleanup)
+    t_chunks = _best(store_chunks, cleanup)
+    mbps = lambda t, size=payload: size / t / 1e6  # noqa: E731
     return {"dtype": dtype, "d": d, "MB": payload / 1e6, "raw": mbps(t_raw), "store": mbps(t_store),
-            "naive": mbps(t_naive), "ratio": t_raw / t_store, "naive_ratio": t_raw / t_naive}
+            "naive": mbps(t_naive), "ratio": t_raw / t_store, "naive_ratio": t_raw / t_naive,
+            "raw_sites": mbps(t_raw_sites, chunk_payload), "raw_par": mbps(t_raw_par, chunk_payload),
+            "chunks": mbps(t_chunks, chunk_payload), "threads": WRITE_THREADS}
 
 
 def main() -> None:
@@ -91,12 +145,19 @@ def main() -> None:
     args = parser.parse_args()
     root = tempfile.mkdtemp(prefix="interplab-bench-", dir=args.dir)
     try:
+        chunks = []
         print(f"{'dtype':8} {'d':>5} {'MB':>6} {'raw MB/s':>9} {'store MB/s':>11} {'ratio':>6} {'naive MB/s':>11} {'naive ratio':>11}")
         for dtype in ("float16", "float32"):
             for d in (576, 4096):
                 r = bench(dtype, d, args.mb, root)
                 print(f"{r['dtype']:8} {r['d']:>5} {r['MB']:>6.0f} {r['raw']:>9.0f} {r['store']:>11.0f} "
                       f"{r['ratio']:>6.2f} {r['naive']:>11.0f} {r['naive_ratio']:>11.2f}")
+                chunks.append(r)
+        print(f"\ncapture chunks of {SITES} sites (write_capture_chunk, {chunks[0]['threads']} writer threads) vs raw, one file per site:")
+        print(f"{'dtype':8} {'d':>5} {'raw MB/s':>9} {'chunks MB/s':>12} {'ratio':>6} {'raw x threads MB/s':>19} {'ratio':>6}")
+        for r in chunks:
+            print(f"{r['dtype']:8} {r['d']:>5} {r['raw_sites']:>9.0f} {r['chunks']:>12.0f} {r['chunks'] / r['raw_sites']:>6.2f} "
+                  f"{r['raw_par']:>19.0f} {r['chunks'] / r['raw_par']:>6.2f}")
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -66,3 +66,26 @@ def test_capture_chunk_rows(store):
         {"prompt_id": 1, "n_tokens": 2, "tokens": ["<s>", "x"]},
     ]
     assert isinstance(store.export_torch(w.run_id, "resid_pre.1"), torch.Tensor)
+
+
+def test_unpadded_chunk_of_many_sites_written_in_parallel(store):
+    """Every position valid (the no-copy path) and more sites than writer threads: each site's rows
+    land in its own file, in prompt-major order, exactly once."""
+    g = torch.Generator().manual_seed(3)
+    b, p, d, h = 3, 4, 6, 2
+    acts = {Site("resid_post", layer): torch.randn(b, p, d, generator=g) for layer in range(5)}
+    acts[Site("q", 2)] = torch.randn(b, p, h, d, generator=g)
+    chunk = CaptureChunk(
+        index=7, prompt_ids=[4, 5, 6], token_ids=torch.arange(b * p).view(b, p), lengths=[p] * b,
+        tokens=[[f"t{i}.{j}" for j in range(p)] for i in range(b)], positions=torch.arange(p).expand(b, p),
+        valid=torch.ones(b, p, dtype=torch.bool), acts=acts,
+    )
+    w = store.begin_run("capture", model="tiny", spec={})
+    w.write_capture_chunk(chunk, dtype="float32")
+    w.commit()
+    for layer in range(5):
+        np.testing.assert_array_equal(store.export(w.run_id, f"resid_post.{layer}"), acts[Site("resid_post", layer)].reshape(b * p, d).numpy())
+    np.testing.assert_array_equal(store.export(w.run_id, "q.2", head=1), acts[Site("q", 2)][:, :, 1].reshape(b * p, d).numpy())
+    rows = store.sql("SELECT prompt_id, position, token FROM activations WHERE site = 'resid_post' AND layer = 4 ORDER BY prompt_id, position").to_pylist()
+    assert [(r["prompt_id"], r["position"], r["token"]) for r in rows] == [(4 + i, j, f"t{i}.{j}") for i in range(b) for j in range(p)]
+    assert store.sql("SELECT count(*) FROM activations").column(0)[0].as_py() == 5 * b * p + h * b * p

@@ -16,7 +16,9 @@ result table (e.g. ``write_table("attention", ...)`` in long form).
 
 from __future__ import annotations
 
+import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -25,6 +27,8 @@ import pyarrow as pa
 from interplab.store import codec, layout
 from interplab.store.errors import StoreError
 from interplab.store.manifest import FileEntry
+
+WRITE_THREADS = min(8, os.cpu_count() or 1)  # threads encoding one chunk's site files
 
 if TYPE_CHECKING:
     from interplab.engine.stream import CaptureChunk
@@ -48,39 +52,21 @@ def write_capture_chunk(writer: RunWriter, chunk: CaptureChunk, dtype: str = "fl
     token_id = token_ids[rows, pos]
     token = [chunk.tokens[i][j] for i, j in zip(rows.tolist(), pos.tolist())]
 
-    entries: list[FileEntry] = []
-    skipped = []
-    for site, tensor in chunk.acts.items():
-        kind = site.kind.value
-        if kind == "pattern":
-            skipped.append(str(site))
-            continue
-        store_dtype = "float32" if tensor.dtype == torch.bfloat16 else dtype
-        arr = _numpy(tensor, torch)
-        if arr.shape[:2] != (b, p) or arr.ndim not in (3, 4):
-            raise StoreError(f"chunk {chunk.index}: site {site} has shape {list(arr.shape)}, expected [{b}, {p}, ...]")
-        selected = arr[rows, cols]  # [n, d] or [n, h, d]
-        if arr.ndim == 3:
-            entries.append(
-                writer.write_activations(
-                    chunk.index, kind, site.layer, None, prompt_id, pos, token_id, token, selected, dtype=store_dtype
-                )
-            )
-            continue
-        n, h, d = selected.shape
-        if site.head is not None:
-            if h != 1:
-                raise StoreError(f"chunk {chunk.index}: site {site} selects one head but has {h}")
-            head: Any = site.head
-        else:
-            head = np.tile(np.arange(h, dtype=np.int32), n)
-        entries.append(
-            writer.write_activations(
-                chunk.index, kind, site.layer, head,
-                np.repeat(prompt_id, h), np.repeat(pos, h), np.repeat(token_id, h),
-                [t for t in token for _ in range(h)], selected.reshape(n * h, d), dtype=store_dtype,
-            )
-        )
+    skipped = [str(site) for site in chunk.acts if site.kind.value == "pattern"]
+    sites = [(site, tensor) for site, tensor in chunk.acts.items() if site.kind.value != "pattern"]
+    common = (b, p, rows, cols, prompt_id, pos, token_id, token)
+
+    def write(item) -> FileEntry:
+        return _write_site(writer, chunk.index, item[0], item[1], common, dtype, torch)
+
+    # sites are independent files: encode and write them on several threads (numpy's gather and
+    # pyarrow's Parquet writer release the GIL), so a chunk's write uses the machine's cores
+    workers = min(len(sites), WRITE_THREADS)
+    if workers > 1:
+        with ThreadPoolExecutor(workers, thread_name_prefix="interplab-write") as pool:
+            entries = list(pool.map(write, sites))
+    else:
+        entries = [write(item) for item in sites]
     if skipped:
         warnings.warn(
             f"pattern sites {skipped} are not stored (variable key length; see interplab.store.capture)",
@@ -89,6 +75,31 @@ def write_capture_chunk(writer: RunWriter, chunk: CaptureChunk, dtype: str = "fl
     entries.append(writer._write_table_file(layout.PROMPTS, _prompts_table(chunk, token_ids), layout.chunk_key(chunk.index)))
     writer.finish_chunk(layout.ACTIVATIONS, chunk.index, entries)
     return entries
+
+
+def _write_site(writer: RunWriter, index: int, site, tensor, common, dtype: str, torch: Any) -> FileEntry:
+    b, p, rows, cols, prompt_id, pos, token_id, token = common
+    kind = site.kind.value
+    store_dtype = "float32" if tensor.dtype == torch.bfloat16 else dtype
+    arr = _numpy(tensor, torch)
+    if arr.shape[:2] != (b, p) or arr.ndim not in (3, 4):
+        raise StoreError(f"chunk {index}: site {site} has shape {list(arr.shape)}, expected [{b}, {p}, ...]")
+    # [n, d] or [n, h, d]; without padding the rows are the array itself, in order (no copy)
+    selected = arr.reshape(b * p, *arr.shape[2:]) if len(rows) == b * p else arr[rows, cols]
+    if arr.ndim == 3:
+        return writer.write_activations(index, kind, site.layer, None, prompt_id, pos, token_id, token, selected, dtype=store_dtype)
+    n, h, d = selected.shape
+    if site.head is not None:
+        if h != 1:
+            raise StoreError(f"chunk {index}: site {site} selects one head but has {h}")
+        head: Any = site.head
+    else:
+        head = np.tile(np.arange(h, dtype=np.int32), n)
+    return writer.write_activations(
+        index, kind, site.layer, head,
+        np.repeat(prompt_id, h), np.repeat(pos, h), np.repeat(token_id, h),
+        [t for t in token for _ in range(h)], selected.reshape(n * h, d), dtype=store_dtype,
+    )
 
 
 def _numpy(tensor: Any, torch: Any) -> np.ndarray:
