@@ -339,7 +339,7 @@ class PipelineModel:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
         capture, _ = self._validate(sites, ())
         upto, stop, with_head = self._last_stage_needed(capture, (), "none")
-        store_uri = writer._store.uri  # the stages open their own writers on the same run
+        store_uri = writer.store.uri  # the stages open their own writers on the same run
         skip = set(skip_chunks)
         written = 0
 

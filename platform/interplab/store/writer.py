@@ -57,6 +57,11 @@ class RunWriter:
         self.run_id = run_id
         self._done = False
 
+    @property
+    def store(self) -> Store:
+        """The store this run is written to (other processes open their own writers on its URI)."""
+        return self._store
+
     # -- writes --------------------------------------------------------------------------------
 
     def write_activations(

@@ -87,7 +87,7 @@ def save_delta(writer, key: str, delta: Weights, info: Mapping[str, object], *, 
     torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
     tensors = {n: v.detach().to("cpu", torch_dtype).contiguous() for n, v in delta.items()}
     data = save(tensors, metadata={k: str(v) for k, v in info.items()})
-    loc = writer._store.location
+    loc = writer.store.location
     rel = blob_path(writer.run_id, key)
     fs.write_bytes(loc, loc.path(rel), data)
     return {
