@@ -72,7 +72,6 @@ class _Setup:
         extra = [Site(SiteKind.RESID_PRE, layer) for layer in range(n_layers)] if need_resid else []
         capture = list(dict.fromkeys(self.sites + extra))
         self.can_skip = need_resid and hasattr(model, "run_stage")
-        self.position_block = POSITION_BLOCK
         prefix_ok = self.can_skip and pairs.same_length and not pairs.clean.padded
         clean = model.run(pairs.clean, capture=capture, logits="last", keep_kv=prefix_ok)
         corrupted = model.run(pairs.corrupted, capture=capture, logits="last", keep_kv=prefix_ok)
@@ -130,6 +129,14 @@ def _prefix_position(sweep: Sweep, patch: Patch) -> int:
     return patch.position
 
 
+def _patch_axes(sweep: Sweep, patches: Sequence[Patch], repeat: int = 1) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Per-row positions and heads of ``patches`` (None for an axis the sweep does not patch by),
+    each patch repeated ``repeat`` times in a row (once per prompt)."""
+    positions = torch.tensor([p.position for p in patches]).repeat_interleave(repeat) if "position" in sweep.by else None
+    heads = torch.tensor([p.head for p in patches]).repeat_interleave(repeat) if "head" in sweep.by else None
+    return positions, heads
+
+
 def _source_values(site: Site, source: torch.Tensor, rows: torch.Tensor, positions, heads) -> torch.Tensor:
     probe = Intervention(site, "set", value=0.0, rows=rows, positions=positions, heads=heads, paired=True)
     return source[probe.index(source, torch.full((source.shape[0],), source.shape[1]))]
@@ -144,7 +151,7 @@ def _exact(setup: _Setup, result: PatchingResult, batch_rows: int, progress: boo
             jobs.append((_prefix_position(sweep, p) if setup.target_kv else 0, p.layer, index, p))
     # a block of prefix positions shares a batch that starts at the block's lowest position; inside
     # it rows are ordered by layer and join the batch at their own layer (run_stage's joins)
-    pb = setup.position_block
+    pb = POSITION_BLOCK
     jobs.sort(key=lambda job: (job[0] // pb, job[1], job[0], job[2]))
     unchanged = _unchanged(setup, jobs)
     totals = (unchanged.double() * setup.target_per_prompt[None, :]).sum(1)
@@ -166,8 +173,7 @@ def _exact(setup: _Setup, result: PatchingResult, batch_rows: int, progress: boo
             site = sweep.site(layer)
             members_t = torch.tensor(members)
             patches = [jobs[int(job_ids[i])][3] for i in members]
-            positions = torch.tensor([p.position for p in patches]) if "position" in sweep.by else None
-            heads = torch.tensor([p.head for p in patches]) if "head" in sweep.by else None
+            positions, heads = _patch_axes(sweep, patches)
             value = _source_values(site, setup.source[site], setup.source_rows[prompts[members_t]], positions, heads)
             interventions.append(Intervention(
                 site, "set", value=value, rows=members_t, heads=heads, paired=True,
@@ -179,11 +185,11 @@ def _exact(setup: _Setup, result: PatchingResult, batch_rows: int, progress: boo
             joins = {}
             for layer in torch.unique_consecutive(layers).tolist():
                 members = prompts[layers == layer]
-                joins[layer] = setup.target_cache[Site(SiteKind.RESID_PRE, layer)][members][:, offset:]
+                joins[layer] = setup.target_cache[Site(SiteKind.RESID_PRE, layer)][:, offset:][members]
             prefix = None
             if offset > 0:
                 prefix = KVPrefix(offset, {
-                    layer: (k[prompts][:, :, :offset], v[prompts][:, :, :offset])
+                    layer: (k[:, :, :offset][prompts], v[:, :, :offset][prompts])
                     for layer, (k, v) in setup.target_kv.items() if layer >= first
                 })
             logits, _ = model.run_stage(batch, start=first, stop=model.n_layers, with_head=True, joins=joins,
@@ -211,8 +217,7 @@ def _unchanged(setup: _Setup, jobs) -> torch.Tensor:
         site = sweep.site(layer)
         patches = [jobs[k][3] for k in members]
         prompts = torch.arange(n).repeat(len(members))
-        positions = torch.tensor([p.position for p in patches]).repeat_interleave(n) if "position" in sweep.by else None
-        heads = torch.tensor([p.head for p in patches]).repeat_interleave(n) if "head" in sweep.by else None
+        positions, heads = _patch_axes(sweep, patches, repeat=n)
         source = _source_values(site, setup.source[site], setup.source_rows[prompts], positions, heads)
         target = _source_values(site, _canonical(site, setup.target_cache[site]), prompts, positions, heads)
         out[torch.tensor(members)] = (source == target).flatten(1).all(1).view(len(members), n)
