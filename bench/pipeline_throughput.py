@@ -11,7 +11,9 @@ Measured in one run (interleaved repeats, medians):
   once per transport: ``refs`` (object references, one actor call per stage and micro-batch) and
   ``compiled`` (a Ray Compiled Graph; NCCL between stages on GPU);
 - ``capture stream``: ``capture_to_store`` of 4 residual sites over ``--capture-batches`` batches,
-  engine vs pipeline (stages write their own sites), into a temporary store.
+  engine vs pipeline (stages write their own sites), into a temporary store;
+- ``patching sweep``: the ``resid_pre`` layer x position sweep over ``--patching-prompts`` IOI pairs
+  (``activation_patching``), engine vs pipeline (rows start at their own layer on both).
 
 On CPU each stage gets ``cores / stages`` torch threads (the engine uses all cores); with ``--device
 cuda`` all stages share the one GPU (``gpus_per_stage = 1 / stages``) and the engine runs on it too.
@@ -48,6 +50,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--transports", default="refs,compiled")
     parser.add_argument("--capture-batches", type=int, default=16)
+    parser.add_argument("--patching-prompts", type=int, default=4, help="0: skip the patching sweep")
     args = parser.parse_args()
 
     import ray
@@ -118,6 +121,9 @@ def main() -> None:
             cap_engine = capture(engine)
             pipe.parallel = pipe.parallel.model_copy(update={"transport": "refs"})
             cap_pipe = capture(pipe)
+        sweep = None
+        if args.patching_prompts:
+            sweep = _patching(engine, pipe, args.patching_prompts)
     finally:
         pipe.close()
 
@@ -129,7 +135,29 @@ def main() -> None:
     print(f"capture stream, {args.capture_batches} batches, sites {sites}:")
     print(f"{'  engine':48s} {cap_engine:8.3f} {capture_tokens / cap_engine:10.0f} {1.0:8.2f}x")
     print(f"{'  pipeline ' + str(args.stages) + ' stages':48s} {cap_pipe:8.3f} {capture_tokens / cap_pipe:10.0f} {cap_engine / cap_pipe:8.2f}x")
+    if sweep is not None:
+        (t_engine, t_pipe, rows, max_diff) = sweep
+        print(f"patching sweep (resid_pre, {args.patching_prompts} IOI pairs, {rows} rows computed), max |diff| {max_diff:.1e}:")
+        print(f"{'  engine':48s} {t_engine:8.3f} {'':>10s} {1.0:8.2f}x")
+        print(f"{'  pipeline ' + str(args.stages) + ' stages':48s} {t_pipe:8.3f} {'':>10s} {t_engine / t_pipe:8.2f}x")
     ray.shutdown()
+
+
+def _patching(engine, pipe, n_prompts: int) -> tuple[float, float, int, float]:
+    """The resid_pre sweep on the engine and on the pipeline: (seconds, seconds, rows run, max difference)."""
+    from interplab.analyses.patching import Sweep, activation_patching
+    from interplab.analyses.tasks import PairSet, ioi_pairs
+
+    pairs = PairSet.tokenize(engine.tokenizer, ioi_pairs(engine.tokenizer, n_prompts, seed=0))
+    pipe.parallel = pipe.parallel.model_copy(update={"transport": "refs", "micro_batches": None})
+    times, results = [], []
+    for backend in (engine, pipe):
+        activation_patching(backend, pairs, [Sweep("resid_pre")])  # warm-up
+        start = time.perf_counter()
+        results.append(activation_patching(backend, pairs, [Sweep("resid_pre")]))
+        times.append(time.perf_counter() - start)
+    max_diff = float((results[0].values("resid_pre") - results[1].values("resid_pre")).abs().max())
+    return times[0], times[1], results[0].rows_run, max_diff
 
 
 if __name__ == "__main__":

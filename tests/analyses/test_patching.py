@@ -236,3 +236,27 @@ def test_patches_that_change_nothing_are_not_run(tiny_models):
     _check(result, Sweep("resid_pre"), naive_sweep(model, pairs, Sweep("resid_pre")))
     skipped = [r for r in result.rows if r["position"] < first]
     assert skipped and all(r["value"] == pytest.approx(result.baselines["corrupted"], abs=1e-6) for r in skipped)
+
+
+def test_metric_vocab_reads_only_answer_and_wrong_columns(monkeypatch):
+    from interplab.analyses import metrics
+    from interplab.analyses.metrics import metric_vocab, register_metric
+
+    monkeypatch.setattr(metrics, "_METRICS", dict(metrics._METRICS))  # the test's metric stays local
+    monkeypatch.setattr(metrics, "_TOKEN_ONLY", set(metrics._TOKEN_ONLY))
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 50, generator=gen)
+    inputs = MetricInputs(torch.tensor([5, 9, 5, 40]), torch.tensor([9, 2, 7, 5]), logits.log_softmax(-1))
+    vocab, sub = metric_vocab("logit_diff", inputs)
+    assert vocab.tolist() == [2, 5, 7, 9, 40]
+    fn = get_metric("logit_diff")
+    torch.testing.assert_close(fn(logits[:, vocab], sub), fn(logits, inputs), rtol=0, atol=0)
+    for name in ("prob", "logprob", "kl"):  # they normalise over the whole vocabulary
+        assert metric_vocab(name, inputs) == (None, inputs)
+
+    @register_metric("test_custom")
+    def custom(logits, inputs):  # a registered metric reads every column unless it says otherwise
+        return logits.sum(-1)
+
+    assert metric_vocab("test_custom", inputs)[0] is None

@@ -150,3 +150,30 @@ def test_joins_reject_what_they_cannot_do(tiny):
         tiny.run_stage(batch, start=1, stop=tiny.n_layers, hidden=hidden[:1], joins={1: hidden[1:]}, capture=["resid_post.1"])
     with pytest.raises(ValueError, match="no rows at layer 0"):
         tiny.run_stage(batch, start=0, stop=tiny.n_layers, joins={1: hidden})
+
+
+def test_vocab_subset_equals_the_full_logits_columns(tiny):
+    batch = tiny.tokenize(PROMPTS)
+    full = tiny.run(batch, logits="last").logits
+    vocab = torch.tensor([7, 3, tiny.d_vocab - 1, 3])  # any order, repeats allowed
+    for start in (0, 1):
+        hidden = None if start == 0 else tiny.run(batch, capture=[f"resid_pre.{start}"]).cache[f"resid_pre.{start}"]
+        sub, _ = tiny.run_stage(batch, start=start, stop=tiny.n_layers, hidden=hidden, with_head=True,
+                                logits="last", vocab=vocab)
+        assert sub.shape == (len(PROMPTS), 4)
+        torch.testing.assert_close(sub, full[:, vocab], rtol=1e-5, atol=1e-5)
+    # captured logits keep the whole vocabulary in the cache; the returned columns are still the subset
+    sub, cache = tiny.run_stage(batch, start=0, stop=tiny.n_layers, with_head=True, logits="last", vocab=vocab,
+                                capture=["logits"])
+    torch.testing.assert_close(sub, full[:, vocab], rtol=1e-5, atol=1e-5)
+    assert cache["logits"].shape[-1] == tiny.d_vocab
+
+
+def test_vocab_subset_rejects_bad_ids(tiny):
+    batch = tiny.tokenize(PROMPTS)
+    with pytest.raises(ValueError, match=rf"outside \[0, {tiny.d_vocab}\)"):
+        tiny.run_stage(batch, start=0, stop=tiny.n_layers, with_head=True, vocab=torch.tensor([0, tiny.d_vocab]))
+    with pytest.raises(ValueError, match="needs with_head=True"):
+        tiny.run_stage(batch, start=0, stop=1, vocab=torch.tensor([0]))
+    with pytest.raises(ValueError, match="non-empty 1-d tensor of token ids"):
+        tiny.run_stage(batch, start=0, stop=tiny.n_layers, with_head=True, vocab=torch.tensor([0.5]))

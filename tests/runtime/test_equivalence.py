@@ -6,9 +6,12 @@ import pytest
 import torch
 
 from interplab import load_model
+from interplab.analyses.patching import Sweep, activation_patching
+from interplab.analyses.tasks import PairSet, ioi_pairs
 from interplab.engine import steer, zero
+from interplab.engine.plan import KVPrefix
 from interplab.runtime import AdamConfig, make_trainer
-from tests.runtime.helpers import CLEAN, CORRUPT, logit_diff, next_token_loss, resid_sweep, sites_of
+from tests.runtime.helpers import ANSWER, CLEAN, CORRUPT, WRONG, logit_diff, next_token_loss, resid_sweep, sites_of
 
 pytestmark = pytest.mark.slow  # real Ray actors: ~10 s of start-up per pipeline
 
@@ -68,6 +71,52 @@ def test_patching_sweep(case):
     ref, pipe = case
     layers = range(ref.n_layers)
     torch.testing.assert_close(resid_sweep(pipe, CLEAN, CORRUPT, layers), resid_sweep(ref, CLEAN, CORRUPT, layers), **TOL)
+
+
+def test_run_stage_with_joins_prefix_and_vocab(case):
+    """Rows starting at different layers, a cached key/value prefix and a vocabulary subset: the
+    pipeline's run_stage equals the engine's (what patching sweeps send through it)."""
+    ref, pipe = case
+    batch = ref.tokenize(CORRUPT * 2)
+    full = ref.run(batch, capture=[f"resid_pre.{layer}" for layer in range(ref.n_layers)], logits="none", keep_kv=True)
+    got_kv = pipe.run(batch, logits="last", keep_kv=True).kv
+    assert sorted(got_kv) == sorted(full.kv)
+    for layer, (k, v) in full.kv.items():
+        torch.testing.assert_close(got_kv[layer][0], k, **TOL)
+        torch.testing.assert_close(got_kv[layer][1], v, **TOL)
+    p = 3  # positions before p come from the prefix
+    prefix = KVPrefix(p, {layer: (k[:, :, :p], v[:, :, :p]) for layer, (k, v) in full.kv.items()})
+    last = ref.n_layers - 1
+    joins = {0: full.cache["resid_pre.0"][:1, p:], 1: full.cache["resid_pre.1"][1:3, p:],
+             last: full.cache[f"resid_pre.{last}"][3:, p:]}
+    items = [steer(f"resid_pre.{last}", torch.ones(ref.d_model), coeff=0.5, rows=[0, 3], positions=[-1]),
+             zero("z.1", heads=[0], rows=[2], positions=[1])]
+    vocab = torch.tensor([ANSWER, WRONG, 2])
+    kwargs = dict(start=0, stop=ref.n_layers, with_head=True, joins=joins, interventions=items, logits="last",
+                  prefix=prefix, vocab=vocab)
+    want, _ = ref.run_stage(batch, **kwargs)
+    got, _ = pipe.run_stage(batch, **kwargs)
+    assert got.shape == (4, 3)
+    torch.testing.assert_close(got, want, **TOL)
+    hidden = full.cache["resid_pre.1"]  # plain hidden states from a later layer, whole vocabulary
+    want, _ = ref.run_stage(batch, start=1, stop=ref.n_layers, hidden=hidden, with_head=True, logits="last")
+    got, _ = pipe.run_stage(batch, start=1, stop=ref.n_layers, hidden=hidden, with_head=True, logits="last")
+    torch.testing.assert_close(got, want, **TOL)
+    with pytest.raises(ValueError, match="forward passes only"):
+        pipe.run_stage(batch, start=0, stop=ref.n_layers, capture=["resid_pre.1"])
+
+
+def test_activation_patching(case):
+    """The patching driver on a pipeline: rows start at their own layer through the stages, and the
+    results equal the single-process engine's."""
+    ref, pipe = case
+    pairs = PairSet.tokenize(ref.tokenizer, ioi_pairs(ref.tokenizer, 3, seed=1))
+    sweeps = [Sweep("resid_pre"), Sweep("z", ("layer", "head"))]
+    want = activation_patching(ref, pairs, sweeps, batch_rows=16)
+    got = activation_patching(pipe, pairs, sweeps, batch_rows=16)
+    assert (got.rows_run, got.rows_unchanged) == (want.rows_run, want.rows_unchanged)
+    for sweep in ("resid_pre", "z"):
+        torch.testing.assert_close(got.values(sweep, "exact"), want.values(sweep, "exact"), **TOL)
 
 
 def test_site_gradients(case):

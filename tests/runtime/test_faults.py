@@ -13,6 +13,8 @@ import pytest
 import torch
 
 from interplab import load_model
+from interplab.analyses.patching import Sweep, activation_patching
+from interplab.analyses.tasks import PairSet, ioi_pairs
 from interplab.engine import Intervention
 from interplab.runtime import ParallelConfig, StageError, capture_to_store
 from interplab.runtime.pipeline import PipelineModel
@@ -94,6 +96,25 @@ def test_sweep_survives_a_killed_stage(fresh_pipeline):
     killer.start()
     try:
         results = [resid_sweep(pipe, CLEAN, CORRUPT, range(3)) for _ in range(8)]
+    finally:
+        killer.cancel()
+    assert pipe.stage_pids()[1] != before[1], "the stage was not killed during the sweep"
+    for got in results:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_patching_survives_a_killed_stage(fresh_pipeline):
+    """The patching driver's mid-model passes (rows joining at their layer, cached prefixes) are
+    resubmitted when a stage dies: the sweep's values equal the single-process engine's."""
+    pipe = fresh_pipeline
+    ref = load_model("tiny-llama")
+    pairs = PairSet.tokenize(ref.tokenizer, ioi_pairs(ref.tokenizer, 4, seed=2))
+    want = activation_patching(ref, pairs, [Sweep("resid_pre")], batch_rows=8).values("resid_pre")
+    before = pipe.stage_pids()
+    killer = threading.Timer(0.5, os.kill, (before[1], signal.SIGKILL))
+    killer.start()
+    try:
+        results = [activation_patching(pipe, pairs, [Sweep("resid_pre")], batch_rows=8).values("resid_pre") for _ in range(4)]
     finally:
         killer.cancel()
     assert pipe.stage_pids()[1] != before[1], "the stage was not killed during the sweep"

@@ -26,14 +26,31 @@ class MetricInputs:
 
 Metric = Callable[[torch.Tensor, MetricInputs], torch.Tensor]
 _METRICS: dict[str, Metric] = {}
+_TOKEN_ONLY: set[str] = set()  # metrics that read only the answer and wrong tokens' logits
 
 
-def register_metric(name: str) -> Callable[[Metric], Metric]:
+def register_metric(name: str, *, answer_and_wrong_only: bool = False) -> Callable[[Metric], Metric]:
+    """Register a metric. ``answer_and_wrong_only``: it reads no logits but the answer and wrong
+    tokens' (no softmax over the vocabulary), so drivers may compute just those columns."""
+
     def wrap(fn: Metric) -> Metric:
         _METRICS[name] = fn
+        _TOKEN_ONLY.discard(name)
+        if answer_and_wrong_only:
+            _TOKEN_ONLY.add(name)
         return fn
 
     return wrap
+
+
+def metric_vocab(name: str, inputs: MetricInputs) -> tuple[torch.Tensor | None, MetricInputs]:
+    """The vocabulary columns metric ``name`` reads for these rows (None: all of them), and
+    ``inputs`` with the answer/wrong ids re-indexed into those columns."""
+    if name not in _TOKEN_ONLY:
+        return None, inputs
+    vocab, index = torch.unique(torch.cat([inputs.answer, inputs.wrong]), return_inverse=True)
+    n = len(inputs.answer)
+    return vocab, MetricInputs(index[:n], index[n:], inputs.clean_logprobs)
 
 
 def get_metric(name: str) -> Metric:
@@ -50,7 +67,7 @@ def _pick(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return values.gather(-1, ids.to(values.device)[:, None])[:, 0]
 
 
-@register_metric("logit_diff")
+@register_metric("logit_diff", answer_and_wrong_only=True)
 def logit_diff(logits: torch.Tensor, inputs: MetricInputs) -> torch.Tensor:
     """logit(answer) - logit(wrong)."""
     return _pick(logits, inputs.answer) - _pick(logits, inputs.wrong)

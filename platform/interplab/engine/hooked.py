@@ -174,7 +174,8 @@ class HookedModel:
         )
 
     def _execute(self, batch: TokenBatch, plan: HookPlan, *, start: int, stop: int, hidden, with_head: bool,
-                 logits: LogitsMode, joins: Mapping[int, torch.Tensor] | None = None):
+                 logits: LogitsMode, joins: Mapping[int, torch.Tensor] | None = None,
+                 vocab: torch.Tensor | None = None):
         batch = batch.to(self.device)
         token = attention.activate(plan, self._attn_layer)
         try:
@@ -188,12 +189,13 @@ class HookedModel:
                 if not with_head:
                     return hidden
                 last = batch.last_positions() - offset if logits == "last" else None
-                return runner.unembed(self, hidden, plan, last)
+                return runner.unembed(self, hidden, plan, last, vocab)
         finally:
             attention.deactivate(token)
 
     @staticmethod
-    def _check_joins(batch: TokenBatch, start: int, stop: int, hidden, joins, capturing: bool) -> None:
+    def check_joins(batch: TokenBatch, start: int, stop: int, hidden, joins, capturing: bool) -> None:
+        """One clear error for ``run_stage`` joins that cannot run (shared with the pipeline backend)."""
         if capturing:
             raise ValueError("run_stage: joins cannot be combined with capture or grad (the batch grows between layers)")
         outside = sorted(layer for layer in joins if not start <= layer < stop)
@@ -204,6 +206,17 @@ class HookedModel:
         rows = (0 if hidden is None else hidden.shape[0]) + sum(int(t.shape[0]) for t in joins.values())
         if rows != batch.input_ids.shape[0]:
             raise ValueError(f"run_stage: hidden and joins hold {rows} rows, the batch has {batch.input_ids.shape[0]}")
+
+    def check_vocab(self, vocab, with_head: bool) -> torch.Tensor:
+        if not with_head:
+            raise ValueError("vocab selects logits columns: it needs with_head=True")
+        vocab = torch.as_tensor(vocab)
+        if vocab.ndim != 1 or vocab.dtype not in (torch.int32, torch.int64) or len(vocab) == 0:
+            raise ValueError(f"vocab must be a non-empty 1-d tensor of token ids, got {vocab.dtype} {list(vocab.shape)}")
+        bad = vocab[(vocab < 0) | (vocab >= self.d_vocab)]
+        if len(bad):
+            raise ValueError(f"vocab holds token ids {bad[:5].tolist()} outside [0, {self.d_vocab})")
+        return vocab.long()
 
     def _last_needed_layer(self, plan: HookPlan) -> int | None:
         """The last layer a capture-only pass must run, or None if the head is needed."""
@@ -269,6 +282,7 @@ class HookedModel:
         grad: bool = False,
         prefix: KVPrefix | None = None,
         joins: Mapping[int, torch.Tensor] | None = None,
+        vocab: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ActivationCache]:
         """Run layers ``[start, stop)`` (embedding first when ``hidden`` is None, head when ``with_head``).
 
@@ -282,17 +296,24 @@ class HookedModel:
         rows running from ``start`` (None if none do), and the batch's rows are in that order: first
         ``hidden``'s, then each join's in layer order. Interventions on a layer may only name rows
         present by then. Not combined with captures or gradients (their row count would change).
+
+        ``vocab`` (``Long[k]``, with the head) returns logits for those vocabulary columns only, in
+        that order (``[..., k]``): a metric that reads a few tokens' logits skips the rest of the
+        unembedding.
         """
+        if vocab is not None:
+            vocab = self.check_vocab(vocab, with_head)
         if joins:
-            self._check_joins(batch, start, stop, hidden, joins, bool(capture) or grad)
+            self.check_joins(batch, start, stop, hidden, joins, bool(capture) or grad)
             plan = self._plan(batch, [], interventions, (), positions, keep_grad=False, prefix=prefix)
             with torch.no_grad():
                 out = self._execute(batch, plan, start=start, stop=stop, hidden=hidden, with_head=with_head,
-                                    logits=logits, joins=joins)
+                                    logits=logits, joins=joins, vocab=vocab)
             return out, self._cache(plan)
         stage = self.stage_pass(
             batch, start=start, stop=stop, hidden=hidden, with_head=with_head, capture=capture,
             interventions=interventions, positions=positions, logits=logits, grad=grad, prefix=prefix,
+            vocab=vocab,
         )
         return stage.output, stage.cache
 
@@ -311,17 +332,24 @@ class HookedModel:
         logits: LogitsMode = "all",
         grad: bool = False,
         prefix: KVPrefix | None = None,
+        vocab: torch.Tensor | None = None,
+        keep_kv: bool = False,
     ) -> StagePass:
         """Like :meth:`run_stage`, but keep the plan: a pipeline stage's forward half of a backward pass.
 
         With ``grad_sites`` (or ``grad``) the autograd graph is kept; ``StagePass.plan.grad_tensors``
         holds the tensors of the gradient sites and :meth:`site_grads` turns their gradients into the
-        capture layout, as :meth:`gradients` does.
+        capture layout, as :meth:`gradients` does. ``keep_kv`` records the stage's keys/values in
+        ``StagePass.plan.kv`` (as ``run(keep_kv=True)``).
         """
+        if vocab is not None:
+            vocab = self.check_vocab(vocab, with_head)
         sites = list(capture) + list(grad_sites)
-        plan = self._plan(batch, sites, interventions, grad_sites, positions, keep_grad=grad or bool(grad_sites), prefix=prefix)
+        plan = self._plan(batch, sites, interventions, grad_sites, positions, keep_grad=grad or bool(grad_sites),
+                          prefix=prefix, record_kv=keep_kv)
         with torch.set_grad_enabled(plan.keep_grad):
-            out = self._execute(batch, plan, start=start, stop=stop, hidden=hidden, with_head=with_head, logits=logits)
+            out = self._execute(batch, plan, start=start, stop=stop, hidden=hidden, with_head=with_head, logits=logits,
+                                vocab=vocab)
         return StagePass(out, plan, self._cache(plan))
 
     def gradients(

@@ -108,17 +108,31 @@ def run_layers(
     return hidden
 
 
-def unembed(hooked, hidden: torch.Tensor, plan: HookPlan, last: torch.Tensor | None) -> torch.Tensor:
-    """Final norm and unembedding; ``last`` (``Long[b]``) keeps only those positions' logits."""
+def unembed(
+    hooked, hidden: torch.Tensor, plan: HookPlan, last: torch.Tensor | None, vocab: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Final norm and unembedding; ``last`` (``Long[b]``) keeps only those positions' logits, ``vocab``
+    (``Long[k]``) only those vocabulary columns (an analysis that reads a few tokens' logits need not
+    pay for the whole unembedding matrix)."""
     hidden = hooked.base.get_submodule(hooked.spec.final_norm)(hidden)
     hidden = plan.process(SiteKind.FINAL, None, hidden)
-    if last is not None and not plan.active(SiteKind.LOGITS):
+    logits_hooked = plan.active(SiteKind.LOGITS)
+    if last is not None and not logits_hooked:
         hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), last.to(hidden.device)][:, None]
-    logits = hooked.model.get_submodule(hooked.spec.lm_head)(hidden)
+    head = hooked.model.get_submodule(hooked.spec.lm_head)
+    if vocab is not None and not logits_hooked and isinstance(head, torch.nn.Linear):
+        vocab = vocab.to(head.weight.device)
+        bias = head.bias[vocab] if head.bias is not None else None
+        logits = torch.nn.functional.linear(hidden, head.weight[vocab], bias)
+        vocab = None  # done
+    else:
+        logits = head(hidden)
     cap = getattr(hooked.config, hooked.spec.logit_softcap, None) if hooked.spec.logit_softcap else None
     if cap is not None:
         logits = torch.tanh(logits / cap) * cap
     logits = plan.process(SiteKind.LOGITS, None, logits)
+    if vocab is not None:
+        logits = logits[..., vocab.to(logits.device)]
     if last is not None and logits.shape[1] != 1:
         logits = logits[torch.arange(logits.shape[0], device=logits.device), last.to(logits.device)][:, None]
     return logits[:, 0] if last is not None else logits

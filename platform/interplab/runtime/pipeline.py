@@ -14,7 +14,7 @@ chain hits a dead actor is resubmitted once the actor has restarted.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +23,7 @@ import torch
 from interplab.engine.cache import ActivationCache
 from interplab.engine.hooked import GradResult, LogitsMode, Metric, Prompts, RunResult
 from interplab.engine.interventions import Intervention
-from interplab.engine.plan import Positions, resolve_positions
+from interplab.engine.plan import KVPrefix, Positions, resolve_positions
 from interplab.engine.sites import Site, SiteKind, parse_sites
 from interplab.engine.tokens import TokenBatch
 from interplab.runtime import cluster
@@ -31,9 +31,10 @@ from interplab.runtime.compiled import CompiledRuns
 from interplab.runtime.config import ParallelConfig
 from interplab.runtime.errors import StageError
 from interplab.runtime.microbatch import narrow_interventions, row_ranges, slice_batch, slice_positions, splittable
+from interplab.runtime.parameters import PipelineParameters
 from interplab.runtime.sink import StoreSink
 from interplab.runtime.split import model_bytes, resolve_stages
-from interplab.runtime.stage import AdamConfig, StageSpec, StageTask
+from interplab.runtime.stage import StageSpec, StageTask
 
 
 @dataclass
@@ -48,7 +49,7 @@ class _Flight:
     attempts: int = 0
 
 
-class PipelineModel:
+class PipelineModel(PipelineParameters):
     """A model split into stages on Ray actors, with data-parallel replicas. See the module docstring."""
 
     def __init__(
@@ -196,6 +197,7 @@ class PipelineModel:
         capture: list[Site], interventions: Sequence[Intervention], grad_sites: Sequence[Site] = (),
         positions: Positions, logits: LogitsMode, upto: int | None = None, stop: int | None = None,
         with_head: bool = True, emit_last: bool = True, sink: StoreSink | None = None, tokens=None,
+        keep_kv: bool = False,
     ) -> list[StageTask]:
         """The per-stage tasks of one micro-batch (rows ``[lo, hi)`` of ``batch``)."""
         upto = self.n_stages - 1 if upto is None else upto
@@ -211,7 +213,7 @@ class PipelineModel:
                 grad_sites=[s for s in grad_sites if self.stage_of(s) == i],
                 positions=slice_positions(positions, lo, hi), logits=logits,
                 stop=stop if is_last else None, with_head=with_head and is_last and i == self.n_stages - 1,
-                emit=emit_last or not is_last, sink=sink, tokens=tokens,
+                emit=emit_last or not is_last, sink=sink, tokens=tokens, keep_kv=keep_kv,
             ))
         return out
 
@@ -220,6 +222,8 @@ class PipelineModel:
         hidden = None
         sides = []
         for task, actor in zip(flight.tasks, self._replicas[flight.replica].actors):
+            if task is None:  # the chain starts at a later stage (run_stage from a later layer)
+                continue
             hidden, side = actor.forward.options(num_returns=2).remote(task, hidden)
             sides.append(side)
         flight.sides, flight.out = sides, hidden
@@ -233,7 +237,7 @@ class PipelineModel:
         if flight.attempts > self.parallel.max_retries:
             spec = self._specs[-1]
             raise StageError(
-                spec.index, (spec.start, spec.stop), flight.tasks[0].prompt_ids, type(exc).__name__,
+                spec.index, (spec.start, spec.stop), next(t for t in flight.tasks if t).prompt_ids, type(exc).__name__,
                 f"a stage actor died {flight.attempts} times; gave up after {self.parallel.max_retries} retries",
             ) from None
         cluster.wait_alive(self._replicas[flight.replica])
@@ -288,8 +292,10 @@ class PipelineModel:
         positions: Positions = None,
         logits: LogitsMode = "all",
         grad: bool = False,
+        keep_kv: bool = False,
     ) -> RunResult:
-        """As :meth:`HookedModel.run` (``grad=True`` is not available: use a trainer or ``gradients``)."""
+        """As :meth:`HookedModel.run` (``grad=True`` is not available: use a trainer or ``gradients``;
+        ``keep_kv`` gathers every stage's keys/values, e.g. as a prefix for :meth:`run_stage`)."""
         if grad:
             raise ValueError("PipelineModel.run(grad=True) is not supported: the graph lives in the stage actors; "
                              "use interplab.runtime.make_trainer(...) for training or gradients(...) for site gradients")
@@ -305,15 +311,76 @@ class PipelineModel:
                 yield mb, lambda call, mb=mb, lo=lo, hi=hi: self._tasks(
                     call, mb, batch, lo, hi, list(range(lo, hi)), mode="run", capture=capture,
                     interventions=interventions, positions=positions, logits=logits, upto=upto, stop=stop,
-                    with_head=with_head, emit_last=with_head and logits != "none",
+                    with_head=with_head, emit_last=with_head and logits != "none", keep_kv=keep_kv,
                 )
 
-        if not (upto == self.n_stages - 1 and self._graphs.run(items(), results)):
+        if not (upto == self.n_stages - 1 and not keep_kv and self._graphs.run(items(), results)):
             self._drive(items(), lambda key, sides, out: results.__setitem__(key, (sides, out)), window=len(parts))
         ordered = [results[mb] for mb in range(len(parts))]
-        values = _concat_caches([c for sides, _ in ordered for c in sides], capture)
+        sides = [side for mb_sides, _ in ordered for side in mb_sides]
+        kv = None
+        if keep_kv:  # each side is (captures, {layer: (k, v)}); micro-batches are rows, in order
+            kv = _concat_kv([k for _, k in sides])
+            sides = [c for c, _ in sides]
+        values = _concat_caches(sides, capture)
         out_logits = torch.cat([o for _, o in ordered], dim=0) if with_head and logits != "none" else None
-        return RunResult(out_logits, ActivationCache(values, pos, valid), batch)
+        return RunResult(out_logits, ActivationCache(values, pos, valid), batch, kv)
+
+    def run_stage(
+        self,
+        batch: TokenBatch,
+        *,
+        start: int,
+        stop: int,
+        hidden: torch.Tensor | None = None,
+        with_head: bool = False,
+        capture: Sequence[Site | str] = (),
+        interventions: Sequence[Intervention] = (),
+        positions: Positions = None,
+        logits: LogitsMode = "all",
+        grad: bool = False,
+        prefix: KVPrefix | None = None,
+        joins: Mapping[int, torch.Tensor] | None = None,
+        vocab: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, ActivationCache]:
+        """As :meth:`HookedModel.run_stage` over the whole pipeline, for forward passes: layers
+        ``[start, stop)`` from ``hidden`` and/or ``joins``, with a cached ``prefix`` and ``vocab``.
+
+        Each micro-batch's chain starts at the stage holding its rows' first layer; rows joining
+        later travel with the tasks of the stage that owns their layer. Captures and gradients are
+        not taken here (use :meth:`run` / :meth:`gradients`)."""
+        from interplab.engine.hooked import HookedModel
+        from interplab.runtime.partial import entry_layers, partial_tasks
+
+        if capture or grad or positions is not None:
+            raise ValueError("PipelineModel.run_stage runs forward passes only: use run(capture=...) or gradients(...)")
+        if not 0 <= start < stop <= self.n_layers:
+            raise ValueError(f"run_stage: layers [{start}, {stop}) are not a block of the model's {self.n_layers} layers")
+        if with_head and stop != self.n_layers:
+            raise ValueError(f"run_stage: with_head needs stop={self.n_layers} (the last layer), got {stop}")
+        if vocab is not None:
+            vocab = self._skeleton.check_vocab(vocab, with_head)
+        joins = dict(joins or {})
+        if joins:
+            HookedModel.check_joins(batch, start, stop, hidden, joins, False)
+        elif hidden is None and start > 0:
+            raise ValueError(f"run_stage: starting at layer {start} needs hidden (the resid_pre there) or joins")
+        self._validate((), interventions)
+        entries = entry_layers(start, hidden, joins) if joins or hidden is not None else torch.zeros(batch.size, dtype=torch.long)
+        parts = self._micro_parts(batch, interventions)
+        outputs: dict[int, torch.Tensor] = {}
+
+        def items():
+            for mb, (lo, hi) in enumerate(parts):
+                yield mb, lambda call, mb=mb, lo=lo, hi=hi: partial_tasks(
+                    self.stage_ranges, self.stage_of, call, mb, batch, lo, hi, start=start, stop=stop,
+                    hidden=hidden, joins=joins, entries=entries, interventions=interventions, prefix=prefix,
+                    with_head=with_head, logits=logits, vocab=vocab,
+                )
+
+        self._drive(items(), lambda key, sides, out: outputs.__setitem__(key, out), window=len(parts))
+        pos, valid = resolve_positions(None, batch.lengths, batch.seq_len)
+        return torch.cat([outputs[mb] for mb in range(len(parts))]), ActivationCache({}, pos, valid)
 
     # ------------------------------------------------------------------ capture to the store
     def capture_to_store(
@@ -467,96 +534,6 @@ class PipelineModel:
         self._steps += 1
         return summary["value"]
 
-    def _tied_names(self) -> tuple[str, str] | None:
-        """``(head name, embedding name)`` when the model ties them."""
-        if not getattr(self.config, "tie_word_embeddings", False):
-            return None
-        return f"{self.spec.lm_head}.weight", f"{self.spec.base}.{self.spec.embed}.weight"
-
-    def _stage_names(self) -> list[list[str]]:
-        """Full model names of the parameters each stage holds (asked once: the split is fixed)."""
-        import ray
-
-        if self._names is None:
-            self._names = ray.get([a.parameter_names.remote() for a in self._replicas[0].actors])
-        return self._names
-
-    def parameter_names(self) -> list[str]:
-        """Every parameter's name as the single-process model's ``named_parameters()`` gives it (a tied
-        head appears once, under the embedding's name)."""
-        names = list(dict.fromkeys(n for part in self._stage_names() for n in part))
-        tied = self._tied_names()
-        if tied is not None and tied[1] in names:
-            names = [n for n in names if n != tied[0]]
-        return names
-
-    def _owners(self, name: str) -> list[int]:
-        """Stages holding ``name`` (a tied embedding: the stages holding either copy); ValueError if none."""
-        names = [name]
-        tied = self._tied_names()
-        if tied is not None and name in tied:
-            names = list(tied)
-        stages = [i for i, part in enumerate(self._stage_names()) if any(n in part for n in names)]
-        if not stages:
-            known = self.parameter_names()
-            raise ValueError(f"unknown parameter {name!r}: the model has {len(known)} parameters, e.g. {known[:3]}")
-        return stages
-
-    def set_parameters(self, values: dict[str, torch.Tensor]) -> int:
-        """Copy ``values`` (full model name -> tensor; any subset) into the stages that hold them, on
-        every replica. A tied embedding's value (under either name) goes to both of its copies.
-        Returns the number of names set; an unknown name is a ValueError and nothing is written."""
-        import ray
-
-        per_stage: list[dict[str, torch.Tensor]] = [{} for _ in range(self.n_stages)]
-        for name, value in values.items():
-            for stage in self._owners(name):
-                per_stage[stage][name] = value.detach().to("cpu")
-        refs = []
-        for replica in self._replicas:
-            for actor, part in zip(replica.actors, per_stage):
-                if part:
-                    refs.append(actor.set_parameters.remote(part))
-        try:
-            ray.get(refs)
-        except Exception as exc:  # noqa: BLE001
-            raise cluster.unwrap(exc) from None
-        return len(values)
-
-    def _init_optimizer(self, adam: AdamConfig, trainable: Sequence[str] | None = None) -> None:
-        """A fresh Adam on every stage over the ``trainable`` parameters (full names; None: all); every
-        other parameter gets ``requires_grad`` False until :meth:`_release_optimizer` or the next call."""
-        import ray
-
-        if len(self._replicas) != 1:
-            raise ValueError("training on a pipeline needs replicas: 1 (data-parallel gradient all-reduce is not implemented)")
-        if trainable is not None:
-            trainable = list(trainable)
-            if not trainable:
-                raise ValueError("trainable is empty: no parameter would be trained")
-            for name in trainable:
-                self._owners(name)
-        try:
-            ray.get([a.init_optimizer.remote(adam, trainable) for a in self._replicas[0].actors])
-        except Exception as exc:  # noqa: BLE001
-            raise cluster.unwrap(exc) from None
-        self._steps = 0
-
-    def _release_optimizer(self) -> None:
-        """Drop every stage's optimizer state and make all parameters require grad again."""
-        import ray
-
-        ray.get([a.release_optimizer.remote() for a in self._replicas[0].actors])
-
-    def stage_parameters(self, replica: int = 0) -> dict[str, torch.Tensor]:
-        """All stages' parameters (CPU copies, by name; a tied head appears under its own name)."""
-        import ray
-
-        out: dict[str, torch.Tensor] = {}
-        for part in ray.get([a.parameters.remote() for a in self._replicas[replica].actors]):
-            out.update(part)
-        return out
-
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
         """Stop the stage actors and release their placement groups."""
@@ -587,6 +564,15 @@ def _drain(refs) -> None:
                 ray.get(ref)
             except Exception:  # noqa: BLE001 - already reported once
                 pass
+
+
+def _concat_kv(parts: Sequence[dict[int, tuple[torch.Tensor, torch.Tensor]]]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Layer -> (keys, values) with every micro-batch's rows concatenated (parts in micro-batch order)."""
+    pieces: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+    for part in parts:
+        for layer, kv in part.items():
+            pieces.setdefault(layer, []).append(kv)
+    return {layer: (torch.cat([k for k, _ in kvs]), torch.cat([v for _, v in kvs])) for layer, kvs in sorted(pieces.items())}
 
 
 def _concat_caches(parts: Sequence[ActivationCache], order: Sequence[Site]) -> dict[Site, torch.Tensor]:

@@ -71,6 +71,12 @@ class StageTask:
     sink: StoreSink | None = None
     tokens: list[list[str]] | None = None
     keep_on_device: bool = False  # return the output on the stage's device (a compiled graph sends it by NCCL)
+    start: int | None = None  # first layer to run (None: the stage's first); rows may start mid-model
+    joins: dict | None = None  # layer -> resid_pre rows joining the batch there (HookedModel.run_stage)
+    prefix: Any = None  # KVPrefix of this stage's layers: cached keys/values of the first positions
+    vocab: Any = None  # Long[k]: the head computes only these logits columns
+    keep_kv: bool = False  # also return the stage's keys/values: side result (captures, {layer: (k, v)})
+    hidden: Any = None  # the input of a chain's first stage when its rows start mid-model with hidden states
 
 
 @dataclass(frozen=True)
@@ -149,18 +155,26 @@ class StageWorker:
         The side result is the stage's captures (an :class:`ActivationCache` on CPU), or the number
         of rows written when the task carries a store sink.
         """
-        import torch
 
+        hidden = task.hidden if hidden is None else hidden
         if hidden is not None:
             hidden = hidden.to(self.device)
             if task.mode != "run":
                 hidden = hidden.detach().requires_grad_(True)
         spec = self.spec
+        start = task.start if task.start is not None else spec.start
         stop = task.stop if task.stop is not None else spec.stop
+        if task.joins:  # rows join at later layers: forward only (HookedModel.run_stage checks the rest)
+            output, _ = self.hooked.run_stage(
+                task.batch, start=start, stop=stop, hidden=hidden, with_head=task.with_head, joins=task.joins,
+                interventions=task.interventions, logits=task.logits, prefix=task.prefix, vocab=task.vocab,
+            )
+            return (output.detach() if task.keep_on_device else output.detach().to("cpu")) if task.emit else None, None
         stage = self.hooked.stage_pass(
-            task.batch, start=spec.start, stop=stop, hidden=hidden, with_head=task.with_head,
+            task.batch, start=start, stop=stop, hidden=hidden, with_head=task.with_head,
             capture=task.capture, interventions=task.interventions, grad_sites=task.grad_sites,
             positions=task.positions, logits=task.logits, grad=task.mode != "run",  # keep the graph on every stage
+            prefix=task.prefix, vocab=task.vocab, keep_kv=task.keep_kv,
         )
         cache = stage.cache
         if task.mode != "run":
@@ -175,6 +189,8 @@ class StageWorker:
             out = stage.output.detach() if task.keep_on_device else stage.output.detach().to("cpu")
         if task.sink is not None:
             return out, self._write(task, cache)
+        if task.keep_kv:
+            return out, (cache, {layer: (k.to("cpu"), v.to("cpu")) for layer, (k, v) in stage.plan.kv.items()})
         return out, cache
 
     def _write(self, task: StageTask, cache) -> int:

@@ -23,7 +23,7 @@ from typing import Literal
 
 import torch
 
-from interplab.analyses.metrics import MetricInputs, get_metric
+from interplab.analyses.metrics import MetricInputs, get_metric, metric_vocab
 from interplab.analyses.patching.result import PatchingResult, pearson
 from interplab.analyses.patching.sweeps import Patch, Sweep, SweepError
 from interplab.analyses.tasks.pairs import PairSet
@@ -77,6 +77,8 @@ class _Setup:
         corrupted = model.run(pairs.corrupted, capture=capture, logits="last", keep_kv=prefix_ok)
         clean_logprobs = clean.logits.float().log_softmax(-1)
         self.inputs = MetricInputs(pairs.answer, pairs.wrong, clean_logprobs)
+        # patched passes unembed only the columns the metric reads (logit_diff: answer and wrong)
+        self.vocab, self.vocab_inputs = metric_vocab(metric, self.inputs)
         self.clean_per_prompt = self.metric(clean.logits, self.inputs).double()
         self.corrupted_per_prompt = self.metric(corrupted.logits, self.inputs).double()
         self.baselines = {"clean": float(self.clean_per_prompt.mean()), "corrupted": float(self.corrupted_per_prompt.mean())}
@@ -193,10 +195,13 @@ def _exact(setup: _Setup, result: PatchingResult, batch_rows: int, progress: boo
                     for layer, (k, v) in setup.target_kv.items() if layer >= first
                 })
             logits, _ = model.run_stage(batch, start=first, stop=model.n_layers, with_head=True, joins=joins,
-                                        interventions=interventions, logits="last", prefix=prefix)
+                                        interventions=interventions, logits="last", prefix=prefix,
+                                        vocab=setup.vocab)
+            inputs = setup.vocab_inputs
         else:
             logits = model.run(batch, interventions=interventions, logits="last").logits
-        values = setup.metric(logits, setup.inputs.select(prompts)).double()
+            inputs = setup.inputs
+        values = setup.metric(logits, inputs.select(prompts)).double()
         totals.index_add_(0, job_ids, values.cpu())
         bar.update(len(chunk))
     bar.close()
