@@ -79,8 +79,6 @@ class PipelineParameters:
         other parameter gets ``requires_grad`` False until :meth:`_release_optimizer` or the next call."""
         import ray
 
-        if len(self._replicas) != 1:
-            raise ValueError("training on a pipeline needs replicas: 1 (data-parallel gradient all-reduce is not implemented)")
         if trainable is not None:
             trainable = list(trainable)
             if not trainable:
@@ -88,7 +86,7 @@ class PipelineParameters:
             for name in trainable:
                 self._owners(name)
         try:
-            ray.get([a.init_optimizer.remote(adam, trainable) for a in self._replicas[0].actors])
+            ray.get([a.init_optimizer.remote(adam, trainable) for replica in self._replicas for a in replica.actors])
         except Exception as exc:  # noqa: BLE001
             raise cluster.unwrap(exc) from None
         self._steps = 0
@@ -97,7 +95,7 @@ class PipelineParameters:
         """Drop every stage's optimizer state and make all parameters require grad again."""
         import ray
 
-        ray.get([a.release_optimizer.remote() for a in self._replicas[0].actors])
+        ray.get([a.release_optimizer.remote() for replica in self._replicas for a in replica.actors])
 
     def stage_parameters(self, replica: int = 0) -> dict[str, torch.Tensor]:
         """All stages' parameters (CPU copies, by name; a tied head appears under its own name)."""

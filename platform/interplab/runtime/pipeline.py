@@ -512,27 +512,32 @@ class PipelineModel(PipelineParameters):
         """One optimizer step over ``prompts`` (used by :class:`~interplab.runtime.training.PipelineTrainer`)."""
         import ray
 
-        if len(self._replicas) != 1:
-            raise ValueError("training on a pipeline needs replicas: 1 (data-parallel gradient all-reduce is not implemented)")
+        from interplab.runtime.replicated import replicated_backward
+
         batch = self.tokenize(prompts)
         self._validate((), interventions)
-        actors = self._replicas[0].actors
+        replicas = self._replicas
         expected = self._steps
-        states = cluster.wait_alive(self._replicas[0])
-        if any(steps != expected for _, steps in states):
-            raise StageError(0, self.stage_ranges[0], [], "TrainingStateLost",
-                             "a stage actor restarted and lost its weights and optimizer state; restart training from a checkpoint")
+        for replica in replicas:
+            if any(steps != expected for _, steps in cluster.wait_alive(replica)):
+                raise StageError(0, self.stage_ranges[0], [], "TrainingStateLost",
+                                 "a stage actor restarted and lost its weights and optimizer state; restart training from a checkpoint")
         try:
-            _, summary, _ = self._backward_call(batch, loss_fn, mode="train", capture=[], grad_sites=[],
-                                                interventions=interventions, positions=None, logits="all", replica=0)
+            if len(replicas) == 1:  # the loss is evaluated on the last stage
+                _, summary, _ = self._backward_call(batch, loss_fn, mode="train", capture=[], grad_sites=[],
+                                                    interventions=interventions, positions=None, logits="all", replica=0)
+                value = summary["value"]
+            else:  # data parallel: the driver evaluates the loss on every replica's logits
+                value = replicated_backward(self, batch, loss_fn, interventions)
             if self.n_stages > 1 and getattr(self.config, "tie_word_embeddings", False):
-                first, last = actors[0].tied_grad.remote(), actors[-1].tied_grad.remote()
-                ray.get([actors[0].add_tied_grad.remote(last), actors[-1].add_tied_grad.remote(first)])
-            ray.get([a.step.remote(-1) for a in actors])
+                for replica in replicas:
+                    first, last = replica.actors[0].tied_grad.remote(), replica.actors[-1].tied_grad.remote()
+                    ray.get([replica.actors[0].add_tied_grad.remote(last), replica.actors[-1].add_tied_grad.remote(first)])
+            ray.get([a.step.remote(-1) for replica in replicas for a in replica.actors])
         except Exception as exc:  # noqa: BLE001
             raise cluster.unwrap(exc) from None
         self._steps += 1
-        return summary["value"]
+        return value
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:

@@ -269,6 +269,38 @@ class StageWorker:
         return [summary, *grad_ins]
 
     @_stage_errors
+    def outputs(self, call: int, mbs: Sequence[int]):
+        """Last stage, data-parallel training: the logits of micro-batches ``mbs`` of ``call`` (CPU),
+        for the driver to evaluate the loss on every replica's rows at once."""
+        import torch
+
+        return torch.cat([self._pending[(call, mb)][1].output.detach() for mb in mbs]).to("cpu")
+
+    @_stage_errors
+    def backward_outputs(self, call: int, mbs: Sequence[int], grad):
+        """Last stage, data-parallel training: backward from ``grad``, the loss gradient of this
+        stage's logits for ``mbs`` (rows in order). Returns ``[rows, grad_in_0, grad_in_1, ...]`` as
+        :meth:`finish` does."""
+        import torch
+
+        keys = [(call, mb) for mb in mbs]
+        outs = [self._pending[k][1].output for k in keys]
+        parts = torch.split(grad.to(self.device, outs[0].dtype), [o.shape[0] for o in outs])
+        live = [(o, g) for o, g in zip(outs, parts) if o.requires_grad]
+        if live:
+            torch.autograd.backward([o for o, _ in live], [g for _, g in live])
+        grad_ins = []
+        for k in keys:
+            hidden = self._pending[k][0]
+            grad_in = None
+            if hidden is not None:
+                grad_in = (hidden.grad if hidden.grad is not None else torch.zeros_like(hidden)).detach().to("cpu")
+            grad_ins.append(grad_in)
+            del self._pending[k]
+        self._call_prompts.pop(call, None)
+        return [int(grad.shape[0]), *grad_ins]
+
+    @_stage_errors
     def backward(self, call: int, mb: int, grad_out):
         """Earlier stage: gradient of this stage's output → ``(grad of its input, its site gradients)``."""
         import torch
@@ -453,6 +485,29 @@ class StageWorker:
             else:
                 param.grad.add_(other.to(param.device))
         return True
+
+    def _trained(self) -> list:
+        return [p for group in self._optimizer.param_groups for p in group["params"]] if self._optimizer else []
+
+    @_stage_errors
+    def grads(self) -> list:
+        """This stage's trainable parameters' gradients (CPU; None where there is none), in the
+        optimizer's order: one replica's share of the data-parallel all-reduce."""
+        return [None if p.grad is None else p.grad.detach().to("cpu") for p in self._trained()]
+
+    @_stage_errors
+    def set_grad_sum(self, *parts) -> int:
+        """Set every trainable parameter's gradient to the sum of ``parts`` (each replica's
+        :meth:`grads`, in replica order). Every replica adds the same CPU tensors in the same order,
+        so all replicas take bit-identical optimizer steps."""
+        params = self._trained()
+        for i, param in enumerate(params):
+            values = [part[i] for part in parts if part[i] is not None]
+            total = None
+            for value in values:
+                total = value.clone() if total is None else total.add_(value)
+            param.grad = None if total is None else total.to(param.device)
+        return len(params)
 
     @_stage_errors
     def step(self, call: int) -> int:

@@ -1,0 +1,77 @@
+"""Data-parallel training steps over the replicas of a pipeline.
+
+A step's batch is split into micro-batches, and each replica runs a contiguous share of them
+forward (keeping its stages' autograd graphs). The loss must see the whole batch to equal the
+single-process step (a token-weighted mean is not the mean of the replicas' means), so the driver
+gathers every replica's logits, evaluates ``loss_fn`` once, and sends each replica the gradient of
+its own rows' logits; each replica runs the backward pass through its stages from there. Then every
+stage index all-reduces its parameters' gradients over the replicas (through Ray's object store:
+each replica's stage adds all replicas' gradients in replica order, so their Adam steps stay
+bit-identical), and the tied embedding's copies are combined inside each replica as in a one-replica
+step.
+
+The logits travel through the driver (``rows x positions x vocab`` per step): fine for the batches a
+grafting finetune uses; NCCL collectives between GPU stages would avoid it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from interplab.engine.hooked import Metric
+from interplab.engine.interventions import Intervention
+from interplab.engine.tokens import TokenBatch
+from interplab.runtime.microbatch import row_ranges, splittable
+
+
+def replicated_backward(pipe, batch: TokenBatch, loss_fn: Metric, interventions: Sequence[Intervention]) -> torch.Tensor:
+    """Forward and backward ``batch`` over all of ``pipe``'s replicas and all-reduce the parameter
+    gradients; returns the loss. The caller combines tied copies and steps the optimizers."""
+    import ray
+
+    from interplab.runtime.pipeline import _Flight
+
+    replicas = pipe._replicas
+    call = next(pipe._calls)
+    wanted = max(len(replicas), (pipe.parallel.micro_batches or 2 * pipe.n_stages) * len(replicas))
+    parts = row_ranges(batch.size, wanted) if splittable(interventions) else [(0, batch.size)]
+    shares = [list(range(a, b)) for a, b in row_ranges(len(parts), len(replicas))]
+    flights, logits_refs = [], []
+    for replica, mbs in enumerate(shares):
+        for mb in mbs:
+            lo, hi = parts[mb]
+            tasks = pipe._tasks(call, mb, batch, lo, hi, list(range(lo, hi)), mode="train", capture=[],
+                                interventions=interventions, positions=None, logits="all")
+            flight = _Flight(mb, tasks, replica)
+            pipe._submit(flight)
+            flights.append(flight)
+        logits_refs.append(replicas[replica].actors[-1].outputs.remote(call, mbs))
+    try:
+        ray.get([side for f in flights for side in f.sides])
+        logits = torch.cat(ray.get(logits_refs)).requires_grad_(True)
+        with torch.enable_grad():
+            loss = loss_fn(logits, batch)
+        if loss.numel() != 1:
+            raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
+        (grad,) = torch.autograd.grad(loss, logits)
+        grad_refs = []
+        for replica, mbs in enumerate(shares):
+            lo, hi = parts[mbs[0]][0], parts[mbs[-1]][1]
+            actors = replicas[replica].actors
+            out = actors[-1].backward_outputs.options(num_returns=len(mbs) + 1).remote(call, mbs, grad[lo:hi])
+            refs = list(out[1:])
+            for stage in range(pipe.n_stages - 2, -1, -1):
+                refs = [actors[stage].backward.options(num_returns=2).remote(call, mb, ref)[0] for mb, ref in zip(mbs, refs)]
+            grad_refs += refs
+        ray.get(grad_refs)
+        for stage in range(pipe.n_stages):
+            shares_of_stage = [replica.actors[stage].grads.remote() for replica in replicas]
+            ray.get([replica.actors[stage].set_grad_sum.remote(*shares_of_stage) for replica in replicas])
+    except Exception:
+        for replica in replicas:
+            for actor in replica.actors:
+                actor.drop.remote(call)
+        raise
+    return loss.detach()
