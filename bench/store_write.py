@@ -3,10 +3,12 @@
     python bench/store_write.py [--mb 512] [--dir /tmp]
 
 For each (dtype, d) the act payload (n x d x itemsize bytes, float16 or float32) is written in
-chunks, once through ``RunWriter.write_activations`` (all columns, atomic rename, Parquet) and once as
-raw bytes (``f.write(memoryview(arr))`` per chunk, one file per chunk). The naive pyarrow path
-(``fixed_size_list<float>`` column, default options) is shown for reference. Throughput counts the
-act payload only; ratio = store / raw (goal >= 0.8). Best of 3 rounds each.
+chunks, once through ``RunWriter.write_activations`` (all columns, atomic rename, Parquet, run begun
+and committed) and once as raw bytes (``f.write(memoryview(arr))`` per chunk, one file per chunk).
+``store`` passes the tokens as a Python list of str (converted to Arrow on every call), ``store arrow``
+as a pyarrow string array built once (what ``write_capture_chunk`` does per chunk). The naive pyarrow
+path (``fixed_size_list<float>`` column, default options) is shown for reference. Throughput counts
+the act payload only; ratio = store / raw (goal >= 0.8). Best of 3 rounds each.
 """
 
 from __future__ import annotations
@@ -29,14 +31,20 @@ SITES = 8  # sites per capture chunk in the capture-stream measurement
 
 
 def _best(fn, cleanup, rounds: int = 3) -> float:
-    times = []
+    return _best_of([fn], cleanup, rounds)[0]
+
+
+def _best_of(fns, cleanup, rounds: int = 3) -> list[float]:
+    """Best time of each of ``fns``, their rounds interleaved (so a change in machine load hits all alike)."""
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(rounds):
-        cleanup()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
+        for fn, spent in zip(fns, times):
+            cleanup()
+            start = time.perf_counter()
+            fn()
+            spent.append(time.perf_counter() - start)
     cleanup()
-    return min(times)
+    return [min(t) for t in times]
 
 
 def bench(dtype: str, d: int, total_mb: int, root: str) -> dict:
@@ -67,11 +75,11 @@ def bench(dtype: str, d: int, total_mb: int, root: str) -> dict:
             with open(os.path.join(raw_dir, f"chunk-{c}.bin"), "wb") as f:
                 f.write(memoryview(act))
 
-    def store() -> None:
+    def store(tokens) -> None:
         s = open_store(store_dir)
         w = s.begin_run("capture", model="bench", spec={})
         for c in range(n_chunks):
-            w.write_activations(c, "resid_pre", 0, None, prompt_id, position, token_id, token, act, dtype=dtype)
+            w.write_activations(c, "resid_pre", 0, None, prompt_id, position, token_id, tokens, act, dtype=dtype)
         w.commit()
 
     def naive() -> None:
@@ -125,15 +133,14 @@ def bench(dtype: str, d: int, total_mb: int, root: str) -> dict:
             w.write_capture_chunk(dataclasses.replace(chunk, index=c), dtype=dtype)
         w.commit()
 
-    t_raw = _best(raw, cleanup)
-    t_store = _best(store, cleanup)
+    token_arrow = pa.array(token, pa.string())
+    t_raw, t_store, t_store_arrow = _best_of([raw, lambda: store(token), lambda: store(token_arrow)], cleanup)
     t_naive = _best(naive, cleanup, rounds=1)
-    t_raw_sites = _best(raw_sites(1), cleanup)
-    t_raw_par = _best(raw_sites(WRITE_THREADS), cleanup)
-    t_chunks = _best(store_chunks, cleanup)
+    t_raw_sites, t_raw_par, t_chunks = _best_of([raw_sites(1), raw_sites(WRITE_THREADS), store_chunks], cleanup)
     mbps = lambda t, size=payload: size / t / 1e6  # noqa: E731
     return {"dtype": dtype, "d": d, "MB": payload / 1e6, "raw": mbps(t_raw), "store": mbps(t_store),
-            "naive": mbps(t_naive), "ratio": t_raw / t_store, "naive_ratio": t_raw / t_naive,
+            "store_arrow": mbps(t_store_arrow), "arrow_ratio": t_raw / t_store_arrow, "naive": mbps(t_naive),
+            "ratio": t_raw / t_store, "naive_ratio": t_raw / t_naive,
             "raw_sites": mbps(t_raw_sites, chunk_payload), "raw_par": mbps(t_raw_par, chunk_payload),
             "chunks": mbps(t_chunks, chunk_payload), "threads": WRITE_THREADS}
 
@@ -146,13 +153,16 @@ def main() -> None:
     root = tempfile.mkdtemp(prefix="interplab-bench-", dir=args.dir)
     try:
         chunks = []
-        print(f"{'dtype':8} {'d':>5} {'MB':>6} {'raw MB/s':>9} {'store MB/s':>11} {'ratio':>6} {'naive MB/s':>11} {'naive ratio':>11}")
+        print(f"{'dtype':8} {'d':>5} {'MB':>6} {'raw MB/s':>9} {'store MB/s':>11} {'ratio':>6} "
+              f"{'store arrow MB/s':>17} {'ratio':>6} {'naive MB/s':>11} {'naive ratio':>11}")
         for dtype in ("float16", "float32"):
             for d in (576, 4096):
                 r = bench(dtype, d, args.mb, root)
                 print(f"{r['dtype']:8} {r['d']:>5} {r['MB']:>6.0f} {r['raw']:>9.0f} {r['store']:>11.0f} "
-                      f"{r['ratio']:>6.2f} {r['naive']:>11.0f} {r['naive_ratio']:>11.2f}")
+                      f"{r['ratio']:>6.2f} {r['store_arrow']:>17.0f} {r['arrow_ratio']:>6.2f} "
+                      f"{r['naive']:>11.0f} {r['naive_ratio']:>11.2f}")
                 chunks.append(r)
+        print(f"load average: {os.getloadavg()}")
         print(f"\ncapture chunks of {SITES} sites (write_capture_chunk, {chunks[0]['threads']} writer threads) vs raw, one file per site:")
         print(f"{'dtype':8} {'d':>5} {'raw MB/s':>9} {'chunks MB/s':>12} {'ratio':>6} {'raw x threads MB/s':>19} {'ratio':>6}")
         for r in chunks:

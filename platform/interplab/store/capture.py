@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pyarrow as pa
 
-from interplab.store import codec, layout
+from interplab.store import actfile, codec, layout
 from interplab.store.errors import StoreError
 from interplab.store.manifest import FileEntry
 
@@ -50,35 +50,43 @@ def write_capture_chunk(writer: RunWriter, chunk: CaptureChunk, dtype: str = "fl
     prompt_id = np.asarray(chunk.prompt_ids, dtype=np.int64)[rows]
     token_ids = chunk.token_ids.long().cpu().numpy()
     token_id = token_ids[rows, pos]
-    token = [chunk.tokens[i][j] for i, j in zip(rows.tolist(), pos.tolist())]
+    keys = {1: actfile.KeyColumns.build(prompt_id, pos, token_id, _row_tokens(chunk, rows, pos))}
 
     skipped = [str(site) for site in chunk.acts if site.kind.value == "pattern"]
     sites = [(site, tensor) for site, tensor in chunk.acts.items() if site.kind.value != "pattern"]
-    common = (b, p, rows, cols, prompt_id, pos, token_id, token)
+    for site, tensor in sites:  # all-heads sites: one row per (position, head), keys built once per head count
+        if tensor.dim() == 4 and site.head is None and tensor.shape[2] not in keys:
+            keys[tensor.shape[2]] = keys[1].repeat(tensor.shape[2])
+    common = (b, p, rows, cols, keys)
 
     def write(item) -> FileEntry:
         return _write_site(writer, chunk.index, item[0], item[1], common, dtype, torch)
 
-    # sites are independent files: encode and write them on several threads (numpy's gather and
-    # pyarrow's Parquet writer release the GIL), so a chunk's write uses the machine's cores
-    workers = min(len(sites), WRITE_THREADS)
+    def write_prompts() -> FileEntry:
+        prompts = _prompts_table(chunk, token_ids)
+        return writer._write_table_file(layout.PROMPTS, prompts, layout.chunk_key(chunk.index))
+
+    # sites (and the prompts file) are independent files: encode and write them on several threads
+    # (numpy, Arrow and writev release the GIL), so a chunk's write uses the machine's cores
+    workers = min(len(sites) + 1, WRITE_THREADS)
     if workers > 1:
         with ThreadPoolExecutor(workers, thread_name_prefix="interplab-write") as pool:
+            prompts_entry = pool.submit(write_prompts)
             entries = list(pool.map(write, sites))
+            entries.append(prompts_entry.result())
     else:
-        entries = [write(item) for item in sites]
+        entries = [write(item) for item in sites] + [write_prompts()]
     if skipped:
         warnings.warn(
             f"pattern sites {skipped} are not stored (variable key length; see interplab.store.capture)",
             stacklevel=2,
         )
-    entries.append(writer._write_table_file(layout.PROMPTS, _prompts_table(chunk, token_ids), layout.chunk_key(chunk.index)))
     writer.finish_chunk(layout.ACTIVATIONS, chunk.index, entries)
     return entries
 
 
 def _write_site(writer: RunWriter, index: int, site, tensor, common, dtype: str, torch: Any) -> FileEntry:
-    b, p, rows, cols, prompt_id, pos, token_id, token = common
+    b, p, rows, cols, keys = common
     kind = site.kind.value
     store_dtype = "float32" if tensor.dtype == torch.bfloat16 else dtype
     arr = _numpy(tensor, torch)
@@ -87,19 +95,28 @@ def _write_site(writer: RunWriter, index: int, site, tensor, common, dtype: str,
     # [n, d] or [n, h, d]; without padding the rows are the array itself, in order (no copy)
     selected = arr.reshape(b * p, *arr.shape[2:]) if len(rows) == b * p else arr[rows, cols]
     if arr.ndim == 3:
-        return writer.write_activations(index, kind, site.layer, None, prompt_id, pos, token_id, token, selected, dtype=store_dtype)
+        return writer.write_activation_rows(index, kind, site.layer, None, keys[1], selected, dtype=store_dtype)
     n, h, d = selected.shape
     if site.head is not None:
         if h != 1:
             raise StoreError(f"chunk {index}: site {site} selects one head but has {h}")
-        head: Any = site.head
-    else:
-        head = np.tile(np.arange(h, dtype=np.int32), n)
-    return writer.write_activations(
-        index, kind, site.layer, head,
-        np.repeat(prompt_id, h), np.repeat(pos, h), np.repeat(token_id, h),
-        [t for t in token for _ in range(h)], selected.reshape(n * h, d), dtype=store_dtype,
-    )
+        return writer.write_activation_rows(index, kind, site.layer, site.head, keys[1], selected.reshape(n, d),
+                                            dtype=store_dtype)
+    head = np.tile(np.arange(h, dtype=np.int32), n)
+    return writer.write_activation_rows(index, kind, site.layer, head, keys[h], selected.reshape(n * h, d),
+                                        dtype=store_dtype)
+
+
+def _row_tokens(chunk: CaptureChunk, rows: np.ndarray, pos: np.ndarray) -> pa.Array:
+    """The token string of each stored row (prompt ``rows[i]``, position ``pos[i]``), gathered by Arrow."""
+    try:
+        nested = pa.array([list(t) for t in chunk.tokens], pa.list_(pa.string()))
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise StoreError(f"chunk {chunk.index}: tokens must be lists of strings: {exc}") from None
+    offsets = nested.offsets.to_numpy()
+    if len(nested) != len(chunk.prompt_ids) or ((pos < 0) | (pos >= np.diff(offsets)[rows])).any():
+        raise StoreError(f"chunk {chunk.index}: tokens do not cover every valid position of every prompt")
+    return nested.values.take(offsets[rows] + pos)
 
 
 def _numpy(tensor: Any, torch: Any) -> np.ndarray:

@@ -2,8 +2,9 @@
 
 Why not ``FIXED_SIZE_LIST<float16>``: pyarrow's Parquet writer handles lists element by element
 (~100 M values/s here), so a float16 list column writes at ~100-150 MB/s against ~500 MB/s for the
-same bytes written raw. A fixed-length binary column written PLAIN and uncompressed is a memcpy of the
-little-endian array (~85-95 % of raw speed). Readers decode it with :func:`decode_act`; inside DuckDB
+same bytes written raw. A fixed-length binary column written PLAIN and uncompressed is the
+little-endian array's bytes as they are; :mod:`interplab.store.actfile` writes them to the file without
+a copy (:func:`act_array` gives the array in storage form). Readers decode it with :func:`decode_act`; inside DuckDB
 a vectorised Arrow UDF per ``(dtype, d)`` turns it into ``FLOAT[d]`` (see ``query.py``), which is also
 faster than DuckDB's own float16 list reader (1.3 s against 2.5 s for a cosine top-k over 1M x 576).
 
@@ -29,19 +30,23 @@ def check_dtype(dtype: str) -> str:
     return dtype
 
 
-def encode_act(act: np.ndarray, dtype: str) -> pa.FixedSizeBinaryArray:
-    """``act`` ``[n, d]`` (any float dtype) → one fixed-size binary value per row, zero-copy when possible."""
+def act_array(act: np.ndarray, dtype: str) -> np.ndarray:
+    """``act`` ``[n, d]`` (any float dtype) → C-contiguous little-endian ``dtype`` ``[n, d]``, no copy when it already is."""
     check_dtype(dtype)
     if not isinstance(act, np.ndarray) or act.ndim != 2:
         raise StoreError(f"act must be a 2-d numpy array [n, d], got {getattr(act, 'shape', type(act))}")
     if act.dtype.kind != "f":
         raise StoreError(f"act must be a float array, got dtype {act.dtype}")
-    n, d = act.shape
-    if d == 0:
+    if act.shape[1] == 0:
         raise StoreError("act has width 0")
-    target = np.dtype(dtype).newbyteorder("<")
-    act = np.ascontiguousarray(act, dtype=target)
-    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(d * target.itemsize), n, [None, pa.py_buffer(act)])
+    return np.ascontiguousarray(act, dtype=np.dtype(dtype).newbyteorder("<"))
+
+
+def encode_act(act: np.ndarray, dtype: str) -> pa.FixedSizeBinaryArray:
+    """``act`` ``[n, d]`` (any float dtype) → one fixed-size binary value per row, zero-copy when possible."""
+    arr = act_array(act, dtype)
+    n, d = arr.shape
+    return pa.FixedSizeBinaryArray.from_buffers(pa.binary(d * arr.itemsize), n, [None, pa.py_buffer(arr)])
 
 
 def decode_act(values: pa.Array | pa.ChunkedArray, dtype: str, d: int) -> np.ndarray:

@@ -21,27 +21,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from interplab.store import codec, fs, layout
+from interplab.store import actfile, codec, fs, layout
 from interplab.store.errors import StoreError
 from interplab.store.manifest import FileEntry, RunInfo, dumps, loads, now_iso
 
 if TYPE_CHECKING:
     from interplab.store.store import Store
-
-_ROW_GROUP_BYTES = 64 << 20
-_SMALL_COLUMNS = ("prompt_id", "position", "token_id", "token", "head")
-
-
-def _activation_write_options(row_bytes: int, n_rows: int) -> dict[str, Any]:
-    return {
-        "compression": {"act": "NONE", **{c: "SNAPPY" for c in _SMALL_COLUMNS}},
-        "use_dictionary": ["token"],
-        "write_statistics": ["prompt_id", "position", "head"],
-        "column_encoding": {"act": "PLAIN"},
-        "row_group_size": max(1024, min(n_rows, _ROW_GROUP_BYTES // max(row_bytes, 1))),
-        "data_page_size": 1 << 20,
-    }
-
 
 class RunWriter:
     """Writes the chunks of one run; ``commit()`` publishes them, ``fail(reason)`` marks the run failed.
@@ -73,7 +58,7 @@ class RunWriter:
         prompt_id: np.ndarray,
         position: np.ndarray,
         token_id: np.ndarray,
-        token: Sequence[str],
+        token: Sequence[str] | pa.Array,
         act: np.ndarray,
         *,
         dtype: str = "float16",
@@ -82,39 +67,36 @@ class RunWriter:
 
         ``head`` is None for whole-stream sites, an int for a single head, or an ``int[n]`` array when
         the rows cover all heads of a layer. ``dtype`` is the storage type (``float16`` default,
-        ``float32`` on request). Rewriting the same (chunk, site, layer, head) replaces the file.
+        ``float32`` on request). ``token`` is a sequence of str or an Arrow string array. Rewriting the
+        same (chunk, site, layer, head) replaces the file. The file is written by
+        :mod:`interplab.store.actfile` (the ``act`` bytes go from the array to the file uncopied).
         """
+        keys = actfile.KeyColumns.build(prompt_id, position, token_id, token)
+        return self.write_activation_rows(chunk, site, layer, head, keys, act, dtype=dtype)
+
+    def write_activation_rows(
+        self,
+        chunk: int | str,
+        site: str,
+        layer: int | None,
+        head: int | None | np.ndarray,
+        keys: actfile.KeyColumns,
+        act: np.ndarray,
+        *,
+        dtype: str = "float16",
+    ) -> FileEntry:
+        """:meth:`write_activations` with the row keys already built (shared by the sites of a chunk)."""
         self._check_writable()
         key = layout.chunk_key(chunk)
         layout.check_site_kind(site)
         if layer is not None and (not isinstance(layer, (int, np.integer)) or layer < 0):
             raise StoreError(f"layer must be a non-negative int or None, got {layer!r}")
-        n = len(prompt_id)
-        columns = {
-            "prompt_id": _int_column("prompt_id", prompt_id, n, pa.int64()),
-            "position": _int_column("position", position, n, pa.int32()),
-            "token_id": _int_column("token_id", token_id, n, pa.int32()),
-            "token": _token_column(token, n),
-        }
-        file_head: int | None = None
-        if head is None:
-            columns["head"] = pa.nulls(n, pa.int32())
-        elif isinstance(head, (int, np.integer)) and not isinstance(head, bool):
-            file_head = int(head)
-            columns["head"] = pa.array(np.full(n, file_head, dtype=np.int32))
-        else:
-            columns["head"] = _int_column("head", head, n, pa.int32())
-        if getattr(act, "shape", (None,))[0] != n:
-            raise StoreError(f"act has {getattr(act, 'shape', None)} rows, expected {n} (one per prompt_id)")
-        columns["act"] = codec.encode_act(act, dtype)
-        d = int(act.shape[1])
-        meta = {codec.META_DTYPE: dtype.encode(), codec.META_DIM: str(d).encode()}
-        table = pa.table(columns).replace_schema_metadata(meta)
+        file_head = int(head) if isinstance(head, (int, np.integer)) and not isinstance(head, bool) else None
+        parts = actfile.activation_file(keys, actfile.head_column(head, keys.n), act, dtype)
         layer = None if layer is None else int(layer)
         rel = layout.activation_file(self.run_id, site, layer, file_head, key)
-        row_bytes = d * np.dtype(dtype).itemsize + 24
-        size = fs.write_parquet(self._loc, self._loc.path(rel), table, **_activation_write_options(row_bytes, n))
-        return FileEntry(layout.ACTIVATIONS, rel, key, n, size, site, layer, file_head, dtype, d)
+        size = fs.write_parts(self._loc, self._loc.path(rel), parts)
+        return FileEntry(layout.ACTIVATIONS, rel, key, keys.n, size, site, layer, file_head, dtype, int(act.shape[1]))
 
     def write_table(self, name: str, table: pa.Table, chunk: str | int = 0) -> FileEntry:
         """Write one chunk of an analysis result table (``patching``, ``baselines``, ``edges``, ...).
@@ -255,24 +237,6 @@ def _describe(loc: fs.Location, table: str, rel: str) -> FileEntry:
         table, rel, key, meta.num_rows, size, parts.get("site"), layer, head,
         kv.get(codec.META_DTYPE, b"float16").decode(), int(kv.get(codec.META_DIM, b"0")),
     )
-
-
-def _int_column(name: str, values, n: int, type_: pa.DataType) -> pa.Array:
-    arr = np.asarray(values)
-    if arr.shape != (n,):
-        raise StoreError(f"{name} must have shape [{n}], got {list(arr.shape)}")
-    if arr.dtype.kind not in "iu":
-        raise StoreError(f"{name} must be integers, got dtype {arr.dtype}")
-    return pa.array(arr.astype(type_.to_pandas_dtype(), copy=False))
-
-
-def _token_column(token: Sequence[str], n: int) -> pa.Array:
-    if len(token) != n:
-        raise StoreError(f"token has {len(token)} entries, expected {n}")
-    try:
-        return pa.array(token, type=pa.string())
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-        raise StoreError(f"token must be a sequence of strings: {exc}") from None
 
 
 def _conform(name: str, table: pa.Table, run_id: str) -> pa.Table:
