@@ -317,6 +317,12 @@ class HookedModel:
         )
         return stage.output, stage.cache
 
+    def run_stages(self, requests: Iterable[tuple[object, dict]], on_done: Callable[[object, torch.Tensor], None]) -> None:
+        """Many :meth:`run_stage` calls (``(key, keyword arguments)``), ``on_done(key, output)`` after
+        each: one after another here; a pipeline backend streams them through its stages together."""
+        for key, kwargs in requests:
+            on_done(key, self.run_stage(**kwargs)[0])
+
     def stage_pass(
         self,
         batch: TokenBatch,

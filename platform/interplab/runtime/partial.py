@@ -14,7 +14,8 @@ and on the last stage the head's options.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -99,3 +100,82 @@ def partial_tasks(
             hidden=part if s_start == first else None,
         ))
     return tasks
+
+
+class PartialCall:
+    """One ``run_stage`` call on a pipeline: checked arguments, its micro-batches' task makers, and
+    the outputs collected as the micro-batches finish."""
+
+    def __init__(
+        self,
+        pipe,
+        batch: TokenBatch,
+        *,
+        start: int,
+        stop: int,
+        hidden: torch.Tensor | None = None,
+        with_head: bool = False,
+        interventions: Sequence[Intervention] = (),
+        logits: str = "all",
+        prefix: KVPrefix | None = None,
+        joins: Mapping[int, torch.Tensor] | None = None,
+        vocab: torch.Tensor | None = None,
+    ) -> None:
+        from interplab.engine.hooked import HookedModel
+
+        if not 0 <= start < stop <= pipe.n_layers:
+            raise ValueError(f"run_stage: layers [{start}, {stop}) are not a block of the model's {pipe.n_layers} layers")
+        if with_head and stop != pipe.n_layers:
+            raise ValueError(f"run_stage: with_head needs stop={pipe.n_layers} (the last layer), got {stop}")
+        if vocab is not None:
+            vocab = pipe._skeleton.check_vocab(vocab, with_head)
+        joins = dict(joins or {})
+        if joins:
+            HookedModel.check_joins(batch, start, stop, hidden, joins, False)
+        elif hidden is None and start > 0:
+            raise ValueError(f"run_stage: starting at layer {start} needs hidden (the resid_pre there) or joins")
+        pipe._validate((), interventions)
+        self.pipe, self.batch = pipe, batch
+        self.start, self.stop, self.hidden, self.joins = start, stop, hidden, joins
+        self.interventions, self.prefix, self.with_head, self.logits, self.vocab = list(interventions), prefix, with_head, logits, vocab
+        self.entries = entry_layers(start, hidden, joins) if joins or hidden is not None else torch.zeros(batch.size, dtype=torch.long)
+        self.parts = pipe._micro_parts(batch, interventions)
+        self.outputs: dict[int, torch.Tensor] = {}
+
+    def items(self) -> Iterator[tuple[int, Callable[[int], list[StageTask | None]]]]:
+        """``(micro-batch, make_tasks(call))`` for ``PipelineModel._drive``."""
+        for mb, (lo, hi) in enumerate(self.parts):
+            yield mb, lambda call, mb=mb, lo=lo, hi=hi: partial_tasks(
+                self.pipe.stage_ranges, self.pipe.stage_of, call, mb, self.batch, lo, hi, start=self.start,
+                stop=self.stop, hidden=self.hidden, joins=self.joins, entries=self.entries,
+                interventions=self.interventions, prefix=self.prefix, with_head=self.with_head,
+                logits=self.logits, vocab=self.vocab,
+            )
+
+    def add(self, mb: int, output: torch.Tensor) -> bool:
+        """Record micro-batch ``mb``'s output; True once every micro-batch has finished."""
+        self.outputs[mb] = output
+        return len(self.outputs) == len(self.parts)
+
+    def output(self) -> torch.Tensor:
+        return torch.cat([self.outputs[mb] for mb in range(len(self.parts))])
+
+
+def run_partial_calls(pipe, requests, on_done: Callable[[Any, torch.Tensor], None]) -> None:
+    """Stream ``requests`` (``(key, run_stage keyword arguments)``, consumed lazily) through ``pipe``
+    together; ``on_done(key, output)`` as each call's last micro-batch finishes."""
+    pending: dict[Any, PartialCall] = {}
+
+    def items():
+        for key, kwargs in requests:
+            call = PartialCall(pipe, **kwargs)
+            pending[key] = call
+            for mb, make in call.items():
+                yield (key, mb), make
+
+    def done(item, sides, output) -> None:
+        key, mb = item
+        if pending[key].add(mb, output):
+            on_done(key, pending.pop(key).output())
+
+    pipe._drive(items(), done)

@@ -349,38 +349,23 @@ class PipelineModel(PipelineParameters):
         Each micro-batch's chain starts at the stage holding its rows' first layer; rows joining
         later travel with the tasks of the stage that owns their layer. Captures and gradients are
         not taken here (use :meth:`run` / :meth:`gradients`)."""
-        from interplab.engine.hooked import HookedModel
-        from interplab.runtime.partial import entry_layers, partial_tasks
-
         if capture or grad or positions is not None:
             raise ValueError("PipelineModel.run_stage runs forward passes only: use run(capture=...) or gradients(...)")
-        if not 0 <= start < stop <= self.n_layers:
-            raise ValueError(f"run_stage: layers [{start}, {stop}) are not a block of the model's {self.n_layers} layers")
-        if with_head and stop != self.n_layers:
-            raise ValueError(f"run_stage: with_head needs stop={self.n_layers} (the last layer), got {stop}")
-        if vocab is not None:
-            vocab = self._skeleton.check_vocab(vocab, with_head)
-        joins = dict(joins or {})
-        if joins:
-            HookedModel.check_joins(batch, start, stop, hidden, joins, False)
-        elif hidden is None and start > 0:
-            raise ValueError(f"run_stage: starting at layer {start} needs hidden (the resid_pre there) or joins")
-        self._validate((), interventions)
-        entries = entry_layers(start, hidden, joins) if joins or hidden is not None else torch.zeros(batch.size, dtype=torch.long)
-        parts = self._micro_parts(batch, interventions)
-        outputs: dict[int, torch.Tensor] = {}
-
-        def items():
-            for mb, (lo, hi) in enumerate(parts):
-                yield mb, lambda call, mb=mb, lo=lo, hi=hi: partial_tasks(
-                    self.stage_ranges, self.stage_of, call, mb, batch, lo, hi, start=start, stop=stop,
-                    hidden=hidden, joins=joins, entries=entries, interventions=interventions, prefix=prefix,
-                    with_head=with_head, logits=logits, vocab=vocab,
-                )
-
-        self._drive(items(), lambda key, sides, out: outputs.__setitem__(key, out), window=len(parts))
+        out: dict[int, torch.Tensor] = {}
+        request = dict(batch=batch, start=start, stop=stop, hidden=hidden, with_head=with_head, interventions=interventions,
+                       logits=logits, prefix=prefix, joins=joins, vocab=vocab)
+        self.run_stages([(0, request)], out.__setitem__)
         pos, valid = resolve_positions(None, batch.lengths, batch.seq_len)
-        return torch.cat([outputs[mb] for mb in range(len(parts))]), ActivationCache({}, pos, valid)
+        return out[0], ActivationCache({}, pos, valid)
+
+    def run_stages(self, requests: Iterable[tuple[Any, dict]], on_done: Callable[[Any, torch.Tensor], None]) -> None:
+        """Many forward :meth:`run_stage` calls, given as ``(key, keyword arguments)`` and consumed
+        lazily, streamed through the pipeline together so the stages work on different calls at
+        once (one call alone leaves a stage idle while the other works on its last micro-batches);
+        ``on_done(key, output)`` runs as each call finishes, in completion order."""
+        from interplab.runtime.partial import run_partial_calls
+
+        run_partial_calls(self, requests, on_done)
 
     # ------------------------------------------------------------------ capture to the store
     def capture_to_store(

@@ -30,6 +30,7 @@ from interplab.analyses.tasks.pairs import PairSet
 from interplab.engine.interventions import Intervention
 from interplab.engine.plan import KVPrefix
 from interplab.engine.sites import Site, SiteKind
+from interplab.engine.tokens import TokenBatch
 
 Direction = Literal["denoise", "noise"]
 Method = Literal["exact", "atp", "both"]
@@ -71,7 +72,7 @@ class _Setup:
         self.sites = [s.site(layer) for s in sweeps for layer in range(n_layers)]
         extra = [Site(SiteKind.RESID_PRE, layer) for layer in range(n_layers)] if need_resid else []
         capture = list(dict.fromkeys(self.sites + extra))
-        self.can_skip = need_resid and hasattr(model, "run_stage")
+        self.can_skip = need_resid and hasattr(model, "run_stages")
         prefix_ok = self.can_skip and pairs.same_length and not pairs.clean.padded
         clean = model.run(pairs.clean, capture=capture, logits="last", keep_kv=prefix_ok)
         corrupted = model.run(pairs.corrupted, capture=capture, logits="last", keep_kv=prefix_ok)
@@ -161,51 +162,71 @@ def _exact(setup: _Setup, result: PatchingResult, batch_rows: int, progress: boo
     result.rows_run += len(rows)
     result.rows_unchanged += int(unchanged.sum())
     bar = _progress(len(rows), progress, "exact patching")
-    for chunk in _batches(rows, jobs, batch_rows, pb if setup.can_skip else None):
-        job_ids = torch.tensor([j for j, _ in chunk])
-        prompts = torch.tensor([p for _, p in chunk])
-        batch = setup.target_batch.select(prompts)
-        offset = min(jobs[j][0] for j, _ in chunk)
-        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for i, (j, _) in enumerate(chunk):
-            groups[(jobs[j][2], jobs[j][1])].append(i)
-        interventions = []
-        for (sweep_index, layer), members in groups.items():
-            sweep = setup.sweeps[sweep_index]
-            site = sweep.site(layer)
-            members_t = torch.tensor(members)
-            patches = [jobs[int(job_ids[i])][3] for i in members]
-            positions, heads = _patch_axes(sweep, patches)
-            value = _source_values(site, setup.source[site], setup.source_rows[prompts[members_t]], positions, heads)
-            interventions.append(Intervention(
-                site, "set", value=value, rows=members_t, heads=heads, paired=True,
-                positions=positions - offset if positions is not None else None,
-            ))
-        if setup.can_skip:
-            layers = torch.tensor([jobs[j][1] for j, _ in chunk])
-            first = int(layers[0])
-            joins = {}
-            for layer in torch.unique_consecutive(layers).tolist():
-                members = prompts[layers == layer]
-                joins[layer] = setup.target_cache[Site(SiteKind.RESID_PRE, layer)][:, offset:][members]
-            prefix = None
-            if offset > 0:
-                prefix = KVPrefix(offset, {
-                    layer: (k[:, :, :offset][prompts], v[:, :, :offset][prompts])
-                    for layer, (k, v) in setup.target_kv.items() if layer >= first
-                })
-            logits, _ = model.run_stage(batch, start=first, stop=model.n_layers, with_head=True, joins=joins,
-                                        interventions=interventions, logits="last", prefix=prefix,
-                                        vocab=setup.vocab)
-            inputs = setup.vocab_inputs
-        else:
-            logits = model.run(batch, interventions=interventions, logits="last").logits
-            inputs = setup.inputs
-        values = setup.metric(logits, inputs.select(prompts)).double()
-        totals.index_add_(0, job_ids, values.cpu())
-        bar.update(len(chunk))
+
+    chunks = list(_batches(rows, jobs, batch_rows, pb if setup.can_skip else None))
+    values: dict[int, torch.Tensor] = {}
+
+    def record(index: int, logits: torch.Tensor, inputs: MetricInputs) -> None:
+        prompts = torch.tensor([p for _, p in chunks[index]])
+        values[index] = setup.metric(logits, inputs.select(prompts)).double().cpu()
+        bar.update(len(chunks[index]))
+
+    if setup.can_skip:
+        # every batch starts mid-model; a pipeline backend streams them through its stages together
+        requests = ((i, _stage_request(setup, jobs, chunk)) for i, chunk in enumerate(chunks))
+        model.run_stages(requests, lambda i, logits: record(i, logits, setup.vocab_inputs))
+    else:
+        for i, chunk in enumerate(chunks):
+            batch, interventions, _ = _chunk_patches(setup, jobs, chunk)
+            record(i, model.run(batch, interventions=interventions, logits="last").logits, setup.inputs)
     bar.close()
+    for i, chunk in enumerate(chunks):  # summed in chunk order whatever order they finished in
+        totals.index_add_(0, torch.tensor([j for j, _ in chunk]), values[i])
     return [_row(setup.sweeps[i], "exact", p, float(totals[k] / n), setup) for k, (_, _, i, p) in enumerate(jobs)]
+
+
+def _chunk_patches(setup: _Setup, jobs, chunk) -> tuple[TokenBatch, list[Intervention], int]:
+    """A batch's rows (the target prompts), one paired intervention per (sweep, layer) group, and the
+    position the batch starts at (patch positions count from there)."""
+    prompts = torch.tensor([p for _, p in chunk])
+    batch = setup.target_batch.select(prompts)
+    offset = min(jobs[j][0] for j, _ in chunk)
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for i, (j, _) in enumerate(chunk):
+        groups[(jobs[j][2], jobs[j][1])].append(i)
+    interventions = []
+    for (sweep_index, layer), members in groups.items():
+        sweep = setup.sweeps[sweep_index]
+        site = sweep.site(layer)
+        members_t = torch.tensor(members)
+        positions, heads = _patch_axes(sweep, [jobs[chunk[i][0]][3] for i in members])
+        value = _source_values(site, setup.source[site], setup.source_rows[prompts[members_t]], positions, heads)
+        interventions.append(Intervention(
+            site, "set", value=value, rows=members_t, heads=heads, paired=True,
+            positions=positions - offset if positions is not None else None,
+        ))
+    return batch, interventions, offset
+
+
+def _stage_request(setup: _Setup, jobs, chunk) -> dict:
+    """``run_stage`` arguments for a batch whose rows join at their patched layer, with the target
+    run's keys/values for the positions before the batch's first patched position."""
+    batch, interventions, offset = _chunk_patches(setup, jobs, chunk)
+    prompts = torch.tensor([p for _, p in chunk])
+    layers = torch.tensor([jobs[j][1] for j, _ in chunk])
+    first = int(layers[0])
+    joins = {}
+    for layer in torch.unique_consecutive(layers).tolist():
+        members = prompts[layers == layer]
+        joins[layer] = setup.target_cache[Site(SiteKind.RESID_PRE, layer)][:, offset:][members]
+    prefix = None
+    if offset > 0:
+        prefix = KVPrefix(offset, {
+            layer: (k[:, :, :offset][prompts], v[:, :, :offset][prompts])
+            for layer, (k, v) in setup.target_kv.items() if layer >= first
+        })
+    return dict(batch=batch, start=first, stop=setup.model.n_layers, with_head=True, joins=joins,
+                interventions=interventions, logits="last", prefix=prefix, vocab=setup.vocab)
 
 
 def _unchanged(setup: _Setup, jobs) -> torch.Tensor:
