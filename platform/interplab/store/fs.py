@@ -186,7 +186,7 @@ def _writev_all(fd: int, parts: Sequence[bytes | memoryview]) -> int:
     size = sum(len(p) for p in pending)
     while pending:
         batch = pending[:_IOV_MAX]
-        written = os.writev(fd, batch)
+        written = os.writev(fd, batch) if hasattr(os, "writev") else os.write(fd, batch[0])  # no writev: one at a time
         if written <= 0:
             raise OSError(f"writev wrote {written} bytes")
         done = 0
