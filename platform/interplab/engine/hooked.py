@@ -208,6 +208,7 @@ class HookedModel:
             raise ValueError(f"run_stage: hidden and joins hold {rows} rows, the batch has {batch.input_ids.shape[0]}")
 
     def check_vocab(self, vocab, with_head: bool) -> torch.Tensor:
+        """``vocab`` as ``Long[k]`` token ids of this model, or one clear error."""
         if not with_head:
             raise ValueError("vocab selects logits columns: it needs with_head=True")
         vocab = torch.as_tensor(vocab)

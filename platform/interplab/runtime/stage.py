@@ -155,7 +155,6 @@ class StageWorker:
         The side result is the stage's captures (an :class:`ActivationCache` on CPU), or the number
         of rows written when the task carries a store sink.
         """
-
         hidden = task.hidden if hidden is None else hidden
         if hidden is not None:
             hidden = hidden.to(self.device)
