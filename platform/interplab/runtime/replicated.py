@@ -35,7 +35,7 @@ def replicated_backward(pipe, batch: TokenBatch, loss_fn: Metric, interventions:
 
     replicas = pipe._replicas
     call = next(pipe._calls)
-    wanted = max(len(replicas), (pipe.parallel.micro_batches or 2 * pipe.n_stages) * len(replicas))
+    wanted = (pipe.parallel.micro_batches or 2 * pipe.n_stages) * len(replicas)  # per replica as in one
     parts = row_ranges(batch.size, wanted) if splittable(interventions) else [(0, batch.size)]
     shares = [list(range(a, b)) for a, b in row_ranges(len(parts), len(replicas))]
     flights, logits_refs = [], []

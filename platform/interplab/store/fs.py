@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -92,17 +92,38 @@ def read_bytes(loc: Location, path: str) -> bytes | None:
         raise
 
 
-def write_bytes(loc: Location, path: str, data: bytes) -> None:
-    """Atomically create or replace one object."""
-    if loc.local:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex[:12]}"
-        with open(tmp, "wb") as f:
-            f.write(data)
+def _temp_name(path: str) -> str:
+    return f"{path}{TMP_MARK}{uuid.uuid4().hex[:12]}"
+
+
+def _replace_local(path: str, write: Callable[[str], None]) -> int:
+    """``write(tmp)`` a temporary file beside ``path``, then rename it over ``path`` (atomic on POSIX);
+    the temporary file is removed if anything fails. Returns the file's size."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = _temp_name(path)
+    try:
+        write(tmp)
+        size = os.path.getsize(tmp)
         os.replace(tmp, path)
-        return
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return size
+
+
+def write_bytes(loc: Location, path: str, data: bytes | pa.Buffer) -> int:
+    """Atomically create or replace one object; return its size. On S3 one PUT of the whole object
+    (pyarrow's output streams cannot abort an upload, so no Python code runs between open and close)."""
+    if loc.local:
+        def write(tmp: str) -> None:
+            with open(tmp, "wb") as f:
+                f.write(data)
+
+        return _replace_local(path, write)
     with loc.fs.open_output_stream(path) as f:
         f.write(data)
+    return len(data) if not isinstance(data, pa.Buffer) else data.size
 
 
 def create_exclusive(loc: Location, path: str, data: bytes) -> bool:
@@ -118,7 +139,7 @@ def create_exclusive(loc: Location, path: str, data: bytes) -> bool:
         write_bytes(loc, path, data)
         return True
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex[:12]}"
+    tmp = _temp_name(path)
     with open(tmp, "wb") as f:
         f.write(data)
     try:
@@ -133,52 +154,30 @@ def create_exclusive(loc: Location, path: str, data: bytes) -> bool:
 def write_parquet(loc: Location, path: str, table: pa.Table, **options) -> int:
     """Atomically write ``table`` as one Parquet object; return its size in bytes."""
     if loc.local:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex[:12]}"
-        try:
-            pq.write_table(table, tmp, **options)
-            size = os.path.getsize(tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return size
+        return _replace_local(path, lambda tmp: pq.write_table(table, tmp, **options))
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, **options)
-    buf = sink.getvalue()
-    with loc.fs.open_output_stream(path) as f:
-        f.write(buf)
-    return buf.size
+    return write_bytes(loc, path, sink.getvalue())
 
 
 def write_parts(loc: Location, path: str, parts: Sequence[bytes | memoryview]) -> int:
     """Atomically write one object made of ``parts`` (written in order, not joined); return its size.
 
     POSIX: temp file + ``rename(2)``, the parts handed to ``writev(2)`` in batches, so large parts go
-    from the caller's buffers to the page cache without a copy. S3: the parts joined and handed to one
-    output stream in a single write, as :func:`write_parquet` does (pyarrow's streams cannot abort an
-    upload, so no Python code runs between opening and closing one).
+    from the caller's buffers to the page cache without a copy. S3: the parts joined and written in
+    one PUT, as :func:`write_bytes` does.
     """
     if not loc.local:
-        data = b"".join(parts)
-        with loc.fs.open_output_stream(path) as f:
-            f.write(data)
-        return len(data)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}{TMP_MARK}{uuid.uuid4().hex[:12]}"
-    try:
+        return write_bytes(loc, path, b"".join(parts))
+
+    def write(tmp: str) -> None:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         try:
-            size = _writev_all(fd, parts)
+            _writev_all(fd, parts)
         finally:
             os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return size
+
+    return _replace_local(path, write)
 
 
 def _writev_all(fd: int, parts: Sequence[bytes | memoryview]) -> int:

@@ -167,8 +167,7 @@ def _exact(setup: _Setup, result: PatchingResult, batch_rows: int, progress: boo
     values: dict[int, torch.Tensor] = {}
 
     def record(index: int, logits: torch.Tensor, inputs: MetricInputs) -> None:
-        prompts = torch.tensor([p for _, p in chunks[index]])
-        values[index] = setup.metric(logits, inputs.select(prompts)).double().cpu()
+        values[index] = setup.metric(logits, inputs.select(_chunk_prompts(chunks[index]))).double().cpu()
         bar.update(len(chunks[index]))
 
     if setup.can_skip:
@@ -185,10 +184,15 @@ def _exact(setup: _Setup, result: PatchingResult, batch_rows: int, progress: boo
     return [_row(setup.sweeps[i], "exact", p, float(totals[k] / n), setup) for k, (_, _, i, p) in enumerate(jobs)]
 
 
+def _chunk_prompts(chunk) -> torch.Tensor:
+    """``Long[rows]``: the prompt each row of a batch patches."""
+    return torch.tensor([p for _, p in chunk])
+
+
 def _chunk_patches(setup: _Setup, jobs, chunk) -> tuple[TokenBatch, list[Intervention], int]:
     """A batch's rows (the target prompts), one paired intervention per (sweep, layer) group, and the
     position the batch starts at (patch positions count from there)."""
-    prompts = torch.tensor([p for _, p in chunk])
+    prompts = _chunk_prompts(chunk)
     batch = setup.target_batch.select(prompts)
     offset = min(jobs[j][0] for j, _ in chunk)
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
@@ -212,7 +216,7 @@ def _stage_request(setup: _Setup, jobs, chunk) -> dict:
     """``run_stage`` arguments for a batch whose rows join at their patched layer, with the target
     run's keys/values for the positions before the batch's first patched position."""
     batch, interventions, offset = _chunk_patches(setup, jobs, chunk)
-    prompts = torch.tensor([p for _, p in chunk])
+    prompts = _chunk_prompts(chunk)
     layers = torch.tensor([jobs[j][1] for j, _ in chunk])
     first = int(layers[0])
     joins = {}
