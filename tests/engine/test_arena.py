@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from interplab import load_model
+from interplab.engine import steer
 from interplab.engine.arena import CaptureArena
 
 PROMPTS = ["the cat sat on the mat", "a dog ran"]
@@ -46,3 +47,32 @@ def test_arena_lease_falls_through_when_busy_or_unsized():
     del held, lease
     assert arena.lease(torch.float32, "cpu").buffer is not None
     assert arena.lease(torch.float32, "meta").buffer is None  # only CPU is pooled
+
+
+def test_a_tensor_captured_at_two_sites_is_copied_once_unless_changed_between():
+    model = load_model("tiny-llama")
+    sites = ["resid_post.0", "resid_pre.1"]
+    model.run(PROMPTS, capture=sites)  # sizes the arena
+    out = model.run(PROMPTS, capture=sites)
+    post, pre = out.cache["resid_post.0"], out.cache["resid_pre.1"]
+    assert torch.equal(post, pre)
+    assert pre.data_ptr() == post.data_ptr(), "resid_post[0] is resid_pre[1]: one copy"
+    reference = model.run(PROMPTS, capture=["resid_post.0"]).cache["resid_post.0"].clone()
+    assert torch.equal(post, reference)
+    # an intervention at resid_pre[1] makes them differ: the capture must follow it
+    shift = torch.ones(model.d_model)
+    steered = model.run(PROMPTS, capture=sites, interventions=[steer("resid_pre.1", shift)])
+    assert torch.equal(steered.cache["resid_post.0"], reference)
+    torch.testing.assert_close(steered.cache["resid_pre.1"], reference + shift)
+
+
+def test_resid_mid_added_into_the_arena_equals_resid_pre_plus_attn_out():
+    model = load_model("tiny-llama")
+    sites = ["resid_pre.1", "attn_out.1", "resid_mid.1"]
+    first = model.run(PROMPTS, capture=sites)
+    expected = first.cache["resid_pre.1"] + first.cache["attn_out.1"]
+    del first
+    second = model.run(PROMPTS, capture=sites)  # now in an arena buffer
+    buffers = {b.untyped_storage().data_ptr() for b in model._arena._buffers}
+    assert second.cache["resid_mid.1"].untyped_storage().data_ptr() in buffers
+    torch.testing.assert_close(second.cache["resid_mid.1"], expected, rtol=0, atol=0)

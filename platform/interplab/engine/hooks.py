@@ -32,12 +32,12 @@ def _attn_out_hook(plan: HookPlan, layer: int, has_mid: bool):
         out = output[0] if is_tuple else output
         out = plan.process(SiteKind.ATTN_OUT, layer, out)
         if has_mid and plan.active(SiteKind.RESID_MID, layer):
-            pre = plan.resid_pre[layer]
+            pre = plan.resid_pre.pop(layer)  # dropped now: kept until the end it would pin fresh memory
             if plan.intervened(SiteKind.RESID_MID, layer):
                 mid = plan.process(SiteKind.RESID_MID, layer, pre + out)
                 out = mid - pre
             elif plan.wants(SiteKind.RESID_MID, layer):
-                plan.record(SiteKind.RESID_MID, layer, pre + out)
+                plan.record_sum(SiteKind.RESID_MID, layer, pre, out)
                 plan.alias_grad(SiteKind.RESID_MID, layer, out)
         return (out, *output[1:]) if is_tuple else out
 

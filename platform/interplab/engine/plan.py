@@ -92,6 +92,7 @@ class HookPlan:
         self.keep_grad = keep_grad or bool(self.grad_sites)
         self.captured: dict[Site, torch.Tensor] = {}
         self.grad_tensors: dict[Site, torch.Tensor] = {}
+        self._last_gathered: tuple | None = None  # (tensor, its version, pattern?, what gather returned)
         self.lease = None  # an arena lease for whole-activation captures (set by the model for plain runs)
         # a site whose gradient is derived from its tensor's gradient after the backward pass
         self.grad_derive: dict[Site, Callable[[torch.Tensor], torch.Tensor]] = {}
@@ -140,6 +141,19 @@ class HookPlan:
         if key in self.capture_sites:
             self.captured[key] = self.gather(x)
 
+    def record_sum(self, kind: SiteKind, layer: int | None, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Record ``a + b`` for capture only (``resid_mid``), added straight into the arena when it
+        has room: no temporary tensor."""
+        key = Site(kind, layer)
+        if key not in self.capture_sites:
+            return
+        if self._pooled(a) and a.shape == b.shape and a.dtype == b.dtype:
+            out = self.lease.take(a)
+            if out is not None:
+                self.captured[key] = torch.add(a.detach(), b.detach(), out=out)
+                return
+        self.captured[key] = self.gather(a + b)
+
     def alias_grad(self, kind: SiteKind, layer: int | None, x: torch.Tensor) -> None:
         """Use ``x``'s gradient as the gradient of a site that has no tensor of its own."""
         key = Site(kind, layer)
@@ -148,10 +162,23 @@ class HookPlan:
 
     def gather(self, x: torch.Tensor, *, pattern: bool = False) -> torch.Tensor:
         """Select the plan's positions (query positions for patterns) and detach unless keeping grads."""
+        last = self._last_gathered
+        if last is not None and last[0] is x and last[1] == x._version and last[2] == pattern:
+            return last[3]  # the same tensor at two sites (resid_post[l] is resid_pre[l+1]): one copy
+        out = self._gather(x, pattern)
+        self._last_gathered = (x, x._version, pattern, out)
+        return out
+
+    def _pooled(self, x: torch.Tensor) -> bool:
+        """Whether a whole-activation capture of ``x`` may be copied into the arena lease."""
+        return (self.lease is not None and self._all_positions and not self.keep_grad
+                and x.is_floating_point() and x.is_contiguous())
+
+    def _gather(self, x: torch.Tensor, pattern: bool) -> torch.Tensor:
         if not self.keep_grad:
             x = x.detach()
         if self._all_positions:
-            if self.lease is not None and not self.keep_grad and x.is_floating_point() and x.is_contiguous():
+            if self._pooled(x):
                 out = self.lease.take(x)
                 if out is not None:  # a copy into reused memory (see interplab.engine.arena)
                     return out.copy_(x)
