@@ -1,9 +1,10 @@
 """Capture overhead: a forward that captures every resid_pre/resid_mid/resid_post/attn_out/mlp_out
 site vs a bare transformers forward of the same batch (same process, interleaved repeats).
 
-    python bench/engine_capture.py [--model smollm2-135m] [--batch 8] [--seq 64] [--repeats 7] [--device cpu]
+    python bench/engine_capture.py [--model smollm2-135m] [--batch 8] [--seq 64] [--repeats 7] [--device cpu] [--by-kind]
 
-Prints medians and the ratio to the bare forward (goal <= 1.03x).
+Prints medians and the ratio to the bare forward (goal <= 1.03x). ``--by-kind`` also times captures of
+each group of site kinds against interplab's own forward without capture.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--by-kind", action="store_true", help="also time each group of site kinds alone")
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM
@@ -53,6 +55,10 @@ def main() -> None:
         hooked.run(batch, capture=sites)
 
     runs = {"bare transformers forward": bare_forward, "interplab forward, no capture": engine_plain, f"interplab capture of {len(sites)} sites": engine_capture}
+    if args.by_kind:
+        for kinds in (["resid_pre", "resid_post"], ["attn_out", "mlp_out"], ["resid_mid"]):
+            group = hooked.sites(kinds)
+            runs[f"interplab capture of {'+'.join(kinds)}"] = lambda group=group: hooked.run(batch, capture=group)
     times: dict[str, list[float]] = {name: [] for name in runs}
     for fn in runs.values():
         fn()  # warm-up
@@ -71,8 +77,10 @@ def main() -> None:
         med, low = statistics.median(samples), min(samples)
         print(f"{name:40s} median {med * 1000:8.1f} ms  {tokens / med:9.0f} tok/s  ratio {med / base:5.3f}x"
               f"   | min {low * 1000:8.1f} ms  ratio {low / base_min:5.3f}x")
-    plain, captured = (statistics.median(times[name]) for name in list(runs)[1:])
-    print(f"capture vs interplab's own forward without capture: {captured / plain:5.3f}x (median)")
+    plain = statistics.median(times["interplab forward, no capture"])
+    for name in list(runs)[2:]:
+        print(f"{name:40s} adds {(statistics.median(times[name]) - plain) * 1000:+7.1f} ms to interplab's own forward"
+              f" ({statistics.median(times[name]) / plain:5.3f}x, medians)")
 
 
 if __name__ == "__main__":
