@@ -13,7 +13,8 @@ Measured in one run (interleaved repeats, medians):
 - ``capture stream``: ``capture_to_store`` of 4 residual sites over ``--capture-batches`` batches,
   engine vs pipeline (stages write their own sites), into a temporary store;
 - ``patching sweep``: the ``resid_pre`` layer x position sweep over ``--patching-prompts`` IOI pairs
-  (``activation_patching``), engine vs pipeline (rows start at their own layer on both).
+  (``activation_patching``), engine vs pipeline (rows start at their own layer on both), with the
+  layers split evenly and balanced by the sweep's work (``parallel.balance: work``, what a job does).
 
 On CPU each stage gets ``cores / stages`` torch threads (the engine uses all cores); with ``--device
 cuda`` all stages share the one GPU (``gpus_per_stage = 1 / stages``) and the engine runs on it too.
@@ -121,11 +122,22 @@ def main() -> None:
             cap_engine = capture(engine)
             pipe.parallel = pipe.parallel.model_copy(update={"transport": "refs"})
             cap_pipe = capture(pipe)
-        sweep = None
+        sweeps = []
         if args.patching_prompts:
-            sweep = _patching(engine, pipe, args.patching_prompts)
+            from interplab.analyses.tasks import PairSet, ioi_pairs
+
+            pairs = PairSet.tokenize(engine.tokenizer, ioi_pairs(engine.tokenizer, args.patching_prompts, seed=0))
+            pipe.parallel = pipe.parallel.model_copy(update={"transport": "refs", "micro_batches": None})
+            sweeps.append(("engine", *_sweep(engine, pairs)))
+            sweeps.append((f"pipeline {args.stages} stages, layers split evenly {pipe.stage_ranges}", *_sweep(pipe, pairs)))
     finally:
         pipe.close()
+    if args.patching_prompts:  # the same sweep on stages balanced by its work (layer l runs ~ l + 1 rows)
+        from interplab.analyses.patching import layer_work
+
+        with PipelineModel(args.model, config(args.stages), layer_work=lambda n: layer_work(n, "exact")) as balanced:
+            balanced.parallel = balanced.parallel.model_copy(update={"transport": "refs", "micro_batches": None})
+            sweeps.append((f"pipeline {args.stages} stages, balanced by work {balanced.stage_ranges}", *_sweep(balanced, pairs)))
 
     device = torch.cuda.get_device_name() if gpu else f"CPU, {cores} cores, torch threads {torch.get_num_threads()}"
     print(f"model {args.model}, batch {args.batch} x {args.seq} tokens, {device}, medians of {args.repeats}")
@@ -135,29 +147,23 @@ def main() -> None:
     print(f"capture stream, {args.capture_batches} batches, sites {sites}:")
     print(f"{'  engine':48s} {cap_engine:8.3f} {capture_tokens / cap_engine:10.0f} {1.0:8.2f}x")
     print(f"{'  pipeline ' + str(args.stages) + ' stages':48s} {cap_pipe:8.3f} {capture_tokens / cap_pipe:10.0f} {cap_engine / cap_pipe:8.2f}x")
-    if sweep is not None:
-        (t_engine, t_pipe, rows, max_diff) = sweep
-        print(f"patching sweep (resid_pre, {args.patching_prompts} IOI pairs, {rows} rows computed), max |diff| {max_diff:.1e}:")
-        print(f"{'  engine':48s} {t_engine:8.3f} {'':>10s} {1.0:8.2f}x")
-        print(f"{'  pipeline ' + str(args.stages) + ' stages':48s} {t_pipe:8.3f} {'':>10s} {t_engine / t_pipe:8.2f}x")
+    if sweeps:
+        t_engine, reference = sweeps[0][1], sweeps[0][2]
+        print(f"patching sweep (resid_pre, {args.patching_prompts} IOI pairs, {reference.rows_run} rows computed):")
+        for name, t, result in sweeps:
+            diff = float((result.values("resid_pre") - reference.values("resid_pre")).abs().max())
+            print(f"  {name:54s} {t:8.3f} s {t_engine / t:8.2f}x   max |diff| vs engine {diff:.1e}")
     ray.shutdown()
 
 
-def _patching(engine, pipe, n_prompts: int) -> tuple[float, float, int, float]:
-    """The resid_pre sweep on the engine and on the pipeline: (seconds, seconds, rows run, max difference)."""
+def _sweep(backend, pairs):
+    """One timed resid_pre sweep (after a warm-up): (seconds, result)."""
     from interplab.analyses.patching import Sweep, activation_patching
-    from interplab.analyses.tasks import PairSet, ioi_pairs
 
-    pairs = PairSet.tokenize(engine.tokenizer, ioi_pairs(engine.tokenizer, n_prompts, seed=0))
-    pipe.parallel = pipe.parallel.model_copy(update={"transport": "refs", "micro_batches": None})
-    times, results = [], []
-    for backend in (engine, pipe):
-        activation_patching(backend, pairs, [Sweep("resid_pre")])  # warm-up
-        start = time.perf_counter()
-        results.append(activation_patching(backend, pairs, [Sweep("resid_pre")]))
-        times.append(time.perf_counter() - start)
-    max_diff = float((results[0].values("resid_pre") - results[1].values("resid_pre")).abs().max())
-    return times[0], times[1], results[0].rows_run, max_diff
+    activation_patching(backend, pairs, [Sweep("resid_pre")])  # warm-up
+    start = time.perf_counter()
+    result = activation_patching(backend, pairs, [Sweep("resid_pre")])
+    return time.perf_counter() - start, result
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ from interplab import load_model
 from interplab.engine import HookedModel, Intervention, patch, steer, zero
 from interplab.runtime import ParallelConfig, SplitError, StageError, build_backend
 from interplab.runtime.microbatch import narrow_interventions, row_ranges, slice_batch
-from interplab.runtime.split import ModelBytes, balance, model_bytes, resolve_stages, split_by_memory, split_even
+from interplab.analyses.patching import layer_work
+from interplab.runtime.split import ModelBytes, balance, balance_work, model_bytes, resolve_stages, split_by_memory, split_even
 from tests.runtime.helpers import CLEAN
 
 
@@ -59,6 +60,34 @@ def test_balance_accounts_for_embedding_and_head():
     assert ranges == [(0, 4), (4, 8)]  # symmetric
     sizes = ModelBytes(layers=(10,) * 8, embed=40, head=0)
     assert balance(sizes, 2) == [(0, 2), (2, 8)]  # the embedding weighs on stage 0
+
+
+def test_balance_work_minimises_the_busiest_stage():
+    # a layer sweep on SmolLM2's 30 layers: layer l runs the rows of layers 0..l
+    work = layer_work(30, "exact")
+    assert work == [float(l + 1) for l in range(30)]
+    ranges = balance_work(work, 2)
+    assert ranges == [(0, 21), (21, 30)]  # 231 vs 234 units of work; even layers would be 120 vs 345
+    assert balance_work(work, 3) == [(0, 17), (17, 24), (24, 30)]
+    assert balance_work([1.0] * 8, 2) == split_even(8, 2)
+    assert balance_work([1.0] * 8, 2, first=4) == [(0, 2), (2, 8)]
+    assert layer_work(30, "atp") is None  # whole passes: nothing to balance
+    with pytest.raises(SplitError, match="use at most 3"):
+        balance_work([1.0] * 3, 4)
+
+
+def test_resolve_stages_balances_a_count_by_work_unless_told_layers():
+    work = [5.0, 1.0, 1.0, 1.0]
+    assert resolve_stages(ParallelConfig(stages=2), 4, work=work) == [(0, 1), (1, 4)]
+    assert resolve_stages(ParallelConfig(stages=2, balance="layers"), 4, work=work) == [(0, 2), (2, 4)]
+    assert resolve_stages(ParallelConfig(stages=2), 4) == [(0, 2), (2, 4)]  # no work declared: even
+    assert resolve_stages(ParallelConfig(stages=[[0, 3], [3, 4]]), 4, work=work) == [(0, 3), (3, 4)]  # explicit wins
+    with pytest.raises(SplitError, match="4 non-negative numbers"):
+        resolve_stages(ParallelConfig(stages=2), 4, work=[1.0, 2.0])
+    with pytest.raises(SplitError, match="not all zero"):
+        resolve_stages(ParallelConfig(stages=2), 4, work=[0.0] * 4)
+    with pytest.raises(ValueError, match="balance"):
+        ParallelConfig.model_validate({"stages": 2, "balance": "flops"})
 
 
 def test_split_by_memory_picks_fewest_stages_that_fit():

@@ -36,9 +36,13 @@ def check_parallel(spec: JobSpec) -> None:
 
 def build_model(spec: JobSpec, device: str) -> HookedModel:
     """The model a worker runs ``run_chunk``/``finalize`` with (the one switch point for backends)."""
+    from interplab.jobs.registry import get_kind
     from interplab.runtime import build_backend
 
-    return build_backend(spec.model, spec.parallel, dtype=spec.dtype, seed=spec.seed, device=device)
+    runner = get_kind(spec.kind).runner
+    declared = getattr(runner, "layer_work", None)
+    work = (lambda n_layers: declared(spec, n_layers)) if callable(declared) else None
+    return build_backend(spec.model, spec.parallel, dtype=spec.dtype, seed=spec.seed, device=device, layer_work=work)
 
 
 def uses_pipeline(spec: JobSpec) -> bool:

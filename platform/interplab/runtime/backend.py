@@ -14,8 +14,19 @@ from interplab.engine.sites import Site
 from interplab.runtime.config import ParallelConfig
 
 
-def build_backend(model: str, parallel: ParallelConfig | dict | None = None, *, dtype: str = "float32", seed: int = 0, device: str = "cpu"):
-    """``parallel`` None or one stage with one replica: the single-process engine, no Ray. Else a pipeline."""
+def build_backend(
+    model: str,
+    parallel: ParallelConfig | dict | None = None,
+    *,
+    dtype: str = "float32",
+    seed: int = 0,
+    device: str = "cpu",
+    layer_work: Callable[[int], Sequence[float] | None] | None = None,
+):
+    """``parallel`` None or one stage with one replica: the single-process engine, no Ray. Else a pipeline.
+
+    ``layer_work(n_layers)`` gives the relative compute per layer of what will run (or None); a
+    stage count is balanced by it (``parallel.balance: work``, see :class:`ParallelConfig`)."""
     if isinstance(parallel, dict):
         parallel = ParallelConfig.model_validate(parallel)
     if parallel is None or parallel.single_process:
@@ -24,7 +35,7 @@ def build_backend(model: str, parallel: ParallelConfig | dict | None = None, *, 
         return load_model(model, dtype=dtype, seed=seed, device=device)
     from interplab.runtime.pipeline import PipelineModel
 
-    return PipelineModel(model, parallel, dtype=dtype, seed=seed)
+    return PipelineModel(model, parallel, dtype=dtype, seed=seed, layer_work=layer_work)
 
 
 def capture_to_store(

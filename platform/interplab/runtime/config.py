@@ -3,6 +3,7 @@
     parallel: {stages: 2, replicas: 1, gpus_per_stage: 1}
     parallel: {stages: [[0, 12], [12, 30]]}       # explicit layer ranges [start, stop)
     parallel: {stages: auto, gpus_per_stage: 1}   # as few stages as fit in free GPU memory
+    parallel: {stages: 2, balance: layers}        # a count split evenly by layers, whatever the job
 
 ``stages: 1`` with one replica runs the single-process engine without Ray (same answers).
 """
@@ -23,6 +24,10 @@ class ParallelConfig(BaseModel):
         stages: a stage count (layers split evenly), explicit ``[[start, stop], ...]`` layer ranges
             covering ``[0, n_layers)`` in order, or ``"auto"`` (split by parameter bytes and free
             device memory, see :func:`interplab.runtime.split.split_by_memory`).
+        balance: how a stage *count* splits the layers. ``"work"`` (default): by the relative compute
+            per layer that the job's analysis declares (exact patching sweeps start each row at its
+            patched layer, so layer ``l`` runs about ``l + 1`` times the rows of layer 0), evenly
+            by layers when it declares none; ``"layers"``: always evenly by layers.
         replicas: data-parallel copies of the pipeline, pulling micro-batches from one queue.
         gpus_per_stage: GPUs per stage actor; fractions (``0.5``) let stages share a GPU; ``0`` runs
             on CPU.
@@ -41,6 +46,7 @@ class ParallelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     stages: StagesSpec = 1
+    balance: Literal["work", "layers"] = "work"
     replicas: int = Field(default=1, ge=1)
     gpus_per_stage: float = Field(default=0.0, ge=0)
     cpus_per_stage: float = Field(default=0.1, gt=0)

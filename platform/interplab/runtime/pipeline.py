@@ -60,6 +60,7 @@ class PipelineModel(PipelineParameters):
         dtype: str = "float32",
         seed: int = 0,
         capacity_bytes: int | None = None,
+        layer_work: Callable[[int], Sequence[float] | None] | None = None,
     ) -> None:
         from interplab.runtime.skeleton import load_skeleton
 
@@ -67,7 +68,8 @@ class PipelineModel(PipelineParameters):
         self._skeleton = load_skeleton(model, dtype=dtype, seed=seed)
         sk = self._skeleton
         sizes = model_bytes(sk) if parallel.stages == "auto" else None
-        self.stage_ranges: list[tuple[int, int]] = resolve_stages(parallel, sk.n_layers, sizes, capacity_bytes)
+        work = layer_work(sk.n_layers) if layer_work is not None else None
+        self.stage_ranges: list[tuple[int, int]] = resolve_stages(parallel, sk.n_layers, sizes, capacity_bytes, work)
         n = len(self.stage_ranges)
         gpus = parallel.gpus_per_stage
         device = "cuda" if gpus > 0 else "cpu"

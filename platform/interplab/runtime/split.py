@@ -66,20 +66,26 @@ def _stage_costs(ranges: Sequence[tuple[int, int]], sizes: ModelBytes) -> list[i
 
 
 def balance(sizes: ModelBytes, n_stages: int) -> list[tuple[int, int]]:
-    """Contiguous ranges minimising the largest stage's bytes (embedding on the first, head on the last).
+    """Contiguous ranges minimising the largest stage's bytes (embedding on the first, head on the last)."""
+    return balance_work(sizes.layers, n_stages, first=sizes.embed, last=sizes.head)
+
+
+def balance_work(work: Sequence[float], n_stages: int, *, first: float = 0, last: float = 0) -> list[tuple[int, int]]:
+    """Contiguous ranges minimising the largest stage's total ``work`` (one value per layer), with
+    ``first`` added to the first stage and ``last`` to the last (embedding, head).
 
     Exact dynamic programme over split points: O(stages * layers^2), trivial for real layer counts.
     """
-    n = len(sizes.layers)
+    n = len(work)
     if n_stages > n:
-        raise SplitError(f"{n_stages} stages for a model with only {n} layers")
-    prefix = [0]
-    for b in sizes.layers:
-        prefix.append(prefix[-1] + b)
+        raise SplitError(f"stages: {n_stages} stages for a model with only {n} layers; use at most {n}")
+    prefix = [0.0]
+    for w in work:
+        prefix.append(prefix[-1] + w)
     inf = float("inf")
 
-    def cost(stage: int, a: int, b: int) -> int:
-        extra = (sizes.embed if stage == 0 else 0) + (sizes.head if stage == n_stages - 1 else 0)
+    def cost(stage: int, a: int, b: int) -> float:
+        extra = (first if stage == 0 else 0) + (last if stage == n_stages - 1 else 0)
         return prefix[b] - prefix[a] + extra
 
     # best[k][j]: minimal max cost of splitting layers [0, j) into k stages
@@ -132,8 +138,18 @@ def device_capacity(gpus_per_stage: float) -> int:
     return int(psutil.virtual_memory().available)
 
 
-def resolve_stages(config: ParallelConfig, n_layers: int, sizes: ModelBytes | None = None, capacity: int | None = None) -> list[tuple[int, int]]:
-    """The stage layer ranges ``config.stages`` asks for on a model with ``n_layers`` layers."""
+def resolve_stages(
+    config: ParallelConfig,
+    n_layers: int,
+    sizes: ModelBytes | None = None,
+    capacity: int | None = None,
+    work: Sequence[float] | None = None,
+) -> list[tuple[int, int]]:
+    """The stage layer ranges ``config.stages`` asks for on a model with ``n_layers`` layers.
+
+    ``work`` (one relative cost per layer, from the analysis that will run) balances a stage count
+    when ``config.balance`` is ``"work"``; without it a count splits the layers evenly.
+    """
     stages = config.stages
     if isinstance(stages, list):
         return check_ranges(stages, n_layers)
@@ -142,4 +158,8 @@ def resolve_stages(config: ParallelConfig, n_layers: int, sizes: ModelBytes | No
             raise SplitError("stages: auto needs the model's parameter sizes")
         cap = capacity if capacity is not None else device_capacity(config.gpus_per_stage)
         return split_by_memory(sizes, cap)
+    if work is not None and config.balance == "work":
+        if len(work) != n_layers or any(not w >= 0 for w in work) or not any(w > 0 for w in work):
+            raise SplitError(f"layer work must be {n_layers} non-negative numbers, not all zero; got {list(work)!r}")
+        return balance_work(work, stages)
     return split_even(n_layers, stages)

@@ -29,7 +29,7 @@ from typing import Literal
 from pydantic import Field, PositiveInt, field_validator, model_validator
 
 from interplab.analyses.metrics import metric_names
-from interplab.analyses.patching.driver import activation_patching
+from interplab.analyses.patching.driver import activation_patching, layer_work
 from interplab.analyses.patching.result import baselines_table
 from interplab.analyses.patching.sweeps import SweepError, parse_sweeps
 from interplab.analyses.tasks import IOI_CORRUPTIONS, PairSet, PromptPair, TaskError, facts_pairs, ioi_pairs, load_pairs
@@ -194,6 +194,9 @@ class PatchingRunner:
 
     def provenance(self, spec: PatchingSpec) -> dict:
         return {"sweeps": [s.name for s in parse_sweeps(spec.sweep)]}
+
+    def layer_work(self, spec: PatchingSpec, n_layers: int) -> list[float] | None:
+        return layer_work(n_layers, spec.method)
 
 
 def _check_prompts(prompts: list[PairPrompt], tokenizer) -> None:
