@@ -14,7 +14,12 @@ Measured in one run (interleaved repeats, medians):
   engine vs pipeline (stages write their own sites), into a temporary store;
 - ``patching sweep``: the ``resid_pre`` layer x position sweep over ``--patching-prompts`` IOI pairs
   (``activation_patching``), engine vs pipeline (rows start at their own layer on both), with the
-  layers split evenly and balanced by the sweep's work (``parallel.balance: work``, what a job does).
+  layers split evenly and balanced by the sweep's work (``parallel.balance: work``, what a job does);
+- ``training step``: one Adam step (next-token cross-entropy over ``--train-rows`` rows, full
+  logits, every parameter trained) on the engine, on 2 pipeline stages, and on 2 data-parallel
+  replicas of 1 stage (the driver computes the loss on both replicas' logits and sends each its
+  rows' logit gradient; stages all-reduce their gradients), after one untimed step that allocates
+  the Adam state.
 
 On CPU each stage gets ``cores / stages`` torch threads (the engine uses all cores); with ``--device
 cuda`` all stages share the one GPU (``gpus_per_stage = 1 / stages``) and the engine runs on it too.
@@ -52,6 +57,7 @@ def main() -> None:
     parser.add_argument("--transports", default="refs,compiled")
     parser.add_argument("--capture-batches", type=int, default=16)
     parser.add_argument("--patching-prompts", type=int, default=4, help="0: skip the patching sweep")
+    parser.add_argument("--train-rows", type=int, default=8, help="0: skip the training steps")
     args = parser.parse_args()
 
     import ray
@@ -135,7 +141,7 @@ def main() -> None:
     if args.patching_prompts:  # the same sweep on stages balanced by its work (layer l runs ~ l + 1 rows)
         from interplab.analyses.patching import layer_work
 
-        with PipelineModel(args.model, config(args.stages), layer_work=lambda n: layer_work(n, "exact")) as balanced:
+        with PipelineModel(args.model, config(args.stages), layer_work=lambda sk: layer_work(sk.n_layers, "exact")) as balanced:
             balanced.parallel = balanced.parallel.model_copy(update={"transport": "refs", "micro_batches": None})
             sweeps.append((f"pipeline {args.stages} stages, balanced by work {balanced.stage_ranges}", *_sweep(balanced, pairs)))
 
@@ -147,6 +153,24 @@ def main() -> None:
     print(f"capture stream, {args.capture_batches} batches, sites {sites}:")
     print(f"{'  engine':48s} {cap_engine:8.3f} {capture_tokens / cap_engine:10.0f} {1.0:8.2f}x")
     print(f"{'  pipeline ' + str(args.stages) + ' stages':48s} {cap_pipe:8.3f} {capture_tokens / cap_pipe:10.0f} {cap_engine / cap_pipe:8.2f}x")
+    training = []
+    if args.train_rows:
+        train_batch = TokenBatch.from_ids(ids[: args.train_rows].tolist())
+        training.append(("engine (single process)", _train_time(engine, train_batch, args.repeats)))
+        for name, cfg in (
+            (f"pipeline {args.stages} stages", config(args.stages, args.stages)),
+            ("2 replicas x 1 stage (data parallel)", config(1, 1).model_copy(update={"replicas": 2})),
+        ):
+            if cfg.replicas > 1:  # two single-stage replicas share the machine like two stages do
+                cfg = cfg.model_copy(update={"gpus_per_stage": 0.5} if gpu else {"cpus_per_stage": max(1, cores // 2)})
+            with PipelineModel(args.model, cfg) as backend:
+                label = f"{name} {backend.stage_ranges}" if cfg.replicas == 1 else name
+                training.append((label, _train_time(backend, train_batch, args.repeats)))
+    if training:
+        train_tokens = args.train_rows * args.seq
+        print(f"training step (Adam, all parameters, {args.train_rows} x {args.seq} tokens, full logits):")
+        for name, t in training:
+            print(f"  {name:54s} {t:8.3f} s {train_tokens / t:10.0f} tok/s {training[0][1] / t:8.2f}x")
     if sweeps:
         t_engine, reference = sweeps[0][1], sweeps[0][2]
         print(f"patching sweep (resid_pre, {args.patching_prompts} IOI pairs, {reference.rows_run} rows computed):")
@@ -154,6 +178,19 @@ def main() -> None:
             diff = float((result.values("resid_pre") - reference.values("resid_pre")).abs().max())
             print(f"  {name:54s} {t:8.3f} s {t_engine / t:8.2f}x   max |diff| vs engine {diff:.1e}")
     ray.shutdown()
+
+
+def _next_token_loss(logits, batch):
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch.input_ids[:, 1:].flatten())
+
+
+def _train_time(backend, batch, repeats: int) -> float:
+    """Median seconds of one Adam step after a first (untimed) step that allocates the optimizer state."""
+    from interplab.runtime import AdamConfig, make_trainer
+
+    with make_trainer(backend, AdamConfig(lr=1e-6)) as trainer:
+        trainer.step(batch, _next_token_loss)
+        return _median_time(lambda: trainer.step(batch, _next_token_loss), repeats)
 
 
 def _sweep(backend, pairs):

@@ -7,6 +7,7 @@ import pytest
 from interplab.analyses.patching.job import PatchingRunner
 from interplab.jobs.model import build_model
 from interplab.jobs.registry import parse_spec
+from interplab.runtime.split import LayerWork
 
 SPEC = {
     "kind": "patching",
@@ -20,9 +21,9 @@ SPEC = {
 def test_a_patching_job_pipeline_is_balanced_by_its_layer_work(ray_cluster, monkeypatch, balance, expected):
     declared = []
 
-    def skewed(self, spec, n_layers):  # tiny models have 3 layers, where l + 1 splits like layers do
-        declared.append((spec.kind, n_layers))
-        return [5.0, 1.0, 1.0]
+    def skewed(self, spec, model):  # tiny models have 3 layers, where l + 1 splits like layers do
+        declared.append((spec.kind, model.n_layers))
+        return LayerWork((5.0, 1.0, 1.0))
 
     monkeypatch.setattr(PatchingRunner, "layer_work", skewed)
     spec = parse_spec({**SPEC, "parallel": {"stages": 2, "balance": balance, "cpus_per_stage": 0.1}})

@@ -10,7 +10,16 @@ from interplab.engine import HookedModel, Intervention, patch, steer, zero
 from interplab.runtime import ParallelConfig, SplitError, StageError, build_backend
 from interplab.runtime.microbatch import narrow_interventions, row_ranges, slice_batch
 from interplab.analyses.patching import layer_work
-from interplab.runtime.split import ModelBytes, balance, balance_work, model_bytes, resolve_stages, split_by_memory, split_even
+from interplab.runtime.split import (
+    LayerWork,
+    ModelBytes,
+    balance,
+    balance_work,
+    model_bytes,
+    resolve_stages,
+    split_by_memory,
+    split_even,
+)
 from tests.runtime.helpers import CLEAN
 
 
@@ -65,10 +74,10 @@ def test_balance_accounts_for_embedding_and_head():
 def test_balance_work_minimises_the_busiest_stage():
     # a layer sweep on SmolLM2's 30 layers: layer l runs the rows of layers 0..l
     work = layer_work(30, "exact")
-    assert work == [float(l + 1) for l in range(30)]
-    ranges = balance_work(work, 2)
+    assert work.layers == tuple(float(l + 1) for l in range(30)) and work.last == 0
+    ranges = balance_work(work.layers, 2)
     assert ranges == [(0, 21), (21, 30)]  # 231 vs 234 units of work; even layers would be 120 vs 345
-    assert balance_work(work, 3) == [(0, 17), (17, 24), (24, 30)]
+    assert balance_work(work.layers, 3) == [(0, 17), (17, 24), (24, 30)]
     assert balance_work([1.0] * 8, 2) == split_even(8, 2)
     assert balance_work([1.0] * 8, 2, first=4) == [(0, 2), (2, 8)]
     assert layer_work(30, "atp") is None  # whole passes: nothing to balance
@@ -77,15 +86,16 @@ def test_balance_work_minimises_the_busiest_stage():
 
 
 def test_resolve_stages_balances_a_count_by_work_unless_told_layers():
-    work = [5.0, 1.0, 1.0, 1.0]
+    work = LayerWork((5.0, 1.0, 1.0, 1.0))
     assert resolve_stages(ParallelConfig(stages=2), 4, work=work) == [(0, 1), (1, 4)]
     assert resolve_stages(ParallelConfig(stages=2, balance="layers"), 4, work=work) == [(0, 2), (2, 4)]
     assert resolve_stages(ParallelConfig(stages=2), 4) == [(0, 2), (2, 4)]  # no work declared: even
     assert resolve_stages(ParallelConfig(stages=[[0, 3], [3, 4]]), 4, work=work) == [(0, 3), (3, 4)]  # explicit wins
-    with pytest.raises(SplitError, match="4 non-negative numbers"):
-        resolve_stages(ParallelConfig(stages=2), 4, work=[1.0, 2.0])
-    with pytest.raises(SplitError, match="not all zero"):
-        resolve_stages(ParallelConfig(stages=2), 4, work=[0.0] * 4)
+    with pytest.raises(SplitError, match="2 layers for a model with 4"):
+        resolve_stages(ParallelConfig(stages=2), 4, work=LayerWork((1.0, 2.0)))
+    for bad in ((0.0, 0.0), (1.0, -1.0), (1.0, float("nan"))):
+        with pytest.raises(SplitError, match="non-negative"):
+            LayerWork(bad)
     with pytest.raises(ValueError, match="balance"):
         ParallelConfig.model_validate({"stages": 2, "balance": "flops"})
 

@@ -41,7 +41,7 @@ def build_model(spec: JobSpec, device: str) -> HookedModel:
 
     runner = get_kind(spec.kind).runner
     declared = getattr(runner, "layer_work", None)
-    work = (lambda n_layers: declared(spec, n_layers)) if callable(declared) else None
+    work = (lambda skeleton: declared(spec, skeleton)) if callable(declared) else None
     return build_backend(spec.model, spec.parallel, dtype=spec.dtype, seed=spec.seed, device=device, layer_work=work)
 
 

@@ -15,8 +15,9 @@ on the meta device, so no forward passes); ``run_chunk`` and ``finalize`` get th
 ``run_chunk`` must be idempotent: it writes only through ``writer`` with ``chunk=chunk_id``
 (``writer.write_table(name, table, chunk=chunk_id)`` or ``write_capture_chunk``).
 An optional ``provenance(spec) -> dict`` adds facts to the run record (e.g. a dataset hash) that a
-resume must find unchanged. An optional ``layer_work(spec, n_layers) -> list[float] | None`` gives the
-relative compute each decoder layer will do; a pipeline (``parallel: {stages: N}``) balances its
+resume must find unchanged. An optional ``layer_work(spec, model) -> LayerWork | None`` (``model``: the
+meta-device skeleton, for sizes) gives the relative compute of each decoder layer and of the head
+(:class:`~interplab.runtime.split.LayerWork`); a pipeline (``parallel: {stages: N}``) balances its
 stages by it.
 """
 

@@ -8,10 +8,12 @@ for captures to the store and training steps.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from interplab.engine.plan import Positions
 from interplab.engine.sites import Site
 from interplab.runtime.config import ParallelConfig
+from interplab.runtime.split import LayerWork
 
 
 def build_backend(
@@ -21,11 +23,12 @@ def build_backend(
     dtype: str = "float32",
     seed: int = 0,
     device: str = "cpu",
-    layer_work: Callable[[int], Sequence[float] | None] | None = None,
+    layer_work: Callable[[Any], LayerWork | None] | None = None,
 ):
     """``parallel`` None or one stage with one replica: the single-process engine, no Ray. Else a pipeline.
 
-    ``layer_work(n_layers)`` gives the relative compute per layer of what will run (or None); a
+    ``layer_work(skeleton)`` gives the relative compute of what will run (a
+    :class:`~interplab.runtime.split.LayerWork`, or None) from the model's meta-device skeleton; a
     stage count is balanced by it (``parallel.balance: work``, see :class:`ParallelConfig`)."""
     if isinstance(parallel, dict):
         parallel = ParallelConfig.model_validate(parallel)

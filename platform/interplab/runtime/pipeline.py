@@ -33,7 +33,7 @@ from interplab.runtime.errors import StageError
 from interplab.runtime.microbatch import narrow_interventions, row_ranges, slice_batch, slice_positions, splittable
 from interplab.runtime.parameters import PipelineParameters
 from interplab.runtime.sink import StoreSink
-from interplab.runtime.split import model_bytes, resolve_stages
+from interplab.runtime.split import LayerWork, model_bytes, resolve_stages
 from interplab.runtime.stage import StageSpec, StageTask
 
 
@@ -60,7 +60,7 @@ class PipelineModel(PipelineParameters):
         dtype: str = "float32",
         seed: int = 0,
         capacity_bytes: int | None = None,
-        layer_work: Callable[[int], Sequence[float] | None] | None = None,
+        layer_work: Callable[[Any], LayerWork | None] | None = None,
     ) -> None:
         from interplab.runtime.skeleton import load_skeleton
 
@@ -68,7 +68,7 @@ class PipelineModel(PipelineParameters):
         self._skeleton = load_skeleton(model, dtype=dtype, seed=seed)
         sk = self._skeleton
         sizes = model_bytes(sk) if parallel.stages == "auto" else None
-        work = layer_work(sk.n_layers) if layer_work is not None else None
+        work = layer_work(sk) if layer_work is not None else None  # given the meta-device skeleton
         self.stage_ranges: list[tuple[int, int]] = resolve_stages(parallel, sk.n_layers, sizes, capacity_bytes, work)
         n = len(self.stage_ranges)
         gpus = parallel.gpus_per_stage

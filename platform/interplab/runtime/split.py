@@ -25,6 +25,21 @@ class ModelBytes:
         return sum(self.layers) + self.embed + self.head
 
 
+@dataclass(frozen=True)
+class LayerWork:
+    """Relative compute of a workload: per decoder layer, plus what the first stage (embedding) and
+    the last stage (final norm and unembedding) add. Any unit; only ratios matter."""
+
+    layers: tuple[float, ...]
+    first: float = 0.0
+    last: float = 0.0
+
+    def __post_init__(self) -> None:
+        values = (*self.layers, self.first, self.last)
+        if not self.layers or any(not v >= 0 for v in values) or not any(v > 0 for v in self.layers):
+            raise SplitError(f"layer work must be non-negative numbers, some layer's above zero; got {self!r}")
+
+
 def model_bytes(hooked) -> ModelBytes:
     """Bytes of each part of a (possibly meta-device) :class:`HookedModel`, from parameter shapes."""
     spec = hooked.spec
@@ -143,12 +158,12 @@ def resolve_stages(
     n_layers: int,
     sizes: ModelBytes | None = None,
     capacity: int | None = None,
-    work: Sequence[float] | None = None,
+    work: LayerWork | None = None,
 ) -> list[tuple[int, int]]:
     """The stage layer ranges ``config.stages`` asks for on a model with ``n_layers`` layers.
 
-    ``work`` (one relative cost per layer, from the analysis that will run) balances a stage count
-    when ``config.balance`` is ``"work"``; without it a count splits the layers evenly.
+    ``work`` (the relative compute of what will run) balances a stage count when ``config.balance``
+    is ``"work"``; without it a count splits the layers evenly.
     """
     stages = config.stages
     if isinstance(stages, list):
@@ -159,7 +174,7 @@ def resolve_stages(
         cap = capacity if capacity is not None else device_capacity(config.gpus_per_stage)
         return split_by_memory(sizes, cap)
     if work is not None and config.balance == "work":
-        if len(work) != n_layers or any(not w >= 0 for w in work) or not any(w > 0 for w in work):
-            raise SplitError(f"layer work must be {n_layers} non-negative numbers, not all zero; got {list(work)!r}")
-        return balance_work(work, stages)
+        if len(work.layers) != n_layers:
+            raise SplitError(f"layer work gives {len(work.layers)} layers for a model with {n_layers}")
+        return balance_work(work.layers, stages, first=work.first, last=work.last)
     return split_even(n_layers, stages)

@@ -31,6 +31,7 @@ from interplab.engine.interventions import Intervention
 from interplab.engine.plan import KVPrefix
 from interplab.engine.sites import Site, SiteKind
 from interplab.engine.tokens import TokenBatch
+from interplab.runtime.split import LayerWork
 
 Direction = Literal["denoise", "noise"]
 Method = Literal["exact", "atp", "both"]
@@ -294,15 +295,16 @@ def _atp(setup: _Setup) -> list[dict]:
     return rows
 
 
-def layer_work(n_layers: int, method: str) -> list[float] | None:
-    """Relative compute per decoder layer of :func:`activation_patching` on a pipeline, for balancing
-    its stages. Exact patching starts each row at its patched layer and every sweep patches each
-    layer equally often, so layer ``l`` runs the rows of layers ``0..l``: work ``l + 1``. With an even
-    split the last of two stages would do ~3x the first's work; balanced, the first stage takes ~70 %
-    of the layers. AtP alone runs whole passes (no per-layer skew): None."""
+def layer_work(n_layers: int, method: str) -> LayerWork | None:
+    """Relative compute of :func:`activation_patching` on a pipeline, for balancing its stages.
+    Exact patching starts each row at its patched layer and every sweep patches each layer equally
+    often, so layer ``l`` runs the rows of layers ``0..l``: work ``l + 1`` (the head unembeds one
+    position and, for ``logit_diff``, two columns: nothing). With an even split the last of two
+    stages would do ~3x the first's work; balanced, the first stage takes ~70 % of the layers. AtP
+    alone runs whole passes (no per-layer skew): None."""
     if method == "atp":
         return None
-    return [float(layer + 1) for layer in range(n_layers)]
+    return LayerWork(tuple(float(layer + 1) for layer in range(n_layers)))
 
 
 def _progress(total: int, enabled: bool, desc: str):

@@ -37,6 +37,7 @@ from interplab.analyses.tasks.pairs import pairs_from_records
 from interplab.jobs.errors import SpecError, at_path
 from interplab.jobs.registry import JobSummary, register_kind
 from interplab.jobs.spec import JobSpec, _Strict
+from interplab.runtime.split import LayerWork
 
 
 class PairPrompt(_Strict):
@@ -195,8 +196,8 @@ class PatchingRunner:
     def provenance(self, spec: PatchingSpec) -> dict:
         return {"sweeps": [s.name for s in parse_sweeps(spec.sweep)]}
 
-    def layer_work(self, spec: PatchingSpec, n_layers: int) -> list[float] | None:
-        return layer_work(n_layers, spec.method)
+    def layer_work(self, spec: PatchingSpec, model) -> LayerWork | None:
+        return layer_work(model.n_layers, spec.method)
 
 
 def _check_prompts(prompts: list[PairPrompt], tokenizer) -> None:
