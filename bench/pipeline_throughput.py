@@ -158,7 +158,7 @@ def main() -> None:
         train_batch = TokenBatch.from_ids(ids[: args.train_rows].tolist())
         training.append(("engine (single process)", _train_time(engine, train_batch, args.repeats)))
         for name, cfg in (
-            (f"pipeline {args.stages} stages", config(args.stages, args.stages)),
+            (f"pipeline {args.stages} stages", config(args.stages)),  # default micro-batches: 2 x stages
             ("2 replicas x 1 stage (data parallel)", config(1, 1).model_copy(update={"replicas": 2})),
         ):
             if cfg.replicas > 1:  # two single-stage replicas share the machine like two stages do

@@ -21,7 +21,7 @@ class ParallelConfig(BaseModel):
     """How a model is spread over Ray actors. Validates itself; unknown keys are errors.
 
     Attributes:
-        stages: a stage count (layers split evenly), explicit ``[[start, stop], ...]`` layer ranges
+        stages: a stage count (split as ``balance`` says), explicit ``[[start, stop], ...]`` layer ranges
             covering ``[0, n_layers)`` in order, or ``"auto"`` (split by parameter bytes and free
             device memory, see :func:`interplab.runtime.split.split_by_memory`).
         balance: how a stage *count* splits the layers. ``"work"`` (default): by the relative compute
