@@ -302,9 +302,9 @@ class HookedModel:
         that order (``[..., k]``): a metric that reads a few tokens' logits skips the rest of the
         unembedding.
         """
-        if vocab is not None:
-            vocab = self.check_vocab(vocab, with_head)
         if joins:
+            if vocab is not None:
+                vocab = self.check_vocab(vocab, with_head)
             self.check_joins(batch, start, stop, hidden, joins, bool(capture) or grad)
             plan = self._plan(batch, [], interventions, (), positions, keep_grad=False, prefix=prefix)
             with torch.no_grad():

@@ -108,6 +108,16 @@ def _stage_errors(method: Callable) -> Callable:
     return wrapper
 
 
+def _input_grad(hidden, grad):
+    """The gradient of a micro-batch's input boundary for the previous stage (CPU): ``grad``, zeros
+    where no gradient reached the input, None when the stage had no input (the first stage)."""
+    if hidden is None:
+        return None
+    import torch
+
+    return (grad if grad is not None else torch.zeros_like(hidden)).detach().to("cpu")
+
+
 class StageWorker:
     """Holds one stage's weights and runs its part of every pipeline call."""
 
@@ -257,11 +267,8 @@ class StageWorker:
         grad_ins = []
         for k, (sites, ts), g in zip(keys, targets, grads):
             site_grads.append(self._site_grads(k, sites, g) if mode == "grad" else None)
-            has_input = self._pending[k][0] is not None
-            grad_in = g[-1] if has_input else None
-            if has_input and grad_in is None:
-                grad_in = torch.zeros_like(self._pending[k][0])
-            grad_ins.append(grad_in.detach().to("cpu") if grad_in is not None else None)
+            hidden = self._pending[k][0]
+            grad_ins.append(_input_grad(hidden, g[-1] if hidden is not None else None))
             del self._pending[k]
         self._call_prompts.pop(call, None)
         summary = {"value": value.detach().cpu(), "logits": logits.detach().cpu(), "site_grads": site_grads}
@@ -291,10 +298,7 @@ class StageWorker:
         grad_ins = []
         for k in keys:
             hidden = self._pending[k][0]
-            grad_in = None
-            if hidden is not None:
-                grad_in = (hidden.grad if hidden.grad is not None else torch.zeros_like(hidden)).detach().to("cpu")
-            grad_ins.append(grad_in)
+            grad_ins.append(_input_grad(hidden, hidden.grad if hidden is not None else None))
             del self._pending[k]
         self._call_prompts.pop(call, None)
         return [int(grad.shape[0]), *grad_ins]
@@ -315,10 +319,7 @@ class StageWorker:
         else:
             grads = list(torch.autograd.grad(stage.output, tensors, grad_out, allow_unused=True)) if tensors else []
         site_grads = self._site_grads(key, sites, grads) if task.mode == "grad" else None
-        grad_in = None
-        if hidden is not None:
-            grad_in = grads[-1] if grads[-1] is not None else torch.zeros_like(hidden)
-            grad_in = grad_in.detach().to("cpu")
+        grad_in = _input_grad(hidden, grads[-1] if hidden is not None else None)
         del self._pending[key]
         if not any(k[0] == call for k in self._pending):
             self._call_prompts.pop(call, None)
