@@ -76,3 +76,44 @@ def test_resid_mid_added_into_the_arena_equals_resid_pre_plus_attn_out():
     buffers = {b.untyped_storage().data_ptr() for b in model._arena._buffers}
     assert second.cache["resid_mid.1"].untyped_storage().data_ptr() in buffers
     torch.testing.assert_close(second.cache["resid_mid.1"], expected, rtol=0, atol=0)
+
+
+def _buffer_ptrs(model) -> set[int]:
+    return {b.untyped_storage().data_ptr() for b in model._arena._buffers}
+
+
+def test_full_logits_are_written_into_the_arena_bit_identical_and_never_over_held_ones():
+    model = load_model("tiny-llama")
+    head = model.model.get_submodule(model.spec.lm_head)
+    first = model.run(PROMPTS)  # sizes the arena; plain tensors
+    hidden = model.run(PROMPTS, capture=["final"]).cache["final"]
+    reference = torch.nn.functional.linear(hidden, head.weight, head.bias)  # what nn.Linear computes
+    assert torch.equal(first.logits, reference)
+    held = model.run(PROMPTS).logits  # into a buffer
+    assert held.untyped_storage().data_ptr() in _buffer_ptrs(model)
+    assert torch.equal(held, reference)
+    other = model.run(["completely different words here"]).logits  # the held buffer is busy
+    assert other.untyped_storage().data_ptr() != held.untyped_storage().data_ptr()
+    again = model.run(PROMPTS).logits  # both buffers busy: plain memory, the held ones untouched
+    assert again.untyped_storage().data_ptr() not in _buffer_ptrs(model)
+    assert torch.equal(held, reference) and torch.equal(again, reference)
+    # only whole logits on a grad-free pass are pooled
+    last = model.run(PROMPTS, logits="last").logits
+    assert last.untyped_storage().data_ptr() not in _buffer_ptrs(model)
+    trained = model.run(PROMPTS, grad=True).logits
+    assert trained.requires_grad and trained.untyped_storage().data_ptr() not in _buffer_ptrs(model)
+    torch.testing.assert_close(trained.detach(), reference, rtol=0, atol=0)
+
+
+def test_logits_with_a_softcap_or_a_logits_intervention_are_not_pooled_and_stay_right():
+    model = load_model("tiny-gemma2")  # tanh soft-capped logits
+    first = model.run(PROMPTS).logits.clone()
+    second = model.run(PROMPTS).logits
+    assert second.untyped_storage().data_ptr() not in _buffer_ptrs(model)
+    assert torch.equal(first, second)
+    llama = load_model("tiny-llama")
+    llama.run(PROMPTS)
+    shift = torch.ones(llama.d_vocab)
+    plain = llama.run(PROMPTS).logits.clone()
+    steered = llama.run(PROMPTS, interventions=[steer("logits", shift)]).logits
+    torch.testing.assert_close(steered, plain + shift)

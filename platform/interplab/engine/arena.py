@@ -1,10 +1,13 @@
-"""Reused memory for captured activations on CPU.
+"""Reused memory for a forward pass's outputs on CPU: captured activations and full logits.
 
 A forward pass that captures many sites keeps their tensors alive, so the allocator cannot hand
 their memory to later operations and every capture lands on freshly mapped pages. On CPU, faulting
 fresh pages in costs more than the capture itself (≈ 6 µs per 4 KiB page on our VMs: 177 MB of
 SmolLM2 captures ≈ 0.25 s on a 0.6 s forward). :class:`CaptureArena` keeps a few flat buffers and
-copies whole-activation captures into one of them (a memcpy into warm memory).
+copies whole-activation captures into one of them (a memcpy into warm memory). Full logits are the
+same story at a larger size (SmolLM2, 8 x 64 tokens: 100 MB, mapped afresh by every forward that
+returns them); the unembedding writes them straight into the lease (``torch.mm(..., out=)``, the
+same kernel ``nn.Linear`` runs, so the values are bit-identical).
 
 A buffer is reused only when nothing outside the arena references its storage any more (the
 storage's use count, so views the user derived from a capture keep it busy too); otherwise a call
@@ -13,6 +16,9 @@ records the size; later calls get a buffer. GPUs do not need this (PyTorch's cac
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Sequence
 
 import torch
 
@@ -36,13 +42,17 @@ class Lease:
 
     def take(self, like: torch.Tensor) -> torch.Tensor | None:
         """An uninitialised tensor shaped like ``like`` in the buffer, or None if it does not fit."""
-        if self.buffer is not None and like.dtype != self.buffer.dtype:
+        return self.take_shape(like.shape, like.dtype)
+
+    def take_shape(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor | None:
+        """An uninitialised ``dtype`` tensor of ``shape`` in the buffer, or None if it does not fit."""
+        if self.buffer is not None and dtype != self.buffer.dtype:
             return None
         start = self.used
-        self.used += like.numel()
+        self.used += math.prod(shape)
         if self.buffer is None or self.used > self.buffer.numel():
             return None
-        return self.buffer[start : self.used].view(like.shape)
+        return self.buffer[start : self.used].view(tuple(shape))
 
 
 class CaptureArena:

@@ -247,14 +247,16 @@ class HookedModel:
             interventions: applied in order at their sites; rows may carry different patches.
             positions: positions to capture (see :func:`~interplab.engine.plan.resolve_positions`).
             logits: ``"all"`` positions, each row's ``"last"`` real token, or ``"none"`` (stop after
-                the last captured layer when nothing downstream is needed).
+                the last captured layer when nothing downstream is needed). On CPU, full logits and
+                whole-activation captures may live in a reused buffer (:mod:`interplab.engine.arena`),
+                which is never overwritten while anything still references them.
             grad: keep the autograd graph (for training or custom backward passes).
             keep_kv: also return every layer's keys/values (``RunResult.kv``), to reuse as a
                 :class:`~interplab.engine.plan.KVPrefix` in :meth:`run_stage`.
         """
         batch = self.tokenize(prompts)
         plan = self._plan(batch, capture, interventions, (), positions, keep_grad=grad, record_kv=keep_kv)
-        if plan.capture_sites and not grad:
+        if (plan.capture_sites or logits == "all") and not grad:  # captures and full logits into reused memory
             plan.lease = self._arena.lease(self.dtype, self.device)
         stop, with_head = self.n_layers, True
         if logits == "none":

@@ -120,14 +120,16 @@ def unembed(
     if last is not None and not logits_hooked:
         hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), last.to(hidden.device)][:, None]
     head = hooked.model.get_submodule(hooked.spec.lm_head)
+    cap = getattr(hooked.config, hooked.spec.logit_softcap, None) if hooked.spec.logit_softcap else None
     if vocab is not None and not logits_hooked and isinstance(head, torch.nn.Linear):
         vocab = vocab.to(head.weight.device)
         bias = head.bias[vocab] if head.bias is not None else None
         logits = torch.nn.functional.linear(hidden, head.weight[vocab], bias)
         vocab = None  # done
     else:
-        logits = head(hidden)
-    cap = getattr(hooked.config, hooked.spec.logit_softcap, None) if hooked.spec.logit_softcap else None
+        whole = last is None and vocab is None and cap is None and not logits_hooked
+        pooled = _linear_into_lease(head, hidden, plan.lease) if whole else None
+        logits = pooled if pooled is not None else head(hidden)
     if cap is not None:
         logits = torch.tanh(logits / cap) * cap
     logits = plan.process(SiteKind.LOGITS, None, logits)
@@ -136,3 +138,25 @@ def unembed(
     if last is not None and logits.shape[1] != 1:
         logits = logits[torch.arange(logits.shape[0], device=logits.device), last.to(logits.device)][:, None]
     return logits[:, 0] if last is not None else logits
+
+
+def _linear_into_lease(head: torch.nn.Module, hidden: torch.Tensor, lease) -> torch.Tensor | None:
+    """``head(hidden)`` written into the arena lease (see :mod:`interplab.engine.arena`), or None
+    where it cannot be: no lease, a head that is not a plain ``nn.Linear`` (or carries hooks, e.g.
+    accelerate's offloading), autograd on, or no room left in the buffer."""
+    if lease is None or torch.is_grad_enabled() or type(head) is not torch.nn.Linear:
+        return None
+    if head._forward_hooks or head._forward_pre_hooks or hasattr(head, "_hf_hook"):
+        return None
+    weight = head.weight
+    if weight.device != hidden.device or weight.dtype != hidden.dtype or not hidden.is_contiguous():
+        return None
+    out = lease.take_shape((*hidden.shape[:-1], weight.shape[0]), hidden.dtype)
+    if out is None:
+        return None
+    flat, dest = hidden.view(-1, hidden.shape[-1]), out.view(-1, weight.shape[0])
+    if head.bias is None:
+        torch.mm(flat, weight.t(), out=dest)
+    else:
+        torch.addmm(head.bias, flat, weight.t(), out=dest)
+    return out
