@@ -1,7 +1,7 @@
 """Throughput of the Ray pipeline backend vs the single-process engine, same machine, same batch.
 
     python bench/pipeline_throughput.py [--model smollm2-135m] [--batch 32] [--seq 64] [--stages 2]
-        [--micro-batches 2,4,8] [--transports refs,compiled] [--repeats 5] [--device cpu|cuda]
+        [--micro-batches 2,4,8] [--transports refs,compiled] [--lend on,off] [--repeats 5] [--device cpu|cuda]
         [--capture-batches 16]
 
 Measured in one run (interleaved repeats, medians):
@@ -9,7 +9,8 @@ Measured in one run (interleaved repeats, medians):
 - ``pipeline 1 stage``: the same through one Ray stage actor (Ray overhead, no stage boundary);
 - ``pipeline N stages, M micro-batches``: the GPipe schedule (ratio to ``engine`` is the goal, >= 0.9x),
   once per transport: ``refs`` (object references, one actor call per stage and micro-batch) and
-  ``compiled`` (a Ray Compiled Graph; NCCL between stages on GPU);
+  ``compiled`` (a Ray Compiled Graph; NCCL between stages on GPU), and on CPU with and without
+  ``lend_cores`` (idle stages' threads lent to the busy stage during fill and drain);
 - ``capture stream``: ``capture_to_store`` of 4 residual sites over ``--capture-batches`` batches,
   engine vs pipeline (stages write their own sites), into a temporary store;
 - ``patching sweep``: the ``resid_pre`` layer x position sweep over ``--patching-prompts`` IOI pairs
@@ -55,6 +56,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--transports", default="refs,compiled")
+    parser.add_argument("--lend", default="on,off", help="CPU stages lend idle threads in fill and drain (parallel.lend_cores)")
     parser.add_argument("--capture-batches", type=int, default=16)
     parser.add_argument("--patching-prompts", type=int, default=4, help="0: skip the patching sweep")
     parser.add_argument("--train-rows", type=int, default=8, help="0: skip the training steps")
@@ -102,10 +104,14 @@ def main() -> None:
     try:
         for transport in args.transports.split(","):
             for micro in [int(m) for m in args.micro_batches.split(",")]:
-                pipe.parallel = pipe.parallel.model_copy(update={"micro_batches": micro, "transport": transport})
-                pipe.run(batch, logits="last")
-                t = _median_time(lambda: pipe.run(batch, logits="last"), args.repeats)
-                rows.append((f"pipeline {args.stages} stages, {micro} micro-batches, {transport}", t))
+                for lend in args.lend.split(","):
+                    if gpu and lend == "off":
+                        continue  # lending is for CPU stages
+                    pipe.parallel = pipe.parallel.model_copy(update={"micro_batches": micro, "transport": transport, "lend_cores": lend == "on"})
+                    pipe.run(batch, logits="last")
+                    t = _median_time(lambda: pipe.run(batch, logits="last"), args.repeats)
+                    lent = "" if gpu else f", cores lent {lend}"
+                    rows.append((f"pipeline {args.stages} stages, {micro} micro-batches, {transport}{lent}", t))
         base_check = _median_time(engine_run, args.repeats)  # the baseline again, after the pipeline ran
         rows.append(("engine again (drift check)", base_check))
 
@@ -147,9 +153,9 @@ def main() -> None:
 
     device = torch.cuda.get_device_name() if gpu else f"CPU, {cores} cores, torch threads {torch.get_num_threads()}"
     print(f"model {args.model}, batch {args.batch} x {args.seq} tokens, {device}, medians of {args.repeats}")
-    print(f"{'configuration':56s} {'seconds':>8s} {'tokens/s':>10s} {'vs engine':>9s}")
+    print(f"{'configuration':66s} {'seconds':>8s} {'tokens/s':>10s} {'vs engine':>9s}")
     for name, t in rows:
-        print(f"{name:56s} {t:8.3f} {tokens / t:10.0f} {base / t:8.2f}x")
+        print(f"{name:66s} {t:8.3f} {tokens / t:10.0f} {base / t:8.2f}x")
     print(f"capture stream, {args.capture_batches} batches, sites {sites}:")
     print(f"{'  engine':48s} {cap_engine:8.3f} {capture_tokens / cap_engine:10.0f} {1.0:8.2f}x")
     print(f"{'  pipeline ' + str(args.stages) + ' stages':48s} {cap_pipe:8.3f} {capture_tokens / cap_pipe:10.0f} {cap_engine / cap_pipe:8.2f}x")

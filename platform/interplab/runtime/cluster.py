@@ -26,6 +26,7 @@ class Replica:
     specs: list[StageSpec]
     actors: list[Any]
     placement_group: Any
+    one_node: bool = False  # every stage's bundle is on the same node (so CPU stages share its cores)
 
     @property
     def last(self):
@@ -63,7 +64,8 @@ def create_replica(index: int, specs: list[StageSpec], cpus: float, gpus: float,
         ).remote(spec)
         for i, spec in enumerate(specs)
     ]
-    replica = Replica(index, specs, actors, group)
+    nodes = ray.util.placement_group_table(group).get("bundles_to_node_id", {})
+    replica = Replica(index, specs, actors, group, one_node=len(set(nodes.values())) == 1)
     wait_alive(replica, timeout_s)
     return replica
 

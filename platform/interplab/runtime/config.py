@@ -41,6 +41,10 @@ class ParallelConfig(BaseModel):
             ``"compiled"`` (one Ray Compiled Graph per replica, compiled once and reused; NCCL between
             GPU stages, shared memory on CPU) or ``"auto"`` (compiled when stages are on GPUs, refs on
             CPU). Gradients, training and store captures use refs either way.
+        lend_cores: CPU stages of one replica on one node lend their torch threads to a busy stage
+            while they are idle in a ``run`` call's pipeline fill and drain (the first micro-batch
+            runs on the first stage with the downstream stages' threads too, the last one on the last
+            stage with the upstream stages'), as stages sharing a GPU share it by themselves.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -53,6 +57,7 @@ class ParallelConfig(BaseModel):
     micro_batches: int | None = Field(default=None, ge=1)
     max_retries: int = Field(default=3, ge=0)
     transport: Literal["auto", "refs", "compiled"] = "auto"
+    lend_cores: bool = True
 
     @field_validator("stages", mode="before")
     @classmethod

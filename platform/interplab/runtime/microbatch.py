@@ -32,6 +32,26 @@ def row_ranges(n_rows: int, n_parts: int) -> list[tuple[int, int]]:
     return out
 
 
+def lent_threads(threads: Sequence[int], mb: int, n_mbs: int) -> list[int]:
+    """Torch threads per stage for micro-batch ``mb`` of ``n_mbs`` in one GPipe call whose stages
+    share one node's cores (``threads[s]``: stage s's own share).
+
+    While micro-batch 0 is at stage s, the stages after s are idle (waiting for it); while the last
+    micro-batch is at stage s, the stages before s are done. So micro-batch 0 may use its stage's
+    threads plus every later stage's, and the last micro-batch its stage's plus every earlier one's,
+    and the node is never oversubscribed: every other stage busy at that moment runs on its own share.
+    """
+    out = []
+    for s in range(len(threads)):
+        n = threads[s]
+        if mb == 0:
+            n += sum(threads[s + 1 :])
+        if mb == n_mbs - 1:
+            n += sum(threads[:s])
+        out.append(n)
+    return out
+
+
 def splittable(interventions: Sequence[Intervention]) -> bool:
     """True if every intervention can be narrowed to a row range."""
     return all(item.op != "apply" for item in interventions)

@@ -87,9 +87,21 @@ class PipelineParameters:
                 self._owners(name)
         try:
             ray.get([a.init_optimizer.remote(adam, trainable) for replica in self._replicas for a in replica.actors])
+            if len(self._replicas) > 1:
+                self._join_grad_groups()
         except Exception as exc:  # noqa: BLE001
             raise cluster.unwrap(exc) from None
         self._steps = 0
+
+    def _join_grad_groups(self) -> None:
+        """One process group per stage index over the replicas (rank = replica), for the gradient
+        all-reduce of data-parallel training (:mod:`interplab.runtime.collective`)."""
+        import ray
+
+        addresses = ray.get([self._replicas[0].actors[s].grad_group_address.remote() for s in range(self.n_stages)])
+        world = len(self._replicas)
+        ray.get([replica.actors[s].join_grad_group.remote(addresses[s], rank, world)
+                 for rank, replica in enumerate(self._replicas) for s in range(self.n_stages)])
 
     def _release_optimizer(self) -> None:
         """Drop every stage's optimizer state and make all parameters require grad again."""

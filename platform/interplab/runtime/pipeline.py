@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -30,7 +30,7 @@ from interplab.runtime import cluster
 from interplab.runtime.compiled import CompiledRuns
 from interplab.runtime.config import ParallelConfig
 from interplab.runtime.errors import StageError
-from interplab.runtime.microbatch import narrow_interventions, row_ranges, slice_batch, slice_positions, splittable
+from interplab.runtime.microbatch import lent_threads, narrow_interventions, row_ranges, slice_batch, slice_positions, splittable
 from interplab.runtime.parameters import PipelineParameters
 from interplab.runtime.sink import StoreSink
 from interplab.runtime.split import LayerWork, model_bytes, resolve_stages
@@ -219,6 +219,16 @@ class PipelineModel(PipelineParameters):
             ))
         return out
 
+    def _lend_cores(self, tasks: list[StageTask], mb: int, n_mbs: int) -> list[StageTask]:
+        """``tasks`` with the threads idle stages lend during fill and drain (``parallel.lend_cores``;
+        one replica of CPU stages on one node, see :func:`~interplab.runtime.microbatch.lent_threads`)."""
+        if not self.parallel.lend_cores or len(self._replica_handles) != 1 or not self._replica_handles[0].one_node:
+            return tasks
+        if self._specs[0].device != "cpu":
+            return tasks
+        threads = lent_threads([spec.threads for spec in self._specs], mb, n_mbs)
+        return [task if n == spec.threads else replace(task, threads=n) for task, spec, n in zip(tasks, self._specs, threads)]
+
     # ------------------------------------------------------------------ execution
     def _submit(self, flight: _Flight) -> None:
         hidden = None
@@ -310,11 +320,11 @@ class PipelineModel(PipelineParameters):
 
         def items():
             for mb, (lo, hi) in enumerate(parts):
-                yield mb, lambda call, mb=mb, lo=lo, hi=hi: self._tasks(
+                yield mb, lambda call, mb=mb, lo=lo, hi=hi: self._lend_cores(self._tasks(
                     call, mb, batch, lo, hi, list(range(lo, hi)), mode="run", capture=capture,
                     interventions=interventions, positions=positions, logits=logits, upto=upto, stop=stop,
                     with_head=with_head, emit_last=with_head and logits != "none", keep_kv=keep_kv,
-                )
+                ), mb, len(parts))
 
         if not (upto == self.n_stages - 1 and not keep_kv and self._graphs.run(items(), results)):
             self._drive(items(), lambda key, sides, out: results.__setitem__(key, (sides, out)), window=len(parts))

@@ -5,13 +5,14 @@ forward (keeping its stages' autograd graphs). The loss must see the whole batch
 single-process step (a token-weighted mean is not the mean of the replicas' means), so the driver
 gathers every replica's logits, evaluates ``loss_fn`` once, and sends each replica the gradient of
 its own rows' logits; each replica runs the backward pass through its stages from there. Then every
-stage index all-reduces its parameters' gradients over the replicas (through Ray's object store:
-each replica's stage adds all replicas' gradients in replica order, so their Adam steps stay
+stage index all-reduces its parameters' gradients over the replicas, directly between the stage
+actors (a torch.distributed group per stage index: NCCL on GPUs, Gloo on CPU; see
+:mod:`interplab.runtime.collective`; every replica gets the same bits, so their Adam steps stay
 bit-identical), and the tied embedding's copies are combined inside each replica as in a one-replica
 step.
 
 The logits travel through the driver (``rows x positions x vocab`` per step): fine for the batches a
-grafting finetune uses; NCCL collectives between GPU stages would avoid it.
+grafting finetune uses; a loss that decomposes over rows could be evaluated on each replica instead.
 """
 
 from __future__ import annotations
@@ -66,9 +67,7 @@ def replicated_backward(pipe, batch: TokenBatch, loss_fn: Metric, interventions:
                 refs = [actors[stage].backward.options(num_returns=2).remote(call, mb, ref)[0] for mb, ref in zip(mbs, refs)]
             grad_refs += refs
         ray.get(grad_refs)
-        for stage in range(pipe.n_stages):
-            shares_of_stage = [replica.actors[stage].grads.remote() for replica in replicas]
-            ray.get([replica.actors[stage].set_grad_sum.remote(*shares_of_stage) for replica in replicas])
+        ray.get([actor.all_reduce_grads.remote() for replica in replicas for actor in replica.actors])
     except Exception:
         for replica in replicas:
             for actor in replica.actors:

@@ -77,6 +77,7 @@ class StageTask:
     vocab: Any = None  # Long[k]: the head computes only these logits columns
     keep_kv: bool = False  # also return the stage's keys/values: side result (captures, {layer: (k, v)})
     hidden: Any = None  # the input of a chain's first stage when its rows start mid-model with hidden states
+    threads: int | None = None  # CPU threads for this task (None: the stage's own); see pipeline fill and drain
 
 
 @dataclass(frozen=True)
@@ -165,6 +166,17 @@ class StageWorker:
         The side result is the stage's captures (an :class:`ActivationCache` on CPU), or the number
         of rows written when the task carries a store sink.
         """
+        if task.threads is None or task.threads == self.spec.threads:
+            return self._forward(task, hidden)
+        import torch
+
+        torch.set_num_threads(task.threads)
+        try:
+            return self._forward(task, hidden)
+        finally:
+            torch.set_num_threads(max(1, self.spec.threads))
+
+    def _forward(self, task: StageTask, hidden):
         hidden = task.hidden if hidden is None else hidden
         if hidden is not None:
             hidden = hidden.to(self.device)
@@ -460,12 +472,16 @@ class StageWorker:
 
     @_stage_errors
     def release_optimizer(self) -> int:
-        """Drop the optimizer and its state; every parameter requires grad again. Returns the count."""
+        """Drop the optimizer and its state (and leave the replicas' gradient group); every parameter
+        requires grad again. Returns the count."""
+        from interplab.runtime import collective
+
         owned = self._owned_parameters()
         for param in owned.values():
             param.requires_grad_(True)
         self._optimizer = None
         self._training = False
+        collective.leave()
         return len(owned)
 
     @_stage_errors
@@ -490,24 +506,28 @@ class StageWorker:
         return [p for group in self._optimizer.param_groups for p in group["params"]] if self._optimizer else []
 
     @_stage_errors
-    def grads(self) -> list:
-        """This stage's trainable parameters' gradients (CPU; None where there is none), in the
-        optimizer's order: one replica's share of the data-parallel all-reduce."""
-        return [None if p.grad is None else p.grad.detach().to("cpu") for p in self._trained()]
+    def grad_group_address(self) -> str:
+        """A free ``host:port`` on this actor's node, for the replicas' gradient group rendezvous."""
+        from interplab.runtime import collective
+
+        return collective.free_address()
 
     @_stage_errors
-    def set_grad_sum(self, *parts) -> int:
-        """Set every trainable parameter's gradient to the sum of ``parts`` (each replica's
-        :meth:`grads`, in replica order). Every replica adds the same CPU tensors in the same order,
-        so all replicas take bit-identical optimizer steps."""
-        params = self._trained()
-        for i, param in enumerate(params):
-            values = [part[i] for part in parts if part[i] is not None]
-            total = None
-            for value in values:
-                total = value.clone() if total is None else total.add_(value)
-            param.grad = None if total is None else total.to(param.device)
-        return len(params)
+    def join_grad_group(self, address: str, rank: int, world: int) -> int:
+        """Join this stage index's gradient group (one rank per replica; blocks until all joined)."""
+        from interplab.runtime import collective
+
+        collective.join(address, rank, world, self.device)
+        return rank
+
+    @_stage_errors
+    def all_reduce_grads(self) -> int:
+        """Sum the trainable parameters' gradients over the replicas (see :mod:`interplab.runtime.collective`)."""
+        from interplab.runtime import collective
+
+        if not collective.joined():
+            raise RuntimeError("this stage has not joined a gradient group: the pipeline sets one up in init_optimizer")
+        return collective.all_reduce_grads(self._trained())
 
     @_stage_errors
     def step(self, call: int) -> int:
