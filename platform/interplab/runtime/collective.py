@@ -14,9 +14,9 @@ cluster should not accumulate. The rendezvous is plain TCP: the driver asks repl
 free port on its node and gives that address to every member.
 
 Every member gets the same reduced bits (a ring all-reduce reduces each chunk on one rank and copies
-it to the others), so the replicas' Adam steps stay bit-identical. A parameter without a gradient on
-every replica keeps ``grad = None`` (Adam skips it, as the single process would); one that has a
-gradient on some replica gets the sum, counting the others as zero.
+it to the others), so the replicas' Adam steps stay bit-identical. A parameter with no gradient on
+any replica keeps ``grad = None`` (Adam skips it, as the single process would); one that has a
+gradient on some replicas gets the sum, counting the others as zero.
 """
 
 from __future__ import annotations
