@@ -55,9 +55,9 @@ def join(address: str, rank: int, world: int, device: torch.device) -> None:
 
 
 def leave() -> None:
-    import torch.distributed as dist
+    if joined():
+        import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -222,9 +222,8 @@ class PipelineModel(PipelineParameters):
     def _lend_cores(self, tasks: list[StageTask], mb: int, n_mbs: int) -> list[StageTask]:
         """``tasks`` with the threads idle stages lend during fill and drain (``parallel.lend_cores``;
         one replica of CPU stages on one node, see :func:`~interplab.runtime.microbatch.lent_threads`)."""
-        if not self.parallel.lend_cores or len(self._replica_handles) != 1 or not self._replica_handles[0].one_node:
-            return tasks
-        if self._specs[0].device != "cpu":
+        replicas = self._replica_handles
+        if not (self.parallel.lend_cores and self._specs[0].device == "cpu" and len(replicas) == 1 and replicas[0].one_node):
             return tasks
         threads = lent_threads([spec.threads for spec in self._specs], mb, n_mbs)
         return [task if n == spec.threads else replace(task, threads=n) for task, spec, n in zip(tasks, self._specs, threads)]

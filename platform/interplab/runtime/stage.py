@@ -119,6 +119,14 @@ def _input_grad(hidden, grad):
     return (grad if grad is not None else torch.zeros_like(hidden)).detach().to("cpu")
 
 
+def _emitted(task: StageTask, output):
+    """What a stage passes on: its detached output (on its device for a compiled graph's NCCL
+    transfer, else on CPU), or None when nothing downstream needs it."""
+    if not task.emit:
+        return None
+    return output.detach() if task.keep_on_device else output.detach().to("cpu")
+
+
 class StageWorker:
     """Holds one stage's weights and runs its part of every pipeline call."""
 
@@ -190,7 +198,7 @@ class StageWorker:
                 task.batch, start=start, stop=stop, hidden=hidden, with_head=task.with_head, joins=task.joins,
                 interventions=task.interventions, logits=task.logits, prefix=task.prefix, vocab=task.vocab,
             )
-            return (output.detach() if task.keep_on_device else output.detach().to("cpu")) if task.emit else None, None
+            return _emitted(task, output), None
         stage = self.hooked.stage_pass(
             task.batch, start=start, stop=stop, hidden=hidden, with_head=task.with_head,
             capture=task.capture, interventions=task.interventions, grad_sites=task.grad_sites,
@@ -205,9 +213,7 @@ class StageWorker:
             cache = type(cache)({k: v.detach() for k, v in cache.items()}, cache.positions, cache.valid)
         else:
             cache = cache.to("cpu")
-        out = None
-        if task.emit:
-            out = stage.output.detach() if task.keep_on_device else stage.output.detach().to("cpu")
+        out = _emitted(task, stage.output)
         if task.sink is not None:
             return out, self._write(task, cache)
         if task.keep_kv:
