@@ -28,7 +28,7 @@ class InterventionError(ValueError):
     """An intervention that does not fit the activation it targets."""
 
 
-def _as_long(value: Index) -> torch.Tensor | None:
+def as_long(value: Index) -> torch.Tensor | None:
     if value is None:
         return None
     if isinstance(value, int):
@@ -74,9 +74,9 @@ class Intervention:
         if self.heads is not None and self.site.head is not None:
             raise InterventionError(f"{self.site} already selects head {self.site.head}; do not also pass heads")
         if self.paired:
-            n = len(_as_long(self.rows)) if self.rows is not None else None
+            n = len(as_long(self.rows)) if self.rows is not None else None
             for name in ("positions", "heads"):
-                other = _as_long(getattr(self, name))
+                other = as_long(getattr(self, name))
                 if other is not None and n is not None and len(other) != n:
                     raise InterventionError(
                         f"paired intervention on {self.site}: {name} has {len(other)} entries but rows has {n}"
@@ -89,11 +89,11 @@ class Intervention:
         """Advanced-index tuple into ``x`` (canonical layout) selecting what this changes."""
         b, s = x.shape[0], x.shape[1]
         device = x.device
-        rows = _as_long(self.rows)
+        rows = as_long(self.rows)
         rows = torch.arange(b) if rows is None else rows
         if rows.numel() and (rows.min() < 0 or rows.max() >= b):
             raise InterventionError(f"intervention on {self.site}: rows {rows.tolist()} out of range for batch of {b}")
-        positions = _as_long(self.positions)
+        positions = as_long(self.positions)
         lengths = lengths.to("cpu")
         if self.paired and positions is not None:
             pos = torch.where(positions < 0, lengths[rows] + positions, positions)
@@ -110,7 +110,7 @@ class Intervention:
                 f"intervention on {self.site}: position out of range (sequence length {s}); got {self.positions!r}"
             )
         index: tuple[torch.Tensor, ...] = (row_index.to(device), pos.to(device))
-        heads = _as_long(self.heads) if self.heads is not None else _as_long(self.site.head)
+        heads = as_long(self.heads) if self.heads is not None else as_long(self.site.head)
         if heads is not None:
             if x.ndim < 4:
                 raise InterventionError(f"intervention on {self.site}: activation has no head axis")
@@ -199,7 +199,7 @@ def patch(
     Resample ablation is ``patch`` with ``source_rows`` a permutation of another batch.
     """
     site = Site.parse(site)
-    src_rows = _as_long(source_rows if source_rows is not None else rows)
+    src_rows = as_long(source_rows if source_rows is not None else rows)
     lengths = source_lengths if source_lengths is not None else torch.full((source.shape[0],), source.shape[1])
     probe = Intervention(site, "set", value=0.0, rows=src_rows, positions=positions, heads=heads, paired=paired)
     value = source[probe.index(source, lengths)]

@@ -29,7 +29,6 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
 
-_Strict = StrictModel  # the name analyses imported first
 
 
 class Resources(StrictModel):

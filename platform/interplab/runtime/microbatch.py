@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import torch
 
-from interplab.engine.interventions import Intervention, _as_long
+from interplab.engine.interventions import Intervention, as_long
 from interplab.engine.plan import Positions
 from interplab.engine.sites import SiteKind
 from interplab.engine.tokens import TokenBatch
@@ -93,7 +93,7 @@ def narrow_intervention(item: Intervention, lo: int, hi: int, batch_size: int) -
     """``item`` restricted to batch rows ``[lo, hi)`` and renumbered from 0; None if it touches none."""
     if item.op == "apply":
         raise ValueError("an 'apply' intervention cannot be split across micro-batches")
-    rows = _as_long(item.rows)
+    rows = as_long(item.rows)
     if rows is None:
         if not _per_row_value(item, batch_size):
             return item
@@ -106,7 +106,7 @@ def narrow_intervention(item: Intervention, lo: int, hi: int, batch_size: int) -
     changes: dict = {"rows": rows[keep] - lo}
     if item.paired:
         for name in ("positions", "heads"):
-            values = _as_long(getattr(item, name))
+            values = as_long(getattr(item, name))
             if values is not None:
                 changes[name] = values[keep]
     if _per_row_value(item, len(rows)):

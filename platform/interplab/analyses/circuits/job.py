@@ -34,14 +34,14 @@ from interplab.analyses.circuits.evaluate import evaluate
 from interplab.analyses.circuits.graph import CircuitGraph, GraphError
 from interplab.analyses.circuits.scores import METHODS, acdc, score_edges
 from interplab.analyses.circuits.task import CircuitTask, prepare
-from interplab.analyses.patching.job import PairTaskSpec, _check_prompts, spec_pairs
+from interplab.analyses.patching.job import PairTaskSpec, check_prompts, spec_pairs
 from interplab.analyses.tasks import PairSet, TaskError
 from interplab.jobs.errors import SpecError
 from interplab.jobs.registry import JobSummary, register_kind
-from interplab.jobs.spec import _Strict
+from interplab.jobs.spec import StrictModel
 
 
-class CircuitRule(_Strict):
+class CircuitRule(StrictModel):
     rule: Literal["topn", "greedy", "threshold"] = "topn"
     size: PositiveInt = 370
     threshold: float | None = None
@@ -55,7 +55,7 @@ class CircuitRule(_Strict):
         return self
 
 
-class AcdcOptions(_Strict):
+class AcdcOptions(StrictModel):
     threshold: float = Field(default=0.01, gt=0)
     metric: str | None = None
 
@@ -131,7 +131,7 @@ class CircuitRunner:
         except GraphError as exc:
             raise SpecError("model", str(exc), spec.model, "a gpt2, llama, qwen2 or gpt_neox model") from None
         if spec.prompts is not None:
-            _check_prompts(spec.prompts, model.tokenizer)
+            check_prompts(spec.prompts, model.tokenizer)
         try:
             pairs = PairSet.tokenize(model.tokenizer, spec_pairs(spec, model.tokenizer))
         except TaskError as exc:

@@ -36,18 +36,18 @@ from interplab.analyses.tasks import IOI_CORRUPTIONS, PairSet, PromptPair, TaskE
 from interplab.analyses.tasks.pairs import pairs_from_records
 from interplab.jobs.errors import SpecError, at_path
 from interplab.jobs.registry import JobSummary, register_kind
-from interplab.jobs.spec import JobSpec, _Strict
+from interplab.jobs.spec import JobSpec, StrictModel
 from interplab.runtime.split import LayerWork
 
 
-class PairPrompt(_Strict):
+class PairPrompt(StrictModel):
     clean: str = Field(min_length=1)
     corrupted: str = Field(min_length=1)
     answer: str = Field(min_length=1)
     wrong: str = Field(min_length=1)
 
 
-class PairDataset(_Strict):
+class PairDataset(StrictModel):
     """A built-in task (``name: ioi`` / ``facts``) or a file of pairs (``path``: .yaml/.jsonl)."""
 
     name: Literal["ioi", "facts"] | None = None
@@ -143,7 +143,7 @@ class PatchingRunner:
     def validate(self, spec: PatchingSpec, model) -> None:
         where = "prompts" if spec.prompts is not None else "dataset"
         if spec.prompts is not None:
-            _check_prompts(spec.prompts, model.tokenizer)
+            check_prompts(spec.prompts, model.tokenizer)
         try:
             pairs = pair_set(spec, model)
         except TaskError as exc:
@@ -200,7 +200,7 @@ class PatchingRunner:
         return layer_work(model.n_layers, spec.method)
 
 
-def _check_prompts(prompts: list[PairPrompt], tokenizer) -> None:
+def check_prompts(prompts: list[PairPrompt], tokenizer) -> None:
     """One :class:`SpecError` naming the first pair field that does not fit the tokenizer."""
     from interplab.engine.tokens import encode, show_tokens, single_token
 
