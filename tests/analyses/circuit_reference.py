@@ -35,6 +35,32 @@ def layout(n_layers: int, n_heads: int):
     return heads, mlps, dests
 
 
+def mib_names(n_layers: int, n_heads: int) -> tuple[list[str], list[str]]:
+    """Source and destination names in the graph's order, as MIB/EAP-IG write them (re-derived here)."""
+    heads, mlps, dests = layout(n_layers, n_heads)
+    sources = {0: "input"} | {i: f"a{layer}.h{h}" for (layer, h), i in heads.items()} | {i: f"m{layer}" for layer, i in mlps.items()}
+    names = {}
+    for key, j in dests.items():
+        if key == "logits":
+            names[j] = "logits"
+        elif key[1] == "mlp":
+            names[j] = f"m{key[0]}"
+        else:
+            names[j] = f"a{key[0]}.h{key[1]}<{key[2]}>"
+    return [sources[i] for i in range(len(sources))], [names[j] for j in range(len(names))]
+
+
+def reads_after_write(src: str, dst: str, parallel: bool) -> bool:
+    """Whether ``dst`` (an MIB destination name) reads the stream after ``src`` writes to it."""
+    if src == "input" or dst == "logits":
+        return True
+    src_layer = int(src[1:].split(".")[0])
+    dst_layer = int(dst[1:].split(".")[0].split("<")[0])
+    if src_layer != dst_layer:
+        return src_layer < dst_layer
+    return dst.startswith("m") and src.startswith("a") and not parallel  # the MLP reads its layer's heads
+
+
 def graph_forward(hf, ids: torch.Tensor, *, corrupt=None, patched=None):
     """Returns (last-position logits, source outputs [U x [b, s, d]], dest inputs {index: [b, s, d]})."""
     tr = hf.transformer

@@ -65,3 +65,15 @@ def test_circuit_job_finds_the_planted_circuit(tmp_path):
     assert (tmp_path / "c.svg").read_text().count("a2.h3") >= 1 and (tmp_path / "c-faithfulness.svg").exists()
     out = CliRunner().invoke(cli, ["plot", run_id, "-o", str(tmp_path / "c.dot"), "--store", str(tmp_path / "store")])
     assert '"a0.h1" -> "a2.h3"' in (tmp_path / "c.dot").read_text()
+
+
+def test_circuit_job_refuses_post_norm_models_naming_the_supported_families():
+    from interplab import load_model
+    from interplab.analyses.circuits.graph import circuit_families
+    from interplab.jobs.errors import SpecError
+
+    job = parse_spec({"kind": "circuit", "model": "tiny-olmo2", "dataset": {"name": "ioi", "n": 2}})
+    with pytest.raises(SpecError, match="post-norm") as err:
+        CircuitRunner().validate(job, load_model("tiny-olmo2"))
+    assert err.value.path == "model" and "olmo2" not in err.value.allowed
+    assert all(family in err.value.allowed for family in circuit_families())

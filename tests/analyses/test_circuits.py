@@ -10,11 +10,13 @@ from interplab import load_model
 from interplab.analyses.circuits import extract
 from interplab.analyses.circuits.evaluate import evaluate
 from interplab.analyses.circuits.faithfulness import cpr_cmd, faithfulness_curve, mib_sizes, read_mib, write_mib
-from interplab.analyses.circuits.graph import CircuitGraph, GraphError
+from interplab.analyses.circuits.graph import CircuitGraph, Dest, GraphError, Node, circuit_families
 from interplab.analyses.circuits.scores import METHODS, acdc, score_edges
 from interplab.analyses.circuits.task import prepare
 from interplab.analyses.tasks import PairSet, ioi_pairs
-from tests.analyses.circuit_reference import auroc, graph_forward, layout, logit_diff
+from interplab.engine.sites import Site, SiteKind
+from interplab.models.arch import registered_archs
+from tests.analyses.circuit_reference import auroc, graph_forward, layout, logit_diff, mib_names, reads_after_write
 from tests.analyses.planted import planted_gpt2
 
 
@@ -51,9 +53,92 @@ def test_layout_matches_reference_order():
     assert graph.qkv_dest(2, 1, "k") == dests[(2, 1, "k")] and graph.logits_dest == dests["logits"]
 
 
-def test_post_norm_family_is_refused():
-    with pytest.raises(GraphError, match="post-norm"):
-        CircuitGraph.of(load_model("tiny-gemma2"))
+@pytest.mark.parametrize("parallel", [False, True], ids=["sequential", "parallel"])
+def test_nodes_round_trip_through_their_names(parallel):
+    """Every node, destination and edge of a small graph: its name is the MIB name the reference
+    writes, parses back to the same value, and maps back to the same index."""
+    graph = CircuitGraph(3, 4, parallel=parallel)
+    ref_sources, ref_dests = mib_names(3, 4)
+    assert graph.source_names == ref_sources and graph.dest_names == ref_dests
+    assert graph.node_names == ref_sources + ["logits"]
+    for i, node in enumerate(graph.sources):
+        assert Node.parse(str(node)) == node and graph.source_index(node) == i and graph.node_index(node) == i
+    for j, dest in enumerate(graph.dests):
+        assert Dest.parse(str(dest)) == dest and graph.dest_index(dest) == j
+        assert int(graph.dest_owner[j]) == graph.node_index(dest.node)
+        assert graph.dest_layer(j) == (graph.n_layers if dest.node.kind == "logits" else dest.node.layer)
+    want = torch.tensor([[reads_after_write(u, v, parallel) for v in ref_dests] for u in ref_sources])
+    assert torch.equal(graph.allowed, want)
+    for src, dst in graph.edges.tolist():
+        assert graph.parse_edge(graph.edge_name(src, dst)) == (src, dst)
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("a1", "cannot parse circuit node"),
+        ("h1.a0", "cannot parse circuit node"),
+        ("a0.h1<x>", "q, k or v input"),
+        ("a0.h1", "q, k or v input"),  # as a destination a head needs its input
+        ("m0<q>", "only heads have q/k/v inputs"),
+        ("input", "reads nothing"),
+    ],
+)
+def test_bad_destination_names_say_what_is_allowed(text, message):
+    with pytest.raises(GraphError, match=message):
+        Dest.parse(text)
+
+
+def test_bad_edges_are_refused():
+    graph = CircuitGraph(3, 4)
+    with pytest.raises(GraphError, match="not an edge"):
+        graph.parse_edge("a2.h0->a1.h0<q>")  # a1 reads before a2 writes
+    with pytest.raises(GraphError, match="layer 5 out of range"):
+        graph.parse_edge("a5.h0->logits")
+    with pytest.raises(GraphError, match="not a source"):
+        graph.parse_edge("logits->m2")
+    with pytest.raises(GraphError, match="expected '<source>-><destination>'"):
+        graph.parse_edge("a0.h0")
+    with pytest.raises(GraphError, match="needs a non-negative integer head"):
+        Node("head", 0)
+
+
+def test_site_groups_partition_sources_and_destinations():
+    """Each engine site the graph reads or writes covers a contiguous block of sources (destinations),
+    the blocks tile them in order, and per-head sites cover one index per head."""
+    graph = CircuitGraph(3, 4)
+    for groups, total in ((graph.source_groups, graph.n_sources), (graph.dest_groups, graph.n_dests)):
+        assert [i for block in groups.values() for i in block] == list(range(total))
+        for site, block in groups.items():
+            assert len(block) == (graph.n_heads if site.kind.per_head else 1), site
+    for site, block in graph.source_groups.items():
+        assert {graph.sources[i].layer for i in block} == {site.layer}
+    for site, block in graph.dest_groups.items():
+        dests = [graph.dests[i] for i in block]
+        assert {d.qkv for d in dests} == {site.kind.qkv}
+        logits = dests[0].node.kind == "logits"
+        assert {d.node.layer for d in dests} == ({None} if logits else {site.layer})
+    assert list(graph.source_groups)[:3] == [Site("embed"), Site("head_out", 0), Site("mlp_out", 0)]
+    assert list(graph.dest_groups)[:4] == [Site(k, 0) for k in (SiteKind.Q_IN, SiteKind.K_IN, SiteKind.V_IN, SiteKind.MLP_IN)]
+    assert list(graph.dest_groups)[-1] == Site("resid_post", graph.n_layers - 1)
+    assert sum(len(graph.layer_dests(layer)) for layer in range(graph.n_layers + 1)) == graph.n_dests
+    assert graph.sources_per_layer == 5 and graph.dests_per_layer == 13
+
+
+def test_supported_families_come_from_the_model_registry(tiny_models):
+    """The graph is built exactly for the registered families whose models have per-head and MLP
+    input sites; the others are refused with the post-norm reason and the list of supported ones."""
+    families = circuit_families()
+    assert families == sorted(families) and {"gpt2", "llama"} <= set(families)
+    for name in registered_archs():
+        model = tiny_models(name)
+        has_inputs = all(Site(kind, 0) in model.sites() for kind in SiteKind if kind.split_input or kind == SiteKind.MLP_IN)
+        assert (name in families) == has_inputs, name
+        if name in families:
+            assert CircuitGraph.of(model) == CircuitGraph(model.n_layers, model.n_heads, parallel=not model.has_resid_mid)
+        else:
+            with pytest.raises(GraphError, match="post-norm.*" + ", ".join(families)):
+                CircuitGraph.of(model)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neox", "qwen2"])
@@ -160,12 +245,10 @@ def test_extraction_rules():
     grown = extract.greedy(graph, scores, 15)
     assert int(grown.sum()) == 15
     # every greedy edge ends in the logits or in a node that already has an outgoing edge
-    node_sources = {graph.source_names.index(n) for n in graph.dest_node if n != "logits"}
     for src, dst in grown.nonzero().tolist():
-        node = graph.dest_node[dst]
-        if node != "logits":
-            assert bool(grown[graph.source_names.index(node)].any())
-    assert node_sources  # sanity
+        node = graph.dests[dst].node
+        if node.kind != "logits":
+            assert bool(grown[graph.source_index(node)].any())
 
 
 def test_prune_drops_dangling_edges():

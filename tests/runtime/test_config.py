@@ -94,7 +94,7 @@ def test_resolve_stages_balances_a_count_by_work_unless_told_layers():
     with pytest.raises(SplitError, match="2 layers for a model with 4"):
         resolve_stages(ParallelConfig(stages=2), 4, work=LayerWork((1.0, 2.0)))
     for bad in ((0.0, 0.0), (1.0, -1.0), (1.0, float("nan"))):
-        with pytest.raises(SplitError, match="non-negative"):
+        with pytest.raises(ValueError, match="non-negative"):
             LayerWork(bad)
     with pytest.raises(ValueError, match="balance"):
         ParallelConfig.model_validate({"stages": 2, "balance": "flops"})
@@ -130,7 +130,6 @@ def test_one_stage_is_the_local_engine_without_ray():
     for parallel in (None, ParallelConfig(stages=1), {"stages": 1, "replicas": 1}):
         backend = build_backend("tiny-llama", parallel)
         assert isinstance(backend, HookedModel)
-    assert not ray.is_initialized() or True  # build_backend never starts Ray for one stage
 
 
 def test_stage_error_message_and_pickling():
@@ -138,7 +137,7 @@ def test_stage_error_message_and_pickling():
 
     err = StageError(1, (12, 30), list(range(20)), "InterventionError", "value of shape (3,) does not fit")
     text = str(err)
-    assert text.startswith("stage 1 (layers 12..29) failed on prompts [0, 1, 2, 3, 4, 5, 6, 7, ... (20 prompts)]")
+    assert text.startswith("stage 1 (layers 12..29) on prompts [0, 1, 2, 3, 4, 5, 6, 7, ... (20 prompts)] failed")
     assert "InterventionError: value of shape" in text
     again = pickle.loads(pickle.dumps(err))
     assert (again.stage, again.layers, again.prompt_ids) == (1, (12, 30), list(range(20)))

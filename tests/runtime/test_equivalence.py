@@ -8,7 +8,7 @@ import torch
 from interplab import load_model
 from interplab.analyses.patching import Sweep, activation_patching
 from interplab.analyses.tasks import PairSet, ioi_pairs
-from interplab.engine import steer, zero
+from interplab.engine import StageRequest, steer, zero
 from interplab.engine.plan import KVPrefix
 from interplab.runtime import AdamConfig, make_trainer
 from tests.runtime.helpers import ANSWER, CLEAN, CORRUPT, WRONG, logit_diff, next_token_loss, resid_sweep, sites_of
@@ -92,18 +92,21 @@ def test_run_stage_with_joins_prefix_and_vocab(case):
     items = [steer(f"resid_pre.{last}", torch.ones(ref.d_model), coeff=0.5, rows=[0, 3], positions=[-1]),
              zero("z.1", heads=[0], rows=[2], positions=[1])]
     vocab = torch.tensor([ANSWER, WRONG, 2])
-    kwargs = dict(start=0, stop=ref.n_layers, with_head=True, joins=joins, interventions=items, logits="last",
-                  prefix=prefix, vocab=vocab)
-    want, _ = ref.run_stage(batch, **kwargs)
-    got, _ = pipe.run_stage(batch, **kwargs)
-    assert got.shape == (4, 3)
-    torch.testing.assert_close(got, want, **TOL)
     hidden = full.cache["resid_pre.1"]  # plain hidden states from a later layer, whole vocabulary
-    want, _ = ref.run_stage(batch, start=1, stop=ref.n_layers, hidden=hidden, with_head=True, logits="last")
-    got, _ = pipe.run_stage(batch, start=1, stop=ref.n_layers, hidden=hidden, with_head=True, logits="last")
-    torch.testing.assert_close(got, want, **TOL)
-    with pytest.raises(ValueError, match="forward passes only"):
-        pipe.run_stage(batch, start=0, stop=ref.n_layers, capture=["resid_pre.1"])
+    requests = [
+        ("joins", StageRequest(batch, 0, ref.n_layers, with_head=True, joins=joins, interventions=items, logits="last",
+                               prefix=prefix, vocab=vocab)),
+        ("hidden", StageRequest(batch, 1, ref.n_layers, hidden=hidden, with_head=True, logits="last")),
+    ]
+    want: dict[str, torch.Tensor] = {}
+    got: dict[str, torch.Tensor] = {}
+    ref.run_stages(requests, want.__setitem__)
+    pipe.run_stages(requests, got.__setitem__)
+    assert got["joins"].shape == (4, 3) and got["hidden"].shape == (4, ref.d_vocab)
+    for key in ("joins", "hidden"):
+        torch.testing.assert_close(got[key], want[key], **TOL)
+    alone, _ = ref.run_stage(batch, start=1, stop=ref.n_layers, hidden=hidden, with_head=True, logits="last")
+    torch.testing.assert_close(want["hidden"], alone, rtol=0, atol=0)  # run_stages is run_stage, request by request
 
 
 def test_activation_patching(case):

@@ -1,5 +1,5 @@
 """Stage actors killed mid-job: the job finishes with the same results and the store holds each row once.
-Errors inside stages come back as one StageError naming the stage, its layers and the prompts."""
+Errors inside stages keep their class and are chained to a StageError naming the stage, its layers and the prompts."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import torch
 from interplab import load_model
 from interplab.analyses.patching import Sweep, activation_patching
 from interplab.analyses.tasks import PairSet, ioi_pairs
-from interplab.engine import Intervention
-from interplab.runtime import ParallelConfig, StageError, capture_to_store
+from interplab.engine import Intervention, InterventionError
+from interplab.runtime import ParallelConfig, StageError
 from interplab.runtime.pipeline import PipelineModel
 from interplab.store import open_store
 from tests.runtime.helpers import CLEAN, CORRUPT, logit_diff, resid_sweep
@@ -40,7 +40,7 @@ def reference_capture(tmp_path_factory):
     store = open_store(str(tmp_path_factory.mktemp("ref") / "store"))
     model = load_model("tiny-llama")
     writer = store.begin_run("capture", model=model.name)
-    capture_to_store(model, PROMPTS, SITES, writer, batch_size=2, dtype="float32")
+    model.capture(PROMPTS, SITES, writer, batch_size=2, dtype="float32")
     writer.commit()
     return store, writer.run_id
 
@@ -79,7 +79,7 @@ def test_capture_survives_a_killed_stage(fresh_pipeline, reference_capture, tmp_
             else:
                 os.kill(before[victim], signal.SIGKILL)
 
-    n = pipe.capture_to_store(PROMPTS, SITES, writer, batch_size=2, dtype="float32", on_chunk=on_chunk)
+    n = pipe.capture(PROMPTS, SITES, writer, batch_size=2, dtype="float32", on_chunk=on_chunk)
     writer.commit()
     assert n == len(PROMPTS) // 2
     after = pipe.stage_pids()
@@ -126,7 +126,7 @@ def test_replicas_pull_from_one_queue(ray_cluster, reference_capture, tmp_path):
     with PipelineModel("tiny-llama", ParallelConfig(stages=2, replicas=2, micro_batches=4)) as pipe:
         store = open_store(str(tmp_path / "store"))
         writer = store.begin_run("capture", model=pipe.name)
-        pipe.capture_to_store(PROMPTS, SITES, writer, batch_size=2, dtype="float32")
+        pipe.capture(PROMPTS, SITES, writer, batch_size=2, dtype="float32")
         writer.commit()
         _check_store(store, writer.run_id, reference_capture)
         ref = load_model("tiny-llama")
@@ -137,18 +137,22 @@ def _failing_metric(logits, batch):
     raise ZeroDivisionError("metric exploded")
 
 
-def test_errors_name_stage_layers_and_prompts(pipelines):
+def test_errors_keep_their_class_and_name_stage_layers_and_prompts(pipelines):
     pipe = pipelines.get("tiny-llama", stages=2, micro_batches=2)
     bad = Intervention("resid_pre.2", "set", value=torch.ones(7), rows=[2])  # d_model is 64
-    with pytest.raises(StageError) as info:
+    with pytest.raises(InterventionError, match="does not fit") as info:
         pipe.run(CLEAN * 2, interventions=[bad])
-    err = info.value
-    assert (err.stage, err.layers, err.prompt_ids) == (1, (2, 3), [2, 3])  # micro-batch 1: rows 2-3
-    assert err.cause_type == "InterventionError" and "does not fit" in str(err)
-    shown = "".join(traceback.format_exception(err))  # what the user sees: no Ray internals, no chain
-    assert "ray" not in str(err).lower() and "RayTaskError" not in shown and "During handling" not in shown
-    with pytest.raises(StageError, match=r"stage 1 \(layers 2\.\.2\) failed on prompts \[0, 1, 2, 3\]: ZeroDivisionError: metric exploded"):
+    where = info.value.__cause__
+    assert isinstance(where, StageError)
+    assert (where.stage, where.layers, where.prompt_ids) == (1, (2, 3), [2, 3])  # micro-batch 1: rows 2-3
+    assert where.cause_type == "InterventionError" and "Traceback" in where.remote_traceback
+    assert "interventions.py" in where.remote_traceback  # the actor's own frames
+    shown = "".join(traceback.format_exception(info.value))  # what the user sees: no Ray wrapping
+    assert "RayTaskError" not in shown and "During handling" not in shown
+    assert "stage 1 (layers 2..2) on prompts [2, 3]" in shown
+    with pytest.raises(ZeroDivisionError, match="metric exploded") as info:
         pipe.gradients(CLEAN * 2, _failing_metric, ["resid_pre.1"])
+    assert str(info.value.__cause__).startswith("stage 1 (layers 2..2) on prompts [0, 1, 2, 3] failed: ZeroDivisionError: metric exploded")
     # the pipeline is still usable afterwards
     got = pipe.gradients(CLEAN, logit_diff, ["resid_pre.1"], logits="last")
     want = load_model("tiny-llama").gradients(CLEAN, logit_diff, ["resid_pre.1"], logits="last")

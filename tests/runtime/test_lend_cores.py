@@ -39,22 +39,23 @@ def test_lent_threads_never_oversubscribe_the_node(threads, n_mbs):
 @pytest.mark.slow
 def test_pipeline_lends_threads_on_one_node_with_the_same_results(pipelines):
     pipe = pipelines.get("tiny-llama", stages=2, micro_batches=3)
-    assert pipe._replica_handles[0].one_node  # the local test cluster has one node
+    assert pipe.scheduler.replica_handles[0].one_node  # the local test cluster has one node
     batch = pipe.tokenize(CLEAN * 3)
 
     def threads_of_each_micro_batch():
-        return [[t.threads for t in pipe._lend_cores(pipe._tasks(
-            0, mb, batch, 2 * mb, 2 * mb + 2, [], mode="run", capture=[], interventions=[], positions=None, logits="all",
+        scheduler = pipe.scheduler
+        return [[t.threads for t in scheduler.lend_cores(scheduler.chain_tasks(
+            0, mb, batch, 2 * mb, 2 * mb + 2, mode="run", capture=[], interventions=[], positions=None, logits="all",
         ), mb, 3)] for mb in range(3)]
 
     assert threads_of_each_micro_batch() == [[2, None], [None, None], [None, 2]]  # stages own 1 thread each
     lent = pipe.run(CLEAN * 3, capture=["resid_post.1"])
-    pipe.parallel = pipe.parallel.model_copy(update={"lend_cores": False})
+    pipe.scheduler.parallel = pipe.parallel.model_copy(update={"lend_cores": False})
     try:
         assert threads_of_each_micro_batch() == [[None, None]] * 3
         plain = pipe.run(CLEAN * 3, capture=["resid_post.1"])
     finally:
-        pipe.parallel = pipe.parallel.model_copy(update={"lend_cores": True})
+        pipe.scheduler.parallel = pipe.parallel.model_copy(update={"lend_cores": True})
     want = load_model("tiny-llama").run(CLEAN * 3, capture=["resid_post.1"])
     for got in (lent, plain):
         torch.testing.assert_close(got.logits, want.logits, rtol=1e-5, atol=1e-5)

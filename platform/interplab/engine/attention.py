@@ -19,7 +19,6 @@ from interplab.engine.sites import SiteKind
 ATTN_IMPLEMENTATION = "interplab"
 
 _ACTIVE: ContextVar[tuple | None] = ContextVar("interplab_active_plan", default=None)
-_ATTENTION_KINDS = (SiteKind.Q, SiteKind.K, SiteKind.V, SiteKind.PATTERN, SiteKind.Z)
 
 
 def activate(plan, layer_of: dict[int, int]):
@@ -72,7 +71,7 @@ def interplab_attention(
                 cached_k, cached_v = cached_k[: key.shape[0]], cached_v[: key.shape[0]]
             key = torch.cat([cached_k.to(key.dtype), key], dim=2)
             value = torch.cat([cached_v.to(value.dtype), value], dim=2)
-    hooked = plan is not None and layer is not None and any(plan.active(k, layer) for k in _ATTENTION_KINDS)
+    hooked = plan is not None and layer is not None and plan.hooks_attention(layer)
     if not hooked and softcap is None:
         z = F.scaled_dot_product_attention(
             query,
@@ -90,7 +89,7 @@ def interplab_attention(
     key = _expand_kv(key, n_heads)
     value = _expand_kv(value, n_heads)
     if hooked:
-        # canonical per-head layout [b, s, h, d]
+        # the captured per-head layout [b, s, h, d] (SiteKind.layout)
         query = plan.process(SiteKind.Q, layer, query.transpose(1, 2)).transpose(1, 2)
         key = plan.process(SiteKind.K, layer, key.transpose(1, 2)).transpose(1, 2)
         value = plan.process(SiteKind.V, layer, value.transpose(1, 2)).transpose(1, 2)
@@ -106,7 +105,7 @@ def interplab_attention(
     pattern = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     pattern = F.dropout(pattern, p=dropout, training=module.training)
     if hooked:
-        pattern = plan.process(SiteKind.PATTERN, layer, pattern, pattern=True)
+        pattern = plan.process(SiteKind.PATTERN, layer, pattern)  # [b, h, q, k], its captured layout
     z = torch.matmul(pattern, value).transpose(1, 2)
     if hooked:
         z = plan.process(SiteKind.Z, layer, z)

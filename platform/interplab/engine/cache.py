@@ -12,8 +12,9 @@ from interplab.engine.sites import Site
 class ActivationCache(Mapping):
     """Site -> tensor, with the positions each row's values come from.
 
-    Whole-stream sites are ``[b, p, d]``, per-head sites ``[b, p, h, d]`` (``h == 1`` when the site
-    selects a head), ``pattern`` ``[b, h, p, s]``. ``positions``/``valid`` are ``[b, p]``.
+    Each value has its kind's layout (:attr:`SiteKind.layout`): whole-stream sites ``[b, p, d]``,
+    per-head sites ``[b, p, h, d]`` (``h == 1`` when the site selects a head), ``pattern``
+    ``[b, h, p, s]``. ``positions``/``valid`` are ``[b, p]``.
     Look-ups accept a :class:`Site` or its string form: ``cache["resid_pre.3"]``.
     """
 

@@ -13,32 +13,23 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TypeVar
 
 import torch
 
 from interplab.engine import attention, hooks, runner
 from interplab.engine.arena import CaptureArena
+from interplab.engine.backend import CaptureSink
 from interplab.engine.cache import ActivationCache
 from interplab.engine.interventions import Intervention
 from interplab.engine.plan import HookPlan, KVPrefix, Positions
-from interplab.engine.sites import PER_HEAD_KINDS, SPLIT_INPUT_KINDS, Site, SiteError, SiteKind, parse_sites
+from interplab.engine.results import GradResult, LogitsMode, Metric, Prompts, RunResult, StageRequest
+from interplab.engine.sites import Site, SiteError, SiteKind, parse_sites
 from interplab.engine.stream import CaptureChunk
 from interplab.engine.tokens import TokenBatch, tokenize
+from interplab.engine.training import AdamConfig, LocalTrainer
 
-Prompts = str | Sequence[str] | TokenBatch
-LogitsMode = Literal["all", "last", "none"]
-Metric = Callable[[torch.Tensor, TokenBatch], torch.Tensor]
-
-
-@dataclass
-class RunResult:
-    """``logits`` is ``[b, s, vocab]`` (``logits="all"``), ``[b, vocab]`` (``"last"``) or None."""
-
-    logits: torch.Tensor | None
-    cache: ActivationCache
-    batch: TokenBatch
-    kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+Key = TypeVar("Key")
 
 
 @dataclass
@@ -48,16 +39,6 @@ class StagePass:
     output: torch.Tensor
     plan: HookPlan
     cache: ActivationCache
-
-
-@dataclass
-class GradResult:
-    """The metric's value, the site gradients (same layout as captures) and any captures."""
-
-    value: torch.Tensor
-    grads: ActivationCache
-    cache: ActivationCache
-    logits: torch.Tensor
 
 
 class HookedModel:
@@ -122,7 +103,7 @@ class HookedModel:
     def _has_kind(self, kind: SiteKind) -> bool:
         if kind == SiteKind.RESID_MID:
             return self.has_resid_mid
-        if kind in SPLIT_INPUT_KINDS:
+        if kind.split_input:
             return self.spec.qkv is not None
         if kind == SiteKind.MLP_IN:
             return self.spec.ln_mlp is not None
@@ -320,11 +301,50 @@ class HookedModel:
         )
         return stage.output, stage.cache
 
-    def run_stages(self, requests: Iterable[tuple[object, dict]], on_done: Callable[[object, torch.Tensor], None]) -> None:
-        """Many :meth:`run_stage` calls (``(key, keyword arguments)``), ``on_done(key, output)`` after
-        each: one after another here; a pipeline backend streams them through its stages together."""
-        for key, kwargs in requests:
-            on_done(key, self.run_stage(**kwargs)[0])
+    def run_stages(self, requests: Iterable[tuple[Key, StageRequest]], on_done: Callable[[Key, torch.Tensor], None]) -> None:
+        """Many :meth:`run_stage` calls, ``on_done(key, output)`` after each: one after another here;
+        a pipeline backend streams them through its stages together."""
+        for key, r in requests:
+            output, _ = self.run_stage(
+                r.batch, start=r.start, stop=r.stop, hidden=r.hidden, with_head=r.with_head,
+                interventions=r.interventions, logits=r.logits, prefix=r.prefix, joins=r.joins, vocab=r.vocab,
+            )
+            on_done(key, output)
+
+    # ------------------------------------------------------------------ one stage
+    @property
+    def stage_ranges(self) -> list[tuple[int, int]]:
+        """One stage holding every layer."""
+        return [(0, self.n_layers)]
+
+    def stage_of(self, site: Site | str) -> int:
+        self.validate_site(site)
+        return 0
+
+    @property
+    def local_model(self) -> HookedModel:
+        return self
+
+    def stage_forward(
+        self,
+        index: int,
+        batch: TokenBatch,
+        hidden: torch.Tensor | None,
+        *,
+        start: int | None = None,
+        capture: Sequence[Site | str] = (),
+        interventions: Sequence[Intervention] = (),
+        logits: LogitsMode = "last",
+    ) -> tuple[torch.Tensor, ActivationCache]:
+        """The whole model as stage 0, from layer ``start`` (0: the embedding first) to the logits."""
+        if index != 0:
+            raise ValueError(f"stage {index} does not exist: a single-process model is one stage (index 0)")
+        start = 0 if start is None else start
+        if hidden is None and start != 0:
+            raise ValueError(f"stage_forward: starting at layer {start} needs hidden (the resid_pre there)")
+        with torch.no_grad():
+            return self.run_stage(batch, start=start, stop=self.n_layers, hidden=hidden, with_head=True,
+                                  capture=capture, interventions=interventions, logits=logits)
 
     def stage_pass(
         self,
@@ -401,8 +421,8 @@ class HookedModel:
                 g = plan.grad_derive[key](g)
             if key.kind == SiteKind.HEAD_OUT:
                 g = g.unsqueeze(2).expand(-1, -1, self.n_heads, -1)
-            g = plan.gather(g.detach(), pattern=key.kind == SiteKind.PATTERN)
-            values[site] = plan.head_of(site, g, pattern=key.kind == SiteKind.PATTERN)
+            g = plan.gather(g.detach(), heads_first=key.kind.heads_first)
+            values[site] = plan.head_of(site, g)
         return ActivationCache(values, plan.positions, plan.valid)
 
     def _cache(self, plan: HookPlan, detach: bool = False) -> ActivationCache:
@@ -413,7 +433,7 @@ class HookedModel:
             value = plan.captured[key]
             value = value.detach() if detach else value
             for site in requested:
-                values[site] = plan.head_of(site, value, pattern=site.kind == SiteKind.PATTERN)
+                values[site] = plan.head_of(site, value)
         return ActivationCache(values, plan.positions, plan.valid)
 
     # ------------------------------------------------------------------ conveniences
@@ -476,4 +496,64 @@ class HookedModel:
         return self.tokenizer.decode(new)
 
 
-__all__ = ["GradResult", "HookedModel", "PER_HEAD_KINDS", "RunResult", "StagePass"]
+    # ------------------------------------------------------------------ capture into a sink
+    def capture(
+        self,
+        prompts: Sequence[str],
+        sites: Sequence[Site | str],
+        sink: CaptureSink,
+        *,
+        batch_size: int = 16,
+        positions: Positions = None,
+        dtype: str = "float16",
+        skip_chunks: Iterable[int] = (),
+        on_chunk: Callable[[int], None] | None = None,
+    ) -> int:
+        """Capture ``sites`` of every prompt into ``sink`` (see :meth:`Backend.capture`): chunk ``i``
+        holds prompts ``[i * batch_size, (i + 1) * batch_size)``; ``skip_chunks`` are not run."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+        checked = [self.validate_site(s) for s in parse_sites(list(sites))]
+        skip = set(skip_chunks)
+        texts = list(prompts)
+        written = 0
+        for index, first in enumerate(range(0, len(texts), batch_size)):
+            if index in skip:
+                continue
+            part = texts[first : first + batch_size]
+            sink.write_capture_chunk(self._chunk(part, checked, positions, (), index, first), dtype=dtype)
+            written += 1
+            if on_chunk is not None:
+                on_chunk(index)
+        return written
+
+    # ------------------------------------------------------------------ weights
+    def trainer(self, adam: AdamConfig | None = None, trainable: Sequence[str] | None = None) -> LocalTrainer:
+        """Adam over this process's parameters (see :mod:`interplab.engine.training`)."""
+        return LocalTrainer(self, adam or AdamConfig(), trainable)
+
+    def parameter_names(self) -> list[str]:
+        return [name for name, _ in self.model.named_parameters()]
+
+    def get_parameters(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach().to("cpu").clone() for name, p in self.model.named_parameters()}
+
+    def set_parameters(self, values: Mapping[str, torch.Tensor]) -> int:
+        by_name = dict(self.model.named_parameters(remove_duplicate=False))
+        for name, value in values.items():
+            if name not in by_name:
+                known = self.parameter_names()
+                raise ValueError(f"unknown parameter {name!r}: the model has {len(known)} parameters, e.g. {known[:3]}")
+            if tuple(value.shape) != tuple(by_name[name].shape):
+                raise ValueError(f"parameter {name!r} has shape {tuple(by_name[name].shape)}, got a value of shape {tuple(value.shape)}")
+        with torch.no_grad():
+            for name, value in values.items():
+                param = by_name[name]
+                param.copy_(value.to(param.device, param.dtype))
+        return len(values)
+
+    def close(self) -> None:
+        """Nothing to release: the weights go with the object."""
+
+
+__all__ = ["GradResult", "HookedModel", "LogitsMode", "Metric", "Prompts", "RunResult", "StagePass"]

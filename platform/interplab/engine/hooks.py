@@ -12,7 +12,7 @@ import torch
 
 from interplab.engine import split_inputs
 from interplab.engine.plan import HookPlan
-from interplab.engine.sites import SiteKind
+from interplab.engine.sites import Site, SiteKind
 
 
 def per_head_out(z: torch.Tensor, weight: torch.Tensor, n_heads: int, transposed: bool) -> torch.Tensor:
@@ -68,21 +68,16 @@ def _head_out_hook(plan: HookPlan, layer: int, n_heads: int, transposed: bool):
             if module.bias is not None:
                 output = output + module.bias
         else:
-            if _site(layer) in plan.capture_sites:
+            site = Site(SiteKind.HEAD_OUT, layer)
+            if site in plan.capture_sites:
                 rows = torch.arange(z.shape[0], device=z.device)[:, None]
                 picked = z if plan._all_positions else z[rows, plan.positions.to(z.device)]
                 heads = per_head_out(picked if plan.keep_grad else picked.detach(), module.weight, n_heads, transposed)
-                plan.captured[_site(layer)] = heads
+                plan.captured[site] = heads
         plan.alias_grad(SiteKind.HEAD_OUT, layer, output)
         return output
 
     return hook
-
-
-def _site(layer: int):
-    from interplab.engine.sites import Site
-
-    return Site(SiteKind.HEAD_OUT, layer)
 
 
 @contextmanager

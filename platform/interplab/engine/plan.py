@@ -92,7 +92,7 @@ class HookPlan:
         self.keep_grad = keep_grad or bool(self.grad_sites)
         self.captured: dict[Site, torch.Tensor] = {}
         self.grad_tensors: dict[Site, torch.Tensor] = {}
-        self._last_gathered: tuple | None = None  # (tensor, its version, pattern?, what gather returned)
+        self._last_gathered: tuple | None = None  # (tensor, its version, heads first?, what gather returned)
         self.lease = None  # an arena lease for whole-activation captures (set by the model for plain runs)
         # a site whose gradient is derived from its tensor's gradient after the backward pass
         self.grad_derive: dict[Site, Callable[[torch.Tensor], torch.Tensor]] = {}
@@ -100,6 +100,7 @@ class HookPlan:
         self._active: dict[tuple[SiteKind, int | None], bool] = {}
         for key in list(self.capture_sites) + list(self.interventions) + list(self.grad_sites):
             self._active[(key.kind, key.layer)] = True
+        self._attention_layers = {layer for (kind, layer) in self._active if kind.in_attention}
 
     # ------------------------------------------------------------------ queries
     def active(self, kind: SiteKind, layer: int | None = None) -> bool:
@@ -107,6 +108,11 @@ class HookPlan:
 
     def layer_kinds(self, layer: int) -> set[SiteKind]:
         return {kind for (kind, at) in self._active if at == layer}
+
+    def hooks_attention(self, layer: int) -> bool:
+        """True if the plan touches a kind computed inside ``layer``'s attention kernel
+        (:attr:`SiteKind.in_attention`): the kernel must run its explicit path there."""
+        return layer in self._attention_layers
 
     def wants(self, kind: SiteKind, layer: int | None = None) -> bool:
         """True if the site is captured or differentiated (its value must be computed)."""
@@ -117,29 +123,30 @@ class HookPlan:
         return Site(kind, layer) in self.interventions
 
     # ------------------------------------------------------------------ processing
-    def process(self, kind: SiteKind, layer: int | None, x: torch.Tensor, *, pattern: bool = False) -> torch.Tensor:
+    def process(self, kind: SiteKind, layer: int | None, x: torch.Tensor) -> torch.Tensor:
         """Apply interventions at a site, record captures and gradient tensors, return the new value.
 
-        ``x`` is in canonical layout ``[b, s, ...]``; ``pattern=True`` means ``x`` is ``[b, h, q, k]``.
+        ``x`` is in the kind's captured layout (:attr:`SiteKind.layout`); interventions see it in
+        the canonical layout ``[b, s, ...]`` (:meth:`SiteKind.to_canonical`).
         """
         key = Site(kind, layer)
         items = self.interventions.get(key)
         if items:
-            view = x.transpose(1, 2) if pattern else x
+            view = kind.to_canonical(x)
             for item in items:
                 view = item.apply(view, self.lengths)
-            x = view.transpose(1, 2) if pattern else view
+            x = kind.from_canonical(view)
         if key in self.grad_sites:
             self.grad_tensors[key] = x
         if key in self.capture_sites:
-            self.captured[key] = self.gather(x, pattern=pattern)
+            self.captured[key] = self.gather(x, heads_first=kind.heads_first)
         return x
 
     def record(self, kind: SiteKind, layer: int | None, x: torch.Tensor) -> None:
         """Record a derived value (e.g. ``head_out``) for capture only."""
         key = Site(kind, layer)
         if key in self.capture_sites:
-            self.captured[key] = self.gather(x)
+            self.captured[key] = self.gather(x, heads_first=kind.heads_first)
 
     def record_sum(self, kind: SiteKind, layer: int | None, a: torch.Tensor, b: torch.Tensor) -> None:
         """Record ``a + b`` for capture only (``resid_mid``), added straight into the arena when it
@@ -160,13 +167,20 @@ class HookPlan:
         if key in self.grad_sites:
             self.grad_tensors[key] = x
 
-    def gather(self, x: torch.Tensor, *, pattern: bool = False) -> torch.Tensor:
-        """Select the plan's positions (query positions for patterns) and detach unless keeping grads."""
+    def gather(self, x: torch.Tensor, *, heads_first: bool = False, pattern: bool | None = None) -> torch.Tensor:
+        """Select the plan's positions and detach unless keeping grads.
+
+        ``heads_first``: ``x`` is ``[b, h, p, ...]`` (:attr:`SiteKind.heads_first`, i.e. ``pattern``),
+        whose positions are the query positions of axis 2. ``pattern`` is the old name of the same
+        flag, kept for callers that still pass it.
+        """
+        if pattern is not None:
+            heads_first = pattern
         last = self._last_gathered
-        if last is not None and last[0] is x and last[1] == x._version and last[2] == pattern:
+        if last is not None and last[0] is x and last[1] == x._version and last[2] == heads_first:
             return last[3]  # the same tensor at two sites (resid_post[l] is resid_pre[l+1]): one copy
-        out = self._gather(x, pattern)
-        self._last_gathered = (x, x._version, pattern, out)
+        out = self._gather(x, heads_first)
+        self._last_gathered = (x, x._version, heads_first, out)
         return out
 
     def _pooled(self, x: torch.Tensor) -> bool:
@@ -174,7 +188,7 @@ class HookPlan:
         return (self.lease is not None and self._all_positions and not self.keep_grad
                 and x.is_floating_point() and x.is_contiguous())
 
-    def _gather(self, x: torch.Tensor, pattern: bool) -> torch.Tensor:
+    def _gather(self, x: torch.Tensor, heads_first: bool) -> torch.Tensor:
         if not self.keep_grad:
             x = x.detach()
         if self._all_positions:
@@ -183,15 +197,17 @@ class HookPlan:
                 if out is not None:  # a copy into reused memory (see interplab.engine.arena)
                     return out.copy_(x)
             return x
-        if pattern:
-            rows = torch.arange(x.shape[0], device=x.device)[:, None]
-            return x.transpose(1, 2)[rows, self.positions.to(x.device)].transpose(1, 2)
         rows = torch.arange(x.shape[0], device=x.device)[:, None]
+        if heads_first:
+            return x.transpose(1, 2)[rows, self.positions.to(x.device)].transpose(1, 2)
         return x[rows, self.positions.to(x.device)]
 
-    def head_of(self, site: Site, value: torch.Tensor, *, pattern: bool = False) -> torch.Tensor:
-        """Narrow a per-head value to ``site.head`` when the site selects one head."""
+    def head_of(self, site: Site, value: torch.Tensor, *, pattern: bool | None = None) -> torch.Tensor:
+        """Narrow a per-head value (captured layout) to ``site.head`` when the site selects one head.
+
+        The head axis comes from ``site.kind`` (:attr:`SiteKind.head_axis`); ``pattern`` is ignored,
+        kept for callers that still pass it.
+        """
         if site.head is None or not site.kind.per_head:
             return value
-        dim = 1 if pattern else 2
-        return value.narrow(dim, site.head, 1)
+        return value.narrow(site.kind.head_axis, site.head, 1)

@@ -10,10 +10,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 class SiteKind(str, Enum):
-    """What a site is. ``docs/sites.md`` says exactly what each kind is for each family."""
+    """What a site is. ``docs/sites.md`` says exactly what each kind is for each family.
+
+    What the engine and the analyses need to know about a kind is on the kind itself (see
+    :class:`KindFacts`): ``kind.layered``, ``kind.per_head``, ``kind.in_attention``,
+    ``kind.split_input``, ``kind.layout`` and the properties derived from them.
+    """
 
     EMBED = "embed"
     RESID_PRE = "resid_pre"
@@ -36,28 +45,125 @@ class SiteKind(str, Enum):
     LOGITS = "logits"
 
     @property
+    def layout(self) -> tuple[str, ...]:
+        """Axes of a captured activation (and of its gradient), e.g. ``("b", "p", "h", "d_head")``;
+        ``pattern`` is ``("b", "h", "p", "s")``. See :class:`KindFacts` for the axis names."""
+        return _FACTS[self].layout
+
+    @property
     def layered(self) -> bool:
-        """True for kinds that exist once per layer."""
-        return self not in _GLOBAL_KINDS
+        """True for kinds that exist once per layer (not ``embed``, ``final``, ``logits``)."""
+        return _FACTS[self].layered
 
     @property
     def per_head(self) -> bool:
-        """True for kinds that have one activation per attention head."""
-        return self in PER_HEAD_KINDS
+        """True for kinds that have one activation per attention head (a site may select one head)."""
+        return "h" in _FACTS[self].layout
+
+    @property
+    def head_axis(self) -> int | None:
+        """The head axis of the captured layout (2, or 1 for ``pattern``); None if not per head."""
+        layout = _FACTS[self].layout
+        return layout.index("h") if "h" in layout else None
+
+    @property
+    def position_axis(self) -> int:
+        """The (query) position axis of the captured layout (1, or 2 for ``pattern``)."""
+        return _FACTS[self].layout.index("p")
+
+    @property
+    def heads_first(self) -> bool:
+        """True when the captured layout puts heads before positions (``pattern``, ``[b, h, p, s]``),
+        unlike the canonical layout ``[b, p, ...]`` interventions address (:meth:`to_canonical`)."""
+        return self.head_axis is not None and self.head_axis < self.position_axis
 
     @property
     def in_attention(self) -> bool:
-        """True for kinds computed inside the attention kernel (need the hooked attention path)."""
-        return self in _ATTENTION_KINDS
+        """True for kinds computed inside the attention kernel (``q``, ``k``, ``v``, ``pattern``,
+        ``z``): touching one of them moves its layer off the fused attention path."""
+        return _FACTS[self].in_attention
+
+    @property
+    def split_input(self) -> bool:
+        """True for the per-head projection inputs ``q_in``, ``k_in``, ``v_in`` (the engine gives every
+        query head its own copy of the stream; absent from post-norm families)."""
+        return _FACTS[self].qkv is not None
+
+    @property
+    def qkv(self) -> str | None:
+        """``"q"``, ``"k"`` or ``"v"``: which projection a split-input kind feeds (None for others)."""
+        return _FACTS[self].qkv
+
+    @property
+    def key_indexed(self) -> bool:
+        """True for kinds with an axis over key positions (``k``, ``v``: their positions; ``pattern``:
+        its last axis). With a cached KV prefix that axis also covers the prefix's positions."""
+        return _FACTS[self].key_indexed
+
+    @property
+    def fixed_width(self) -> bool:
+        """False for ``pattern``, whose last axis is the sequence length: its rows have no fixed width."""
+        return "s" not in _FACTS[self].layout
+
+    def to_canonical(self, x: torch.Tensor) -> torch.Tensor:
+        """A tensor in this kind's captured layout, in the canonical layout ``[b, p, ...]`` (a view):
+        ``pattern`` ``[b, h, q, k]`` -> ``[b, q, h, k]``; every other kind is already canonical."""
+        return x.transpose(self.head_axis, self.position_axis) if self.heads_first else x
+
+    def from_canonical(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse of :meth:`to_canonical`."""
+        return x.transpose(self.head_axis, self.position_axis) if self.heads_first else x
 
 
-_GLOBAL_KINDS = frozenset({SiteKind.EMBED, SiteKind.FINAL, SiteKind.LOGITS})
-PER_HEAD_KINDS = frozenset(
-    {SiteKind.HEAD_OUT, SiteKind.Z, SiteKind.Q, SiteKind.K, SiteKind.V, SiteKind.PATTERN,
-     SiteKind.Q_IN, SiteKind.K_IN, SiteKind.V_IN}
-)
-SPLIT_INPUT_KINDS = (SiteKind.Q_IN, SiteKind.K_IN, SiteKind.V_IN)
-_ATTENTION_KINDS = frozenset({SiteKind.Z, SiteKind.Q, SiteKind.K, SiteKind.V, SiteKind.PATTERN})
+@dataclass(frozen=True)
+class KindFacts:
+    """What the engine and the analyses rely on about one site kind (``docs/sites.md``, "Layouts").
+
+    Attributes:
+        layout: the captured tensor's axes: ``b`` rows, ``p`` captured (query) positions, ``h``
+            (query) heads, ``s`` every key position, and the widths ``d_model``, ``d_head``,
+            ``d_mlp``, ``vocab``.
+        layered: the kind exists once per layer.
+        in_attention: computed inside the attention kernel.
+        qkv: for ``q_in``/``k_in``/``v_in``, the projection whose input the kind is.
+        key_indexed: an axis runs over key positions.
+    """
+
+    layout: tuple[str, ...]
+    layered: bool = True
+    in_attention: bool = False
+    qkv: str | None = None
+    key_indexed: bool = False
+
+
+_STREAM = ("b", "p", "d_model")
+_HEADS = ("b", "p", "h", "d_head")
+_HEAD_STREAM = ("b", "p", "h", "d_model")
+_FACTS: dict[SiteKind, KindFacts] = {
+    SiteKind.EMBED: KindFacts(_STREAM, layered=False),
+    SiteKind.RESID_PRE: KindFacts(_STREAM),
+    SiteKind.RESID_MID: KindFacts(_STREAM),
+    SiteKind.RESID_POST: KindFacts(_STREAM),
+    SiteKind.ATTN_OUT: KindFacts(_STREAM),
+    SiteKind.MLP_OUT: KindFacts(_STREAM),
+    SiteKind.HEAD_OUT: KindFacts(_HEAD_STREAM),
+    SiteKind.Z: KindFacts(_HEADS, in_attention=True),
+    SiteKind.Q: KindFacts(_HEADS, in_attention=True),
+    SiteKind.K: KindFacts(_HEADS, in_attention=True, key_indexed=True),
+    SiteKind.V: KindFacts(_HEADS, in_attention=True, key_indexed=True),
+    SiteKind.PATTERN: KindFacts(("b", "h", "p", "s"), in_attention=True, key_indexed=True),
+    SiteKind.MLP_POST: KindFacts(("b", "p", "d_mlp")),
+    SiteKind.Q_IN: KindFacts(_HEAD_STREAM, qkv="q"),
+    SiteKind.K_IN: KindFacts(_HEAD_STREAM, qkv="k"),
+    SiteKind.V_IN: KindFacts(_HEAD_STREAM, qkv="v"),
+    SiteKind.MLP_IN: KindFacts(_STREAM),
+    SiteKind.FINAL: KindFacts(_STREAM, layered=False),
+    SiteKind.LOGITS: KindFacts(("b", "p", "vocab"), layered=False),
+}
+
+# Derived names kept for modules that import them (prefer the properties on SiteKind).
+PER_HEAD_KINDS = frozenset(k for k in SiteKind if k.per_head)
+SPLIT_INPUT_KINDS = tuple(k for k in SiteKind if k.split_input)  # q, k, v order
 RESIDUAL_KINDS = (SiteKind.RESID_PRE, SiteKind.RESID_MID, SiteKind.RESID_POST)
 VALID_KINDS = tuple(k.value for k in SiteKind)
 
@@ -90,7 +196,7 @@ class Site:
             raise SiteError(f"site {kind.value!r} has no layer; write it as '{kind.value}'")
         if head is not None and not kind.per_head:
             raise SiteError(
-                f"site {kind.value!r} is not per head; only {sorted(k.value for k in PER_HEAD_KINDS)} take a head"
+                f"site {kind.value!r} is not per head; only {sorted(k.value for k in SiteKind if k.per_head)} take a head"
             )
         for name, value in (("layer", layer), ("head", head)):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):

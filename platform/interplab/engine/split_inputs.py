@@ -24,9 +24,19 @@ import torch
 
 from interplab.engine.norms import norm_vjp, project_normed
 from interplab.engine.plan import HookPlan
-from interplab.engine.sites import SPLIT_INPUT_KINDS, Site, SiteKind
+from interplab.engine.sites import Site, SiteKind
 
-_COMPONENT = {SiteKind.Q_IN: 0, SiteKind.K_IN: 1, SiteKind.V_IN: 2}
+_QKV_ORDER = ("q", "k", "v")  # order of the blocks of a fused q/k/v projection (QKVLayout.fused)
+
+
+def _component(kind: SiteKind) -> int:
+    """0, 1 or 2: the fused-projection block of a split-input kind (:attr:`SiteKind.qkv`)."""
+    return _QKV_ORDER.index(kind.qkv)
+
+
+def _projection_path(layout, kind: SiteKind) -> str:
+    """The module a split-input kind's projection is (``layout.q``, ``.k`` or ``.v``)."""
+    return {"q": layout.q, "k": layout.k, "v": layout.v}[kind.qkv]
 
 
 def projection_rows(layout, component: int, n_heads: int, n_kv_heads: int, head_dim: int) -> torch.Tensor:
@@ -55,7 +65,7 @@ def _with_kv_pairs(kinds) -> list[SiteKind]:
     kinds = set(kinds)
     if kinds & {SiteKind.K_IN, SiteKind.V_IN}:
         kinds |= {SiteKind.K_IN, SiteKind.V_IN}
-    return sorted(kinds, key=lambda k: _COMPONENT[k])
+    return sorted(kinds, key=_component)
 
 
 class _Layer:
@@ -75,9 +85,9 @@ class _LayerInputs(_Layer):
 
     def __init__(self, hooked, plan: HookPlan, layer: int) -> None:
         super().__init__(hooked, plan, layer)
-        self.kinds = _with_kv_pairs(k for k in SPLIT_INPUT_KINDS if plan.active(k, layer))
+        self.kinds = _with_kv_pairs(k for k in SiteKind if k.split_input and plan.active(k, layer))
         device = self.block.get_submodule(self.layout.q).weight.device
-        self.rows = {k: projection_rows(self.layout, _COMPONENT[k], self.n_heads, self.n_kv, self.head_dim).to(device) for k in self.kinds}
+        self.rows = {k: projection_rows(self.layout, _component(k), self.n_heads, self.n_kv, self.head_dim).to(device) for k in self.kinds}
         self.inputs: dict[SiteKind, torch.Tensor] = {}
 
     def ln_pre_hook(self, module, args):
@@ -143,7 +153,7 @@ class _LayerGrads(_Layer):
 
     def _derive(self, kind: SiteKind, module, columns: torch.Tensor):
         """``g`` at the target's ``columns`` ``[h, d_head]`` -> gradient of each head's input ``[b, s, h, d]``."""
-        rows = projection_rows(self.layout, _COMPONENT[kind], self.n_heads, self.n_kv, self.head_dim)
+        rows = projection_rows(self.layout, _component(kind), self.n_heads, self.n_kv, self.head_dim)
         stream, ln = self.stream, self.ln
         contiguous = torch.equal(columns.reshape(-1) - columns[0, 0], torch.arange(columns.numel()))
 
@@ -165,7 +175,7 @@ class _LayerGrads(_Layer):
             self.plan.grad_derive[site] = self._derive(kind, module, columns)
 
     def separate_hook(self, kind: SiteKind):
-        groups = 1 if kind == SiteKind.Q_IN else self.n_heads // self.n_kv
+        groups = 1 if kind.qkv == "q" else self.n_heads // self.n_kv  # keys and values are grouped
         columns = torch.arange(self.n_heads * self.head_dim).reshape(self.n_heads, self.head_dim)
 
         def hook(module, args, output):
@@ -180,7 +190,7 @@ class _LayerGrads(_Layer):
 
     def fused_hook(self, module, args, output):
         for kind in self.kinds:
-            columns = projection_rows(self.layout, _COMPONENT[kind], self.n_heads, self.n_kv, self.head_dim)
+            columns = projection_rows(self.layout, _component(kind), self.n_heads, self.n_kv, self.head_dim)
             self._target(kind, output, module, columns)
         return None
 
@@ -195,14 +205,13 @@ def _fused_gqa(hooked) -> bool:
 
 
 def _install_grads(hooked, plan: HookPlan, layer: int, kinds: set[SiteKind]) -> list:
-    state = _LayerGrads(hooked, plan, layer, sorted(kinds, key=lambda k: _COMPONENT[k]))
+    state = _LayerGrads(hooked, plan, layer, sorted(kinds, key=_component))
     layout, block = state.layout, state.block
     handles = [state.ln.register_forward_pre_hook(state.ln_pre_hook)]
     if layout.fused is not None:
         return handles + [block.get_submodule(layout.q).register_forward_hook(state.fused_hook)]
-    paths = {SiteKind.Q_IN: layout.q, SiteKind.K_IN: layout.k, SiteKind.V_IN: layout.v}
     for kind in _with_kv_pairs(kinds):
-        handles.append(block.get_submodule(paths[kind]).register_forward_hook(state.separate_hook(kind)))
+        handles.append(block.get_submodule(_projection_path(layout, kind)).register_forward_hook(state.separate_hook(kind)))
     return handles
 
 
@@ -210,7 +219,7 @@ def install(hooked, plan: HookPlan, layer: int, kinds: set[SiteKind]) -> list:
     """Install the hooks for the split-input kinds of ``layer`` the plan uses; returns the handles."""
     handles = []
     block = hooked.layer(layer)
-    split = {k for k in kinds if k in SPLIT_INPUT_KINDS}
+    split = {k for k in kinds if k.split_input}
     if split and _unpatched(plan, layer, split) and not _fused_gqa(hooked):
         handles += _install_grads(hooked, plan, layer, split)
     elif split:
@@ -218,9 +227,8 @@ def install(hooked, plan: HookPlan, layer: int, kinds: set[SiteKind]) -> list:
         layout = state.layout
         handles.append(state.ln.register_forward_pre_hook(state.ln_pre_hook))
         if layout.fused is None:
-            paths = {SiteKind.Q_IN: layout.q, SiteKind.K_IN: layout.k, SiteKind.V_IN: layout.v}
             for kind in state.kinds:
-                module = block.get_submodule(paths[kind])
+                module = block.get_submodule(_projection_path(layout, kind))
                 handles.append(module.register_forward_pre_hook(skip_projection))
                 handles.append(module.register_forward_hook(state.separate_hook(kind)))
         else:

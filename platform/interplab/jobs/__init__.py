@@ -7,13 +7,24 @@
     result = run_job(job, store)          # result.run_id, result.summary
 
 Analyses register their kind with :func:`register_kind` (see :mod:`interplab.jobs.registry` for
-the runner protocol). ``docs/jobs.md`` describes specs, resume and submission.
+the runner protocol) in a module named by an ``interplab.kinds`` entry point (:mod:`interplab.jobs.kinds`).
+``docs/jobs.md`` describes specs, resume, submission and plugin kinds.
 """
 
 from interplab.jobs.errors import JobError, JobInterrupted, SpecError, SpecErrors, at_path
 from interplab.jobs.execute import JobResult, run_job
+from interplab.jobs.kinds import KindLoadError
 from interplab.jobs.prepare import PreparedJob, prepare, prepare_resume
-from interplab.jobs.registry import JobKind, JobRunner, JobSummary, get_kind, kind_names, parse_spec, register_kind
+from interplab.jobs.registry import (
+    JobKind,
+    JobRunner,
+    JobSummary,
+    PlotFunction,
+    get_kind,
+    kind_names,
+    parse_spec,
+    register_kind,
+)
 from interplab.jobs.spec import DatasetSpec, JobSpec, Resources, StrictModel, load_spec_file
 
 __all__ = [
@@ -25,6 +36,8 @@ __all__ = [
     "JobRunner",
     "JobSpec",
     "JobSummary",
+    "KindLoadError",
+    "PlotFunction",
     "PreparedJob",
     "Resources",
     "SpecError",

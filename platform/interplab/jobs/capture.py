@@ -15,10 +15,9 @@ Chunk ``i`` holds prompts ``[i*batch_size, (i+1)*batch_size)``; its rows land in
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from functools import lru_cache
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator
 
@@ -26,6 +25,10 @@ from interplab.jobs import datasets
 from interplab.jobs.errors import MISSING, SpecError, at_path
 from interplab.jobs.registry import JobSummary, register_kind
 from interplab.jobs.spec import DatasetSpec, JobSpec
+
+if TYPE_CHECKING:
+    from interplab.engine.backend import Backend
+    from interplab.store.writer import RunWriter
 
 
 class CaptureSpec(JobSpec):
@@ -82,7 +85,7 @@ class CaptureRunner:
         for i, site in enumerate(spec.sites):
             with at_path(f"sites[{i}]", site, "sites of this model, e.g. resid_pre.0 (list them: interplab sites MODEL)"):
                 parsed = model.validate_site(site)
-            if parsed.kind.value == "pattern":
+            if not parsed.kind.fixed_width:
                 raise SpecError(f"sites[{i}]", "attention patterns are not stored by capture jobs (their width varies)",
                                 site, "resid_*, attn_out, mlp_out, head_out, z, q, k, v, mlp_post, embed, final, logits")
         lengths = []
@@ -103,21 +106,12 @@ class CaptureRunner:
         n = len(spec.prompt_texts())
         return [f"{i:06d}" for i in range((n + spec.batch_size - 1) // spec.batch_size)]
 
-    def run_chunk(self, spec: CaptureSpec, model, chunk_id: str, writer) -> None:
-        from interplab.store.capture import write_capture_chunk
-
+    def run_chunk(self, spec: CaptureSpec, model: Backend, chunk_id: str, writer: RunWriter) -> None:
         index = int(chunk_id)
-        start = index * spec.batch_size
-        if not hasattr(model, "capture_stream"):  # a Ray pipeline backend: its stages write their sites
-            n_chunks = len(self.chunks(spec, model))
-            model.capture_to_store(spec.prompt_texts(), spec.sites, writer, batch_size=spec.batch_size,
-                                   positions=spec.engine_positions(), dtype=spec.store_dtype,
-                                   skip_chunks=[i for i in range(n_chunks) if i != index])
-            return
-        texts = spec.prompt_texts()[start : start + spec.batch_size]
-        chunk = next(iter(model.capture_stream(texts, spec.sites, batch_size=len(texts), positions=spec.engine_positions())))
-        chunk = dataclasses.replace(chunk, index=index, prompt_ids=list(range(start, start + len(texts))))
-        write_capture_chunk(writer, chunk, dtype=spec.store_dtype)
+        n_chunks = len(self.chunks(spec, model))
+        model.capture(spec.prompt_texts(), spec.sites, writer, batch_size=spec.batch_size,
+                      positions=spec.engine_positions(), dtype=spec.store_dtype,
+                      skip_chunks=[i for i in range(n_chunks) if i != index])
 
     def finalize(self, spec: CaptureSpec, model, writer) -> JobSummary:
         n = len(spec.prompt_texts())

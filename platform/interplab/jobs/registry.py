@@ -19,11 +19,19 @@ resume must find unchanged. An optional ``layer_work(spec, model) -> LayerWork |
 meta-device skeleton, for sizes) gives the relative compute of each decoder layer and of the head
 (:class:`~interplab.runtime.split.LayerWork`); a pipeline (``parallel: {stages: N}``) balances its
 stages by it.
+
+``register_kind(..., plot=fn)`` gives the kind its picture for ``interplab plot RUN_ID -o FILE``:
+``fn(store, run_id, output, method) -> list[Path]`` (a :class:`PlotFunction`) reads the run's rows
+with ``store.sql`` and writes ``output`` (and any files beside it), returning the paths written.
+
+Kinds are found through the ``interplab.kinds`` entry points (:mod:`interplab.jobs.kinds`); the first
+:func:`get_kind` of a name imports the module that registers it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from pydantic import ValidationError
@@ -33,6 +41,7 @@ from interplab.jobs.spec import JobSpec, format_validation_error
 
 if TYPE_CHECKING:
     from interplab.engine.hooked import HookedModel
+    from interplab.store import Store
     from interplab.store.writer import RunWriter
 
 
@@ -61,46 +70,74 @@ class JobRunner(Protocol):
     def finalize(self, spec: Any, model: HookedModel, writer: RunWriter) -> JobSummary: ...
 
 
+class PlotFunction(Protocol):
+    """A kind's picture of one run: write ``output`` (and files beside it), return the paths written.
+
+    ``method`` is ``interplab plot --method`` (which of the run's methods to draw), None when not given."""
+
+    def __call__(self, store: Store, run_id: str, output: Path, method: str | None) -> list[Path]: ...
+
+
 @dataclass(frozen=True)
 class JobKind:
     name: str
     spec_cls: type[JobSpec]
     runner: JobRunner
+    plot: PlotFunction | None = None
 
 
 _KINDS: dict[str, JobKind] = {}
 
 
-def register_kind(name: str, spec_cls: type[JobSpec], runner: JobRunner) -> JobKind:
-    """Register a job kind (call it at import of the kind's module; re-registering the same is a no-op)."""
+def register_kind(name: str, spec_cls: type[JobSpec], runner: JobRunner, *, plot: PlotFunction | None = None) -> JobKind:
+    """Register a job kind (call it at import of the kind's module).
+
+    Registering a name again with the same spec class replaces the entry (a kind's entry-point module
+    may add the plot to a kind its job module registered); another spec class under a taken name is
+    an error."""
     if not (isinstance(spec_cls, type) and issubclass(spec_cls, JobSpec)):
         raise TypeError(f"job kind {name!r}: spec_cls must subclass interplab.jobs.JobSpec")
     missing = [m for m in ("validate", "chunks", "run_chunk", "finalize") if not callable(getattr(runner, m, None))]
     if missing:
         raise TypeError(f"job kind {name!r}: runner lacks {', '.join(missing)}")
+    if plot is not None and not callable(plot):
+        raise TypeError(f"job kind {name!r}: plot must be a function (store, run_id, output, method) -> list[Path]")
     existing = _KINDS.get(name)
     if existing is not None and (existing.spec_cls.__qualname__, existing.spec_cls.__module__) != (
         spec_cls.__qualname__, spec_cls.__module__
     ):
         raise ValueError(f"job kind {name!r} is already registered by {existing.spec_cls.__module__}")
-    kind = JobKind(name, spec_cls, runner)
+    kind = JobKind(name, spec_cls, runner, plot)
     _KINDS[name] = kind
     return kind
 
 
-def kind_names() -> list[str]:
-    from interplab.jobs.kinds import load_kinds
-
-    load_kinds()
+def registered_kinds() -> list[str]:
+    """The kinds registered in this process so far (imports nothing; see :func:`kind_names`)."""
     return sorted(_KINDS)
 
 
-def get_kind(name: str) -> JobKind:
-    from interplab.jobs.kinds import load_kinds
+def kind_names() -> list[str]:
+    """Every kind: installed (entry points, not imported), ``$INTERPLAB_JOB_KINDS`` and registered ones."""
+    from interplab.jobs.kinds import entry_point_kinds, load_extra_kinds
 
-    load_kinds()
+    load_extra_kinds()
+    return sorted(set(entry_point_kinds()) | set(_KINDS))
+
+
+def get_kind(name: str) -> JobKind:
+    """The kind ``name``, importing its module on first use.
+
+    Raises :class:`~interplab.jobs.kinds.KindLoadError` if the kind's module fails to load and
+    :class:`SpecError` if no kind has that name."""
+    from interplab.jobs.kinds import KINDS_GROUP, load_kind
+
+    load_kind(name)
     if name not in _KINDS:
-        raise SpecError("kind", "unknown job kind", name, ", ".join(sorted(_KINDS)) or "none registered")
+        known = kind_names()
+        allowed = ", ".join(known) or (f"none installed: no {KINDS_GROUP!r} entry points "
+                                       "(reinstall interplab, e.g. pip install -e ., to refresh them)")
+        raise SpecError("kind", "unknown job kind", name, allowed)
     return _KINDS[name]
 
 

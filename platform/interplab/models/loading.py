@@ -237,8 +237,8 @@ def load_partial(source: Path, config, dtype, device, layers, with_embed: bool, 
     wanted: dict[str, str] = {}  # parameter name -> checkpoint key
     for pname, _ in list(model.named_parameters()) + list(model.named_buffers()):
         keep = False
-        if pname.startswith(base + spec.layers + "."):
-            layer = int(pname[len(base + spec.layers) + 1:].split(".")[0])
+        layer = spec.layer_of_parameter(pname)
+        if layer is not None:
             keep = start <= layer < stop
         elif pname.startswith(base + spec.embed + ".") or (spec.embed_fn and pname.startswith(base)):
             keep = with_embed and not pname.startswith(base + spec.final_norm + ".")
@@ -248,12 +248,13 @@ def load_partial(source: Path, config, dtype, device, layers, with_embed: bool, 
             keep = True
         if keep:
             wanted[pname] = pname if pname in index else spec.checkpoint_aliases.get(pname, pname)
-    head_key = spec.lm_head + ".weight"
-    if with_head and wanted.get(head_key) not in index and getattr(config, "tie_word_embeddings", False):
-        wanted[head_key] = base + spec.embed + ".weight"  # tied: the checkpoint stores the embedding only
-    embed_key = base + spec.embed + ".weight"
-    if embed_key in wanted and wanted[embed_key] not in index and head_key in index and getattr(config, "tie_word_embeddings", False):
-        wanted[embed_key] = head_key  # tied: the checkpoint stores the head only (e.g. the cached SmolLM2 conversion)
+    tied = spec.tied_names(config)
+    if tied is not None:
+        head_key, embed_key = tied
+        if with_head and wanted.get(head_key) not in index:
+            wanted[head_key] = embed_key  # the checkpoint stores the embedding only
+        if embed_key in wanted and wanted[embed_key] not in index and head_key in index:
+            wanted[embed_key] = head_key  # the checkpoint stores the head only (e.g. the cached SmolLM2 conversion)
     buffers = {name for name, _ in model.named_buffers()}
     handles: dict[Path, object] = {}
     for pname, key in wanted.items():

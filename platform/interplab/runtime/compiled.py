@@ -4,43 +4,46 @@ One graph per replica: stage ``i`` reads its task from the graph's input ``i`` a
 output; the graph returns every stage's side result (captures) and the last stage's output. It is
 compiled on first use and reused. Between GPU stages the hidden state stays on the device and goes
 by NCCL; on CPU the channels are shared memory. A compiled graph takes its actors over for its
-lifetime, so :class:`~interplab.runtime.pipeline.PipelineModel` tears it down (:meth:`CompiledRuns.release`)
+lifetime, so the :class:`~interplab.runtime.scheduler.Scheduler` tears it down (:meth:`CompiledRuns.release`)
 before any other use of the actors. See ``docs/scaling.md`` (*Transports*).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
-from interplab.runtime import cluster
-from interplab.runtime.errors import StageError
+from interplab.runtime.errors import reraise, unwrap
+
+if TYPE_CHECKING:
+    from interplab.runtime.scheduler import MakeTasks, Scheduler
 
 
 class CompiledRuns:
     """The compiled graphs of one pipeline, by replica."""
 
-    def __init__(self, pipeline) -> None:
-        self.pipeline = pipeline
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
         self.graphs: dict[int, Any] = {}
 
     @property
     def enabled(self) -> bool:
-        parallel = self.pipeline.parallel
+        parallel = self.scheduler.parallel
         return parallel.transport == "compiled" or (
-            parallel.transport == "auto" and parallel.gpus_per_stage > 0 and self.pipeline.n_stages > 1
+            parallel.transport == "auto" and parallel.gpus_per_stage > 0 and self.scheduler.n_stages > 1
         )
 
     @property
     def capacity(self) -> int:
-        return 2 * self.pipeline.n_stages + 2  # micro-batches in flight per replica, as the object-reference path
+        return 2 * self.scheduler.n_stages + 2  # micro-batches in flight per replica, as the object-reference path
 
-    def graph(self, replica: int):
+    def graph(self, replica: int) -> Any:
         if replica not in self.graphs:
             from ray.dag import InputNode, MultiOutputNode
 
-            actors = self.pipeline._replica_handles[replica].actors
-            on_gpu = self.pipeline.parallel.gpus_per_stage > 0
+            actors = self.scheduler.replica_handles[replica].actors
+            on_gpu = self.scheduler.parallel.gpus_per_stage > 0
             with InputNode() as inp:
                 hidden, sides = None, []
                 for i, actor in enumerate(actors):
@@ -60,8 +63,8 @@ class CompiledRuns:
             except Exception:  # noqa: BLE001 - a graph whose actor died may fail to tear down; it is gone either way
                 pass
 
-    def run(self, items: Iterable, results: dict) -> bool:
-        """Run ``items`` (``(key, make_tasks)`` as ``PipelineModel._drive`` takes them) through the
+    def run(self, items: Iterable[tuple[Any, MakeTasks]], results: dict[Any, tuple[list[Any], Any]]) -> bool:
+        """Run ``items`` (``(key, make_tasks)`` as :meth:`Scheduler.drive` takes them) through the
         graphs, micro-batches round-robin over the replicas, at most :attr:`capacity` in flight per
         replica; store ``results[key] = (sides, output)``. Returns False (nothing stored) when the
         transport is not compiled or a graph failed for a reason other than the work itself (a dead
@@ -70,16 +73,15 @@ class CompiledRuns:
             return False
         import ray
 
-        pipeline = self.pipeline
-        on_gpu = pipeline.parallel.gpus_per_stage > 0
-        n = len(pipeline._replica_handles)
+        scheduler = self.scheduler
+        on_gpu = scheduler.parallel.gpus_per_stage > 0
+        n = len(scheduler.replica_handles)
         in_flight: list[tuple[Any, Any]] = []
         got: dict = {}
         try:
             for i, (key, make) in enumerate(items):
-                tasks = make(next(pipeline._calls))
-                for task in tasks[:-1]:
-                    task.keep_on_device = on_gpu
+                made = make(scheduler.new_call())
+                tasks = [replace(t, keep_on_device=on_gpu) if t is not None else None for t in made[:-1]] + [made[-1]]
                 if len(in_flight) >= self.capacity * n:
                     done_key, ref = in_flight.pop(0)
                     got[done_key] = ray.get(ref)
@@ -88,9 +90,9 @@ class CompiledRuns:
                 got[key] = ray.get(ref)
         except Exception as exc:  # noqa: BLE001 - sorted below
             self.release()
-            error = cluster.unwrap(exc)
-            if isinstance(error, StageError):  # the work failed, not the machinery: the user's error
-                raise error from None
+            error = unwrap(exc)
+            if error is not exc:  # the work failed (raised inside a stage), not the machinery: the user's error
+                reraise(exc)
             return False
         for key, values in got.items():
             results[key] = (list(values[:-1]), values[-1])

@@ -70,9 +70,7 @@ def slice_positions(positions: Positions, lo: int, hi: int) -> Positions:
 
 def _selection_ndim(item: Intervention) -> int:
     """Number of dimensions of the selection ``x[item.index(x)]`` (rows first)."""
-    full = 4 if item.site.kind.per_head else 3  # pattern is [b, q, h, k] in the canonical layout
-    if item.site.kind == SiteKind.PATTERN:
-        full = 4
+    full = len(item.site.kind.layout)  # pattern is [b, q, h, k] in the canonical layout: 4 axes too
     lead = 1 if item.paired and item.positions is not None else 2
     heads = 1 if (item.heads is not None or item.site.head is not None) else 0
     return lead + (full - 2) - heads

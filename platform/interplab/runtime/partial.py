@@ -1,4 +1,4 @@
-"""Pipeline passes that start mid-model: :meth:`PipelineModel.run_stage`'s per-stage tasks.
+"""Pipeline passes that start mid-model: the per-stage tasks of a :class:`~interplab.engine.results.StageRequest`.
 
 ``HookedModel.run_stage`` lets a pass start at a later layer from given hidden states, let rows join
 the batch at their own layer (``joins``: each row's ``resid_pre`` there) and reuse cached keys/values
@@ -14,17 +14,24 @@ and on the last stage the head's options.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
 from interplab.engine.interventions import Intervention
 from interplab.engine.plan import KVPrefix
+from interplab.engine.results import LogitsMode, StageRequest
 from interplab.engine.sites import Site
 from interplab.engine.tokens import TokenBatch
 from interplab.runtime.microbatch import narrow_interventions, slice_batch
-from interplab.runtime.stage import StageTask
+from interplab.runtime.task import StageEntry, StageSpan, StageTask
+
+if TYPE_CHECKING:
+    from interplab.engine.hooked import HookedModel
+    from interplab.runtime.scheduler import MakeTasks, Scheduler
+
+Key = TypeVar("Key")
 
 
 def entry_layers(start: int, hidden: torch.Tensor | None, joins: Mapping[int, torch.Tensor]) -> torch.Tensor:
@@ -67,7 +74,7 @@ def partial_tasks(
     interventions: Sequence[Intervention],
     prefix: KVPrefix | None,
     with_head: bool,
-    logits: str,
+    logits: LogitsMode,
     vocab: torch.Tensor | None,
 ) -> list[StageTask | None]:
     """Per-stage tasks for rows ``[lo, hi)`` of a ``run_stage`` call: None for stages before the rows'
@@ -91,65 +98,55 @@ def partial_tasks(
             stage_prefix = KVPrefix(prefix.length, {
                 layer: (k[lo:hi], v[lo:hi]) for layer, (k, v) in prefix.kv.items() if s_start <= layer < s_stop
             })
+        span = StageSpan(start=s_start, stop=s_stop, with_head=with_head and last, logits=logits,
+                         vocab=vocab if with_head and last else None)
+        entry = StageEntry(
+            hidden=part if s_start == first else None,
+            joins={layer: rows for layer, rows in part_joins.items() if s_start <= layer < s_stop} or None,
+            prefix=stage_prefix,
+        )
         tasks.append(StageTask(
             call=call, mb=mb, prompt_ids=list(range(lo, lo + present)), batch=slice_batch(batch, lo, lo + present),
-            interventions=[x for x in items if stage_of(x.site) == index], logits=logits,
-            start=s_start, stop=s_stop, with_head=with_head and last,
-            joins={layer: rows for layer, rows in part_joins.items() if s_start <= layer < s_stop} or None,
-            prefix=stage_prefix, vocab=vocab if with_head and last else None,
-            hidden=part if s_start == first else None,
+            interventions=[x for x in items if stage_of(x.site) == index], span=span, entry=entry,
         ))
     return tasks
 
 
 class PartialCall:
-    """One ``run_stage`` call on a pipeline: checked arguments, its micro-batches' task makers, and
+    """One mid-model pass on a pipeline: the checked request, its micro-batches' task makers, and
     the outputs collected as the micro-batches finish."""
 
-    def __init__(
-        self,
-        pipe,
-        batch: TokenBatch,
-        *,
-        start: int,
-        stop: int,
-        hidden: torch.Tensor | None = None,
-        with_head: bool = False,
-        interventions: Sequence[Intervention] = (),
-        logits: str = "all",
-        prefix: KVPrefix | None = None,
-        joins: Mapping[int, torch.Tensor] | None = None,
-        vocab: torch.Tensor | None = None,
-    ) -> None:
-        from interplab.engine.hooked import HookedModel
-
-        if not 0 <= start < stop <= pipe.n_layers:
-            raise ValueError(f"run_stage: layers [{start}, {stop}) are not a block of the model's {pipe.n_layers} layers")
-        if with_head and stop != pipe.n_layers:
-            raise ValueError(f"run_stage: with_head needs stop={pipe.n_layers} (the last layer), got {stop}")
-        if vocab is not None:
-            vocab = pipe._skeleton.check_vocab(vocab, with_head)
-        joins = dict(joins or {})
-        if joins:
-            HookedModel.check_joins(batch, start, stop, hidden, joins, False)
-        elif hidden is None and start > 0:
-            raise ValueError(f"run_stage: starting at layer {start} needs hidden (the resid_pre there) or joins")
-        pipe._validate((), interventions)
-        self.pipe, self.batch = pipe, batch
-        self.start, self.stop, self.hidden, self.joins = start, stop, hidden, joins
-        self.interventions, self.prefix, self.with_head, self.logits, self.vocab = list(interventions), prefix, with_head, logits, vocab
-        self.entries = entry_layers(start, hidden, joins) if joins or hidden is not None else torch.zeros(batch.size, dtype=torch.long)
-        self.parts = pipe._micro_parts(batch, interventions)
+    def __init__(self, scheduler: Scheduler, skeleton: HookedModel, request: StageRequest) -> None:
+        r = request
+        n_layers = skeleton.n_layers
+        if not 0 <= r.start < r.stop <= n_layers:
+            raise ValueError(f"run_stage: layers [{r.start}, {r.stop}) are not a block of the model's {n_layers} layers")
+        if r.with_head and r.stop != n_layers:
+            raise ValueError(f"run_stage: with_head needs stop={n_layers} (the last layer), got {r.stop}")
+        self.vocab = skeleton.check_vocab(r.vocab, r.with_head) if r.vocab is not None else None
+        self.joins = dict(r.joins or {})
+        if self.joins:
+            skeleton.check_joins(r.batch, r.start, r.stop, r.hidden, self.joins, False)
+        elif r.hidden is None and r.start > 0:
+            raise ValueError(f"run_stage: starting at layer {r.start} needs hidden (the resid_pre there) or joins")
+        for item in r.interventions:
+            skeleton.validate_site(item.site)
+        self.scheduler, self.request = scheduler, r
+        self.interventions = list(r.interventions)
+        has_rows = self.joins or r.hidden is not None
+        self.entries = entry_layers(r.start, r.hidden, self.joins) if has_rows else torch.zeros(r.batch.size, dtype=torch.long)
+        self.parts = scheduler.micro_parts(r.batch, self.interventions)
         self.outputs: dict[int, torch.Tensor] = {}
 
-    def items(self) -> Iterator[tuple[int, Callable[[int], list[StageTask | None]]]]:
-        """``(micro-batch, make_tasks(call))`` for ``PipelineModel._drive``."""
+    def items(self) -> Iterator[tuple[int, MakeTasks]]:
+        """``(micro-batch, make_tasks(call))`` for :meth:`Scheduler.drive`."""
+        r = self.request
         for mb, (lo, hi) in enumerate(self.parts):
             yield mb, lambda call, mb=mb, lo=lo, hi=hi: partial_tasks(
-                self.pipe.stage_ranges, self.pipe.stage_of, call, mb, self.batch, lo, hi, start=self.start,
-                stop=self.stop, hidden=self.hidden, joins=self.joins, entries=self.entries,
-                interventions=self.interventions, prefix=self.prefix, with_head=self.with_head,
-                logits=self.logits, vocab=self.vocab,
+                self.scheduler.stage_ranges, self.scheduler.stage_of, call, mb, r.batch, lo, hi, start=r.start,
+                stop=r.stop, hidden=r.hidden, joins=self.joins, entries=self.entries,
+                interventions=self.interventions, prefix=r.prefix, with_head=r.with_head,
+                logits=r.logits, vocab=self.vocab,
             )
 
     def add(self, mb: int, output: torch.Tensor) -> bool:
@@ -161,21 +158,24 @@ class PartialCall:
         return torch.cat([self.outputs[mb] for mb in range(len(self.parts))])
 
 
-def run_partial_calls(pipe, requests, on_done: Callable[[Any, torch.Tensor], None]) -> None:
-    """Stream ``requests`` (``(key, run_stage keyword arguments)``, consumed lazily) through ``pipe``
-    together; ``on_done(key, output)`` as each call's last micro-batch finishes."""
+def run_partial_calls(
+    scheduler: Scheduler, skeleton: HookedModel, requests: Iterable[tuple[Key, StageRequest]],
+    on_done: Callable[[Key, torch.Tensor], None],
+) -> None:
+    """Stream ``requests`` (consumed lazily) through the pipeline together; ``on_done(key, output)``
+    as each call's last micro-batch finishes."""
     pending: dict[Any, PartialCall] = {}
 
-    def items():
-        for key, kwargs in requests:
-            call = PartialCall(pipe, **kwargs)
+    def items() -> Iterator[tuple[tuple[Any, int], MakeTasks]]:
+        for key, request in requests:
+            call = PartialCall(scheduler, skeleton, request)
             pending[key] = call
             for mb, make in call.items():
                 yield (key, mb), make
 
-    def done(item, sides, output) -> None:
+    def done(item: tuple[Any, int], sides: list[Any], output: Any) -> None:
         key, mb = item
         if pending[key].add(mb, output):
             on_done(key, pending.pop(key).output())
 
-    pipe._drive(items(), done)
+    scheduler.drive(items(), done)

@@ -18,35 +18,38 @@ grafting finetune uses; a loss that decomposes over rows could be evaluated on e
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
-from interplab.engine.hooked import Metric
 from interplab.engine.interventions import Intervention
+from interplab.engine.results import Metric
 from interplab.engine.tokens import TokenBatch
 from interplab.runtime.microbatch import row_ranges, splittable
+from interplab.runtime.scheduler import Flight
+
+if TYPE_CHECKING:
+    from interplab.runtime.scheduler import Scheduler
 
 
-def replicated_backward(pipe, batch: TokenBatch, loss_fn: Metric, interventions: Sequence[Intervention]) -> torch.Tensor:
-    """Forward and backward ``batch`` over all of ``pipe``'s replicas and all-reduce the parameter
+def replicated_backward(scheduler: Scheduler, batch: TokenBatch, loss_fn: Metric, interventions: Sequence[Intervention]) -> torch.Tensor:
+    """Forward and backward ``batch`` over all of the scheduler's replicas and all-reduce the parameter
     gradients; returns the loss. The caller combines tied copies and steps the optimizers."""
     import ray
 
-    from interplab.runtime.pipeline import _Flight
-
-    replicas = pipe._replicas
-    call = next(pipe._calls)
-    wanted = (pipe.parallel.micro_batches or 2 * pipe.n_stages) * len(replicas)  # per replica as in one
+    replicas = scheduler.replicas
+    call = scheduler.new_call()
+    wanted = (scheduler.parallel.micro_batches or 2 * scheduler.n_stages) * len(replicas)  # per replica as in one
     parts = row_ranges(batch.size, wanted) if splittable(interventions) else [(0, batch.size)]
     shares = [list(range(a, b)) for a, b in row_ranges(len(parts), len(replicas))]
     flights, logits_refs = [], []
     for replica, mbs in enumerate(shares):
         for mb in mbs:
             lo, hi = parts[mb]
-            tasks = pipe._tasks(call, mb, batch, lo, hi, list(range(lo, hi)), mode="train", capture=[],
-                                interventions=interventions, positions=None, logits="all")
-            flight = _Flight(mb, tasks, replica)
-            pipe._submit(flight)
+            tasks = scheduler.chain_tasks(call, mb, batch, lo, hi, mode="train", capture=[],
+                                          interventions=interventions, positions=None, logits="all")
+            flight = Flight(mb, tasks, replica)
+            scheduler.submit(flight)
             flights.append(flight)
         logits_refs.append(replicas[replica].actors[-1].outputs.remote(call, mbs))
     try:
@@ -63,7 +66,7 @@ def replicated_backward(pipe, batch: TokenBatch, loss_fn: Metric, interventions:
             actors = replicas[replica].actors
             out = actors[-1].backward_outputs.options(num_returns=len(mbs) + 1).remote(call, mbs, grad[lo:hi])
             refs = list(out[1:])
-            for stage in range(pipe.n_stages - 2, -1, -1):
+            for stage in range(scheduler.n_stages - 2, -1, -1):
                 refs = [actors[stage].backward.options(num_returns=2).remote(call, mb, ref)[0] for mb, ref in zip(mbs, refs)]
             grad_refs += refs
         ray.get(grad_refs)

@@ -11,21 +11,28 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
 
 from interplab.engine.stream import CaptureChunk
 
+if TYPE_CHECKING:
+    from interplab.engine.cache import ActivationCache
+    from interplab.runtime.task import StageTask
+
 
 @dataclass(frozen=True)
 class StoreSink:
-    """Where a stage writes one chunk: the store, the run, the chunk index, the storage dtype."""
+    """Where a stage writes one chunk: the store, the run, the chunk index, the storage dtype, and
+    the token strings of the chunk's rows (for the store's ``token`` column)."""
 
     store_uri: str
     run_id: str
     chunk: int
     dtype: str = "float16"
+    tokens: tuple[tuple[str, ...], ...] = ()
 
 
 def marker_table(start: int, stop: int) -> str:
@@ -46,7 +53,7 @@ def write_stage_chunk(writer, chunk: CaptureChunk, *, marker: str, with_prompts:
     token = [chunk.tokens[i][j] for i, j in zip(rows.tolist(), pos.tolist())]
     entries, skipped, n_rows = [], [], 0
     for site, tensor in chunk.acts.items():
-        if site.kind.value == "pattern":
+        if not site.kind.fixed_width:
             skipped.append(str(site))
             continue
         store_dtype = "float32" if tensor.dtype == torch.bfloat16 else dtype
@@ -82,3 +89,31 @@ def _prompts_table(chunk: CaptureChunk, token_ids: np.ndarray) -> pa.Table:
         "token_ids": pa.array([token_ids[i, :n].tolist() for i, n in enumerate(lengths)], pa.list_(pa.int32())),
         "tokens": pa.array([list(t[:n]) for t, n in zip(chunk.tokens, lengths)], pa.list_(pa.string())),
     })
+
+
+class StageWriters:
+    """A stage's store writers, one per ``(store, run)``, opened on first use: the stage writes the
+    captures of the sites it owns for a chunk straight to the run (see the module docstring)."""
+
+    def __init__(self, start: int, stop: int, first: bool) -> None:
+        self.marker = marker_table(start, stop)
+        self.first = first
+        self._writers: dict[tuple[str, str], Any] = {}
+
+    def write(self, task: StageTask, cache: ActivationCache) -> int:
+        """Write ``task``'s captures (``cache``, on CPU) as its sink's chunk; returns the rows written."""
+        sink = task.sink
+        if sink is None:
+            raise ValueError("the task has no store sink")
+        key = (sink.store_uri, sink.run_id)
+        if key not in self._writers:
+            from interplab.store import open_store
+
+            self._writers[key] = open_store(sink.store_uri, create=False).resume_run(sink.run_id)
+        batch = task.batch
+        chunk = CaptureChunk(
+            index=sink.chunk, prompt_ids=list(task.prompt_ids), token_ids=batch.input_ids.cpu(),
+            lengths=batch.lengths.tolist(), tokens=[list(t) for t in sink.tokens], positions=cache.positions,
+            valid=cache.valid, acts=dict(cache.items()),
+        )
+        return write_stage_chunk(self._writers[key], chunk, marker=self.marker, with_prompts=self.first, dtype=sink.dtype)

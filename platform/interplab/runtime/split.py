@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from interplab.engine.work import LayerWork
 from interplab.runtime.config import ParallelConfig, check_ranges
 
 
@@ -25,21 +26,6 @@ class ModelBytes:
         return sum(self.layers) + self.embed + self.head
 
 
-@dataclass(frozen=True)
-class LayerWork:
-    """Relative compute of a workload: per decoder layer, plus what the first stage (embedding) and
-    the last stage (final norm and unembedding) add. Any unit; only ratios matter."""
-
-    layers: tuple[float, ...]
-    first: float = 0.0
-    last: float = 0.0
-
-    def __post_init__(self) -> None:
-        values = (*self.layers, self.first, self.last)
-        if not self.layers or any(not v >= 0 for v in values) or not any(v > 0 for v in self.layers):
-            raise SplitError(f"layer work must be non-negative numbers, some layer's above zero; got {self!r}")
-
-
 def model_bytes(hooked) -> ModelBytes:
     """Bytes of each part of a (possibly meta-device) :class:`HookedModel`, from parameter shapes."""
     spec = hooked.spec
@@ -49,8 +35,9 @@ def model_bytes(hooked) -> ModelBytes:
     seen: set[int] = set()
     for name, param in hooked.model.named_parameters(remove_duplicate=False):
         size = param.numel() * param.element_size()
-        if name.startswith(base + spec.layers + "."):
-            per_layer[int(name[len(base + spec.layers) + 1 :].split(".")[0])] += size
+        layer = spec.layer_of_parameter(name)
+        if layer is not None:
+            per_layer[layer] += size
         elif name.startswith((base + spec.final_norm + ".", spec.lm_head + ".")):
             head += size  # a tied head is a separate copy on the last stage
         elif id(param) not in seen:

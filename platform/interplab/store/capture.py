@@ -52,8 +52,8 @@ def write_capture_chunk(writer: RunWriter, chunk: CaptureChunk, dtype: str = "fl
     token_id = token_ids[rows, pos]
     keys = {1: actfile.KeyColumns.build(prompt_id, pos, token_id, _row_tokens(chunk, rows, pos))}
 
-    skipped = [str(site) for site in chunk.acts if site.kind.value == "pattern"]
-    sites = [(site, tensor) for site, tensor in chunk.acts.items() if site.kind.value != "pattern"]
+    skipped = [str(site) for site in chunk.acts if not site.kind.fixed_width]
+    sites = [(site, tensor) for site, tensor in chunk.acts.items() if site.kind.fixed_width]
     for site, tensor in sites:  # all-heads sites: one row per (position, head), keys built once per head count
         if tensor.dim() == 4 and site.head is None and tensor.shape[2] not in keys:
             keys[tensor.shape[2]] = keys[1].repeat(tensor.shape[2])

@@ -31,10 +31,10 @@ from interplab.store import codec, layout
 from interplab.store.errors import StoreError
 from interplab.store.fs import Location
 from interplab.store.manifest import FileEntry, RunInfo
-from interplab.store.sqlfiles import has_view_sql, view_sql
+from interplab.store.views import ViewFile, view_files
 
 ALLOWED_TABLE_FUNCTIONS = frozenset({"range", "generate_series", "unnest"})
-BASE_VIEWS = ("runs", "prompts", "activations", "patching", "baselines")
+BASE_VIEWS = ("runs", "prompts", "activations")  # always present, typed; a kind's views exist once it wrote rows
 _ACT_COLUMNS = "run_id, prompt_id, position, token_id, token, site, layer, head"
 
 _EMPTY = {
@@ -43,10 +43,6 @@ _EMPTY = {
     "activations": "NULL::VARCHAR AS run_id, NULL::BIGINT AS prompt_id, NULL::INTEGER AS position, "
     "NULL::INTEGER AS token_id, NULL::VARCHAR AS token, NULL::VARCHAR AS site, NULL::INTEGER AS layer, "
     "NULL::INTEGER AS head, NULL::FLOAT[] AS act",
-    "patching": "NULL::VARCHAR AS run_id, NULL::VARCHAR AS sweep, NULL::VARCHAR AS method, "
-    "NULL::INTEGER AS layer, NULL::INTEGER AS position, NULL::INTEGER AS head, NULL::DOUBLE AS value, "
-    "NULL::DOUBLE AS normalized",
-    "baselines": "NULL::VARCHAR AS run_id, NULL::VARCHAR AS sweep, NULL::VARCHAR AS name, NULL::DOUBLE AS value",
 }
 
 
@@ -140,6 +136,7 @@ class Session:
             }
         )
         self._keep: list[Any] = []  # Arrow objects registered with DuckDB must outlive the views
+        self._files: dict[str, ViewFile] = {}
         self.views: list[str] = []
         try:
             self._create_views(loc, runs)
@@ -165,6 +162,7 @@ class Session:
     # views ------------------------------------------------------------------------------------
 
     def _create_views(self, loc: Location, runs: list[RunInfo]) -> None:
+        self._files = view_files()
         committed = [r for r in runs if r.status == "committed"]
         by_table: dict[str, list[FileEntry]] = defaultdict(list)
         for run in committed:
@@ -173,24 +171,29 @@ class Session:
         self._register("_interplab_runs", _runs_table(runs))
         self._view("runs", "_interplab_runs")
         widths = self._activation_views(loc, by_table.pop(layout.ACTIVATIONS, []))
-        for table in ("prompts", "patching", "baselines"):
-            self._view(table, self._table_relation(loc, table, by_table.pop(table, [])))
+        self._view("prompts", self._table_relation(loc, "prompts", by_table.pop("prompts", [])))
         for table, entries in sorted(by_table.items()):
-            if table not in self.views:  # typed where storage/<table>.sql defines the view, else every column
-                self._view(table, self._table_relation(loc, table, entries), generic=not has_view_sql(table))
+            if table not in self.views:  # typed where a view file defines it (interplab.store.views), else every column
+                self._view(table, self._table_relation(loc, table, entries))
         for d, relation in widths.items():
             self._con.execute(f"CREATE VIEW activations_d{d} AS SELECT {_ACT_COLUMNS}, act FROM {relation}")
             self.views.append(f"activations_d{d}")
 
-    def _view(self, name: str, relation: str, generic: bool = False) -> None:
-        if not generic:
+    def _view(self, name: str, relation: str) -> None:
+        file = self._files.get(name)
+        generic = file is None
+        if file is None and name in BASE_VIEWS:
+            raise StoreError(f"the core view file {name}.sql is missing from the installed package")
+        if file is not None:
             try:
-                self._con.execute(view_sql(name).replace("{{" + name + "}}", relation))
+                self._con.execute(file.sql().replace("{{" + name + "}}", relation))
             except duckdb.BinderException:
                 if name in BASE_VIEWS:
                     raise
                 # files written before the view's columns were settled: show every column rather than none
                 generic = True
+            except duckdb.Error as exc:
+                raise StoreError(f"view {name!r} from {file.path} ({file.owner}) does not run: {_first_line(exc)}") from None
         if generic:
             self._con.execute(f"CREATE VIEW {name} AS SELECT * FROM {relation}")
         self.views.append(name)

@@ -1,7 +1,8 @@
-"""The store's SQL files: view definitions (``sql/<view>.sql``) and saved queries (``sql/queries/*.sql``).
+"""The store's own SQL files: the core views and the saved queries (``sql/queries/*.sql``).
 
-The packaged copies under ``interplab/store/sql/`` are what runs; ``storage/`` at the repository root
-holds the same files for reading and review, and ``tests/store/test_sqlfiles.py`` checks they are equal.
+``interplab/store/sql/`` is, in the repository, a symlink to ``storage/`` at the top: one copy of
+each file, read by the installed package (a wheel holds the files themselves) and by people reading
+the repository. Views of analysis kinds live with their kind (:mod:`interplab.store.views`).
 
 A saved query starts with a header of comments::
 
@@ -25,25 +26,15 @@ from typing import Any
 from interplab.store.errors import StoreError
 
 _PARAM = re.compile(r"^--\s*param:\s*([A-Za-z_][A-Za-z0-9_]*)\s+([A-Za-z0-9_\[\]]+)\s*(?:=\s*(.+?))?\s*$")
-_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
-def _sql_dir():
-    return resources.files("interplab.store") / "sql"
-
-
-@cache
-def has_view_sql(name: str) -> bool:
-    """True if the package defines a typed view for table ``name``."""
-    return _NAME.match(name) is not None and (_sql_dir() / f"{name}.sql").is_file()
-
-
-@cache
-def view_sql(name: str) -> str:
-    path = _sql_dir() / f"{name}.sql"
-    if not path.is_file():
-        raise StoreError(f"view definition {name}.sql is missing from the installed package")
-    return path.read_text()
+def core_sql_dir():
+    """The folder of the core view files and ``queries/`` (a Traversable; a Path when installed from files)."""
+    folder = resources.files("interplab.store") / "sql"
+    if not (folder / "runs.sql").is_file():
+        raise StoreError(f"the store's SQL files are missing from the installed package ({folder}); "
+                         "in a checkout, interplab/store/sql must be the symlink to storage/")
+    return folder
 
 
 @dataclass(frozen=True)
@@ -118,7 +109,7 @@ def parse_saved(name: str, text: str) -> SavedQuery:
 
 @cache
 def saved_queries() -> dict[str, SavedQuery]:
-    folder = _sql_dir() / "queries"
+    folder = core_sql_dir() / "queries"
     out = {}
     for path in sorted(folder.iterdir(), key=lambda p: p.name):
         if path.name.endswith(".sql"):

@@ -47,6 +47,11 @@ class RunWriter:
         """The store this run is written to (other processes open their own writers on its URI)."""
         return self._store
 
+    @property
+    def store_uri(self) -> str:
+        """The store's URI: a pipeline's stages open their own writers on this run there."""
+        return self._store.uri
+
     # -- writes --------------------------------------------------------------------------------
 
     def write_activations(

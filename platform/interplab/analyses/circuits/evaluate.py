@@ -7,8 +7,8 @@ corrupted output of every source outside the circuit and the live output of ever
 Evaluating a circuit therefore costs one forward pass, and rows of one batch can carry different
 circuits (``masks[c]`` for circuit ``c``, each applied to every prompt).
 
-On a pipeline model the stages run one after another, each receiving the earlier stages' source
-differences with the hidden state (:func:`_run_patched_stages`).
+The backend's stages run one after another, each receiving the earlier stages' source differences
+with the hidden state (:func:`_run_patched_stages`; one stage on the single-process model).
 
 Rows start at the first layer any of their corrupted edges reaches: earlier layers are the clean
 run's, so they come from its cached residual stream (exact per-edge patching mostly runs late
@@ -21,10 +21,9 @@ from collections.abc import Callable
 
 import torch
 
-from interplab.analyses.circuits.graph import QKV, CircuitGraph
+from interplab.analyses.circuits.graph import CircuitGraph
 from interplab.analyses.circuits.task import CircuitTask
 from interplab.analyses.metrics import get_metric
-from interplab.engine.hooked import HookedModel
 from interplab.engine.interventions import Intervention
 from interplab.engine.sites import Site
 
@@ -51,7 +50,7 @@ class _PatchState:
         torch.index_select(corrupt, 0, prompt_of_row, out=self.diff)
         self.total = torch.zeros(rows, s * d, dtype=self.diff.dtype)
         # sources written before layer `start` are the clean run's (from layer 0 on, all are recorded live)
-        first = 1 + start * (graph.n_heads + 1) if start > 0 else 0
+        first = graph.first_source(start) if start > 0 else 0
         if first:
             clean = task.clean_sources[:, :, :first][prompt_of_row]
             self._subtract(0, clean)
@@ -112,21 +111,21 @@ class _PatchState:
         return fn
 
 
+def _from(site: Site, layer: int) -> bool:
+    """Whether a source site is written at or after ``layer`` (the embedding: only from layer 0)."""
+    return site.layer >= layer if site.layer is not None else layer == 0
+
+
 def _interventions(state: _PatchState, start: int) -> list[Intervention]:
+    """Record every source from layer ``start`` on and feed every destination its patched input."""
     graph = state.graph
     out = []
-    if start == 0:
-        out.append(Intervention("embed", "apply", fn=state.record(0, 1)))
-    for layer in range(start, graph.n_layers):
-        for which in QKV:
-            cols = [graph.qkv_dest(layer, h, which) for h in range(graph.n_heads)]
-            out.append(Intervention(f"{which}_in.{layer}", "apply", fn=state.dest(cols, graph.upstream(cols[0]), True)))
-        out.append(Intervention(f"head_out.{layer}", "apply", fn=state.record(graph.head_source(layer, 0), graph.n_heads)))
-        mlp = graph.mlp_dest(layer)
-        out.append(Intervention(f"mlp_in.{layer}", "apply", fn=state.dest([mlp], graph.upstream(mlp), False)))
-        out.append(Intervention(f"mlp_out.{layer}", "apply", fn=state.record(graph.mlp_source(layer), 1)))
-    logits = graph.logits_dest
-    out.append(Intervention(f"resid_post.{graph.n_layers - 1}", "apply", fn=state.dest([logits], graph.upstream(logits), False)))
+    for site, r in graph.source_groups.items():
+        if _from(site, start):
+            out.append(Intervention(site, "apply", fn=state.record(r.start, len(r))))
+    for site, r in graph.dest_groups.items():
+        if site.layer is not None and site.layer >= start:
+            out.append(Intervention(site, "apply", fn=state.dest(list(r), graph.upstream(r.start), site.kind.per_head)))
     return out
 
 
@@ -147,34 +146,32 @@ def run_patched(task: CircuitTask, patched: torch.Tensor, prompt_of_row: torch.T
     # the logits read the last layer's output, so at least the last layer runs
     start = min(_first_layer(graph, patched), graph.n_layers - 1)
     batch = task.pairs.clean.select(prompt_of_row)
-    if isinstance(task.model, HookedModel):
-        state = _PatchState(task, patched, prompt_of_row, start)
-        hidden = task.clean_resid[start][prompt_of_row] if start > 0 else None
-        logits, _ = task.model.run_stage(batch, start=start, stop=graph.n_layers, hidden=hidden, with_head=True,
-                                         interventions=_interventions(state, start), logits="last")
-    else:
-        logits = _run_patched_stages(task, patched, prompt_of_row, start, batch)
+    logits = _run_patched_stages(task, patched, prompt_of_row, start, batch)
     fn = get_metric(metric) if metric else task.metric
     return fn(logits.float(), task.inputs(prompt_of_row))
 
 
 def _run_patched_stages(task: CircuitTask, patched: torch.Tensor, prompt_of_row: torch.Tensor, start: int, batch) -> torch.Tensor:
-    """Edge patching on a pipeline, one stage after another from the stage holding layer ``start``.
+    """Edge patching stage after stage, from layer ``start`` in the stage holding it.
 
-    Each stage gets the hidden state and the patch state (every earlier source's difference) and
-    returns its output and its sources' live outputs; the driver adds their differences to the state
-    before the next stage. Stages run in turn on one batch, so this costs a forward pass plus sending
-    the differences (``rows x sources x positions x d_model``) to each stage."""
+    Each stage gets the hidden state and the patch state (every earlier source's difference) with
+    its interventions, which may run in another process (a pipeline's stage actor). A stage returns
+    its output and, when a later stage follows, its sources' live outputs, whose differences the
+    driver adds to its own copy of the state before the next stage. One stage (the single-process
+    model) is one forward pass; a pipeline adds sending the differences (``rows x sources x
+    positions x d_model``) to each stage."""
     model, graph = task.model, task.graph
+    ranges = model.stage_ranges
     first_stage = model.stage_of(Site("resid_pre", start))
-    lo = model.stage_ranges[first_stage][0]
-    state = _PatchState(task, patched, prompt_of_row, lo)
-    hidden = task.clean_resid[lo][prompt_of_row] if lo > 0 else None
-    for index in range(first_stage, model.n_stages):
-        a, b = model.stage_ranges[index]
-        sources = ([Site("embed")] if index == 0 else []) + [Site(kind, layer) for layer in range(a, b) for kind in ("head_out", "mlp_out")]
-        items = [x for x in _interventions(state, lo) if model.stage_of(x.site) == index]
-        hidden, cache = model.stage_forward(index, batch, hidden, capture=sources, interventions=items, logits="last")
+    state = _PatchState(task, patched, prompt_of_row, start)
+    hidden = task.clean_resid[start][prompt_of_row] if start > 0 else None
+    for index in range(first_stage, len(ranges)):
+        a, b = ranges[index]
+        lo = start if index == first_stage else a
+        later = index < len(ranges) - 1
+        sources = [site for site in graph.source_groups if later and _from(site, lo) and (site.layer or 0) < b]
+        items = [x for x in _interventions(state, start) if model.stage_of(x.site) == index]
+        hidden, cache = model.stage_forward(index, batch, hidden, start=lo, capture=sources, interventions=items, logits="last")
         for site in sources:  # what the stage recorded in its own copy of the state
             first, count = _source_range(graph, site)
             state.record(first, count)(cache[site])
@@ -182,11 +179,8 @@ def _run_patched_stages(task: CircuitTask, patched: torch.Tensor, prompt_of_row:
 
 
 def _source_range(graph: CircuitGraph, site: Site) -> tuple[int, int]:
-    if site.kind.value == "embed":
-        return 0, 1
-    if site.kind.value == "head_out":
-        return graph.head_source(site.layer, 0), graph.n_heads
-    return graph.mlp_source(site.layer), 1
+    r = graph.source_groups[site]
+    return r.start, len(r)
 
 
 def rows_per_pass(task: CircuitTask, memory: int = DEFAULT_MEMORY) -> int:

@@ -63,7 +63,7 @@ def prune(graph: CircuitGraph, mask: torch.Tensor) -> torch.Tensor:
     path to the logits. One pass is a fixpoint: every edge on a kept edge's path is kept too."""
     mask = graph.check_mask(mask)
     owner = graph.dest_owner
-    n_nodes = graph.n_sources + 1  # sources in topological order, then the logits
+    n_nodes = len(graph.nodes)  # sources in topological order, then the logits
     node_edges = torch.zeros(graph.n_sources, n_nodes, dtype=torch.bool)
     src_idx, dst_idx = mask.nonzero(as_tuple=True)
     node_edges[src_idx, owner[dst_idx]] = True

@@ -83,11 +83,9 @@ def to_mib(graph: CircuitGraph, scores: torch.Tensor, mask: torch.Tensor | None 
     edges = {}
     for src, dst in graph.edges.tolist():
         edges[graph.edge_name(src, dst)] = {"score": float(scores[src, dst]), "in_graph": bool(mask[src, dst])}
-    node_in = set()
-    for src, dst in mask.nonzero().tolist():
-        node_in.add(graph.source_names[src])
-        node_in.add(graph.dest_node[dst])
-    nodes = {name: name in node_in for name in graph.node_names}
+    src, dst = mask.nonzero(as_tuple=True)
+    node_in = set(src.tolist()) | set(graph.dest_owner[dst].tolist())  # indices into graph.nodes
+    nodes = {name: i in node_in for i, name in enumerate(graph.node_names)}
     cfg = {"n_layers": graph.n_layers, "n_heads": graph.n_heads, "parallel_attn_mlp": graph.parallel}
     if d_model is not None:
         cfg["d_model"] = d_model
@@ -108,13 +106,10 @@ def read_mib(path: str | Path) -> tuple[CircuitGraph, torch.Tensor, torch.Tensor
     data = json.loads(Path(path).read_text())
     cfg = data["cfg"]
     graph = CircuitGraph(cfg["n_layers"], cfg["n_heads"], parallel=bool(cfg.get("parallel_attn_mlp", False)))
-    src_index = {n: i for i, n in enumerate(graph.source_names)}
-    dst_index = {n: i for i, n in enumerate(graph.dest_names)}
     scores = torch.zeros(graph.n_sources, graph.n_dests)
     mask = graph.empty()
     for name, edge in data["edges"].items():
-        src, dst = name.split("->")
-        i, j = src_index[src], dst_index[dst]
+        i, j = graph.parse_edge(name)
         scores[i, j] = edge["score"]
         mask[i, j] = bool(edge["in_graph"])
     return graph, scores, mask

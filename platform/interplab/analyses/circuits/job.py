@@ -31,7 +31,7 @@ from pydantic import Field, PositiveInt, field_validator, model_validator
 from interplab.analyses.circuits import extract
 from interplab.analyses.circuits.faithfulness import Curve, cpr_cmd, faithfulness_curve, to_mib
 from interplab.analyses.circuits.evaluate import evaluate
-from interplab.analyses.circuits.graph import CircuitGraph, GraphError
+from interplab.analyses.circuits.graph import CircuitGraph, GraphError, circuit_families
 from interplab.analyses.circuits.scores import METHODS, acdc, score_edges
 from interplab.analyses.circuits.task import CircuitTask, prepare
 from interplab.analyses.patching.job import PairTaskSpec, check_prompts, spec_pairs
@@ -129,7 +129,7 @@ class CircuitRunner:
         try:
             CircuitGraph.of(model)
         except GraphError as exc:
-            raise SpecError("model", str(exc), spec.model, "a gpt2, llama, qwen2 or gpt_neox model") from None
+            raise SpecError("model", str(exc), spec.model, f"a model of family {' or '.join(circuit_families())}") from None
         if spec.prompts is not None:
             check_prompts(spec.prompts, model.tokenizer)
         try:

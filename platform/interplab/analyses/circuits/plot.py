@@ -8,37 +8,49 @@ top; edge colour says which input of the destination it feeds (q, k, v, MLP, log
 
 from __future__ import annotations
 
-import re
+from dataclasses import dataclass
 from pathlib import Path
+
+from interplab.analyses.circuits.graph import Dest, Node
 
 _COLORS = {"q": "tab:blue", "k": "tab:green", "v": "tab:red", "mlp": "tab:purple", "logits": "black"}
 
 
-def _position(name: str, n_heads: int, n_layers: int) -> tuple[float, float]:
-    if name == "input":
+@dataclass(frozen=True)
+class _Edge:
+    src: Node
+    dst: Dest
+    score: float
+    weight: float  # |score| relative to the largest
+
+    @property
+    def feeds(self) -> str:
+        """Which input of the destination the edge feeds: q, k, v, mlp or logits."""
+        return self.dst.qkv or self.dst.node.kind
+
+
+def _edges(rows: list[dict]) -> list[_Edge]:
+    """Store rows (``src``, ``dst`` MIB names, ``score``) as typed edges."""
+    top = max((abs(r["score"]) for r in rows), default=1.0) or 1.0
+    return [_Edge(Node.parse(r["src"]), Dest.parse(r["dst"]), r["score"], abs(r["score"]) / top) for r in rows]
+
+
+def _position(node: Node, n_heads: int, n_layers: int) -> tuple[float, float]:
+    if node.kind == "input":
         return (n_heads / 2, -1.0)
-    if name == "logits":
+    if node.kind == "logits":
         return (n_heads / 2, float(n_layers))
-    head = re.fullmatch(r"a(\d+)\.h(\d+)", name)
-    if head:
-        return (float(head.group(2)), float(head.group(1)))
-    return (float(n_heads) + 0.5, float(name[1:]))
-
-
-def _kind(dst: str) -> str:
-    if dst == "logits":
-        return "logits"
-    if "<" in dst:
-        return dst[-2]
-    return "mlp"
+    if node.kind == "head":
+        return (float(node.head), float(node.layer))
+    return (float(n_heads) + 0.5, float(node.layer))
 
 
 def to_dot(edges: list[dict]) -> str:
+    """Graphviz source of ``edges`` (dicts with ``src``, ``dst`` MIB names and ``score``)."""
     lines = ["digraph circuit {", "  rankdir=BT;", "  node [shape=box, fontsize=10];"]
-    for e in edges:
-        dst = e["dst"].split("<")[0]
-        lines.append(f'  "{e["src"]}" -> "{dst}" [color="{_COLORS[_kind(e["dst"])].replace("tab:", "")}", '
-                     f'label="{_kind(e["dst"])}", penwidth={1 + 3 * e["weight"]:.2f}];')
+    for e in _edges(edges):
+        lines.append(f'  "{e.src}" -> "{e.dst.node}" [color="{_COLORS[e.feeds].replace("tab:", "")}", '
+                     f'label="{e.feeds}", penwidth={1 + 3 * e.weight:.2f}];')
     lines.append("}")
     return "\n".join(lines) + "\n"
 
@@ -46,29 +58,27 @@ def to_dot(edges: list[dict]) -> str:
 def draw_circuit(edges: list[dict], n_layers: int, n_heads: int, output: str | Path, title: str = "") -> Path:
     """``edges``: dicts with ``src``, ``dst`` (MIB names) and ``score``."""
     output = Path(output)
-    top = max((abs(e["score"]) for e in edges), default=1.0) or 1.0
-    for e in edges:
-        e["weight"] = abs(e["score"]) / top
     if output.suffix == ".dot":
         output.write_text(to_dot(edges))
         return output
+    typed = _edges(edges)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(max(6, n_heads * 0.7), max(5, n_layers * 0.45)))
-    nodes = {e["src"] for e in edges} | {e["dst"].split("<")[0] for e in edges}
-    for e in edges:
-        x0, y0 = _position(e["src"], n_heads, n_layers)
-        x1, y1 = _position(e["dst"].split("<")[0], n_heads, n_layers)
+    nodes = {e.src for e in typed} | {e.dst.node for e in typed}
+    for e in typed:
+        x0, y0 = _position(e.src, n_heads, n_layers)
+        x1, y1 = _position(e.dst.node, n_heads, n_layers)
         ax.annotate("", xy=(x1, y1), xytext=(x0, y0),
-                    arrowprops={"arrowstyle": "-|>", "color": _COLORS[_kind(e["dst"])], "lw": 0.4 + 2.5 * e["weight"],
-                                "alpha": 0.35 + 0.6 * e["weight"], "shrinkA": 6, "shrinkB": 6})
-    for name in nodes:
-        x, y = _position(name, n_heads, n_layers)
-        ax.text(x, y, name, ha="center", va="center", fontsize=7,
-                bbox={"boxstyle": "round", "fc": "lightyellow" if name.startswith("a") else "lavender", "lw": 0.5})
+                    arrowprops={"arrowstyle": "-|>", "color": _COLORS[e.feeds], "lw": 0.4 + 2.5 * e.weight,
+                                "alpha": 0.35 + 0.6 * e.weight, "shrinkA": 6, "shrinkB": 6})
+    for node in nodes:
+        x, y = _position(node, n_heads, n_layers)
+        ax.text(x, y, str(node), ha="center", va="center", fontsize=7,
+                bbox={"boxstyle": "round", "fc": "lightyellow" if node.kind == "head" else "lavender", "lw": 0.5})
     for kind, color in _COLORS.items():
         ax.plot([], [], color=color, label=kind)
     ax.legend(loc="upper right", fontsize=7, title="edge into", title_fontsize=7)
@@ -120,11 +130,12 @@ def plot_circuit_run(store, run_id: str, output: str | Path, method: str | None 
         raise ValueError(f"run {run_id} has no method {method!r}; it has {', '.join(methods)}")
     edges = store.sql("SELECT e.src, e.dst, e.score FROM edges e JOIN circuits c USING (run_id, method, src, dst) "
                       "WHERE run_id = $run_id AND method = $method", {"run_id": run_id, "method": method}).to_pylist()
-    layers = store.sql("SELECT max(src_layer) + 1 AS n_layers FROM edges WHERE run_id = $run_id", {"run_id": run_id}).to_pylist()[0]["n_layers"]
-    heads = store.sql("SELECT src FROM edges WHERE run_id = $run_id AND src LIKE 'a0.h%' GROUP BY src", {"run_id": run_id}).to_pylist()
-    n_heads = max(1, len(heads))
+    sources = [Node.parse(r["src"]) for r in store.sql("SELECT DISTINCT src FROM edges WHERE run_id = $run_id",
+                                                        {"run_id": run_id}).to_pylist()]
+    n_layers = 1 + max((node.layer for node in sources if node.layer is not None), default=0)
+    n_heads = 1 + max((node.head for node in sources if node.head is not None), default=0)
     output = Path(output)
-    paths = [draw_circuit(edges, int(layers), n_heads, output, title=f"{run_id}: {method}, {len(edges)} edges")]
+    paths = [draw_circuit(edges, n_layers, n_heads, output, title=f"{run_id}: {method}, {len(edges)} edges")]
     rows = store.sql("SELECT method, rule, absolute, fraction, faithfulness FROM faithfulness WHERE run_id = $run_id",
                      {"run_id": run_id}).to_pylist()
     if rows and output.suffix != ".dot":

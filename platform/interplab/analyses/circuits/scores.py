@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from interplab.analyses.circuits.evaluate import DEFAULT_MEMORY, rows_per_pass, run_patched
-from interplab.analyses.circuits.graph import QKV, CircuitGraph
+from interplab.analyses.circuits.graph import CircuitGraph
 from interplab.analyses.circuits.task import CircuitTask
 from interplab.engine.interventions import Intervention
 from interplab.engine.sites import Site
@@ -42,22 +42,18 @@ LAYERS_PER_PRODUCT = 4  # destination layers per matrix product when contracting
 
 
 def dest_sites(graph: CircuitGraph) -> list[Site]:
-    sites = []
-    for layer in range(graph.n_layers):
-        sites += [Site(f"{which}_in", layer) for which in QKV] + [Site("mlp_in", layer)]
-    return sites + [Site("resid_post", graph.n_layers - 1)]
+    """The sites holding every destination's input (:attr:`CircuitGraph.dest_groups`)."""
+    return list(graph.dest_groups)
 
 
 def _dest_block(graph: CircuitGraph, grads, layers: range, steps: int) -> torch.Tensor:
     """Gradients at the destinations of ``layers`` (``n_layers`` means the logits), summed over the
     ``steps`` row blocks, as ``[n_block_dests, b * s * d]`` in destination order."""
     parts = []
-    for layer in layers:
-        if layer == graph.n_layers:
-            parts.append(grads[Site("resid_post", graph.n_layers - 1)][:, :, None])
-        else:
-            parts += [grads[Site(f"{which}_in", layer)] for which in QKV]
-            parts.append(grads[Site("mlp_in", layer)][:, :, None])
+    for site, dests in graph.dest_groups.items():
+        if graph.dest_layer(dests.start) in layers:
+            g = grads[site]
+            parts.append(g if site.kind.per_head else g[:, :, None])
     g = torch.cat(parts, dim=2).float()
     rows, s, c, d = g.shape
     g = g.reshape(steps, rows // steps, s, c, d).sum(0)
@@ -84,8 +80,6 @@ def _row_chunks(task: CircuitTask, rows_per_prompt: int, max_rows: int | None) -
         yield torch.arange(first, min(task.n, first + per_chunk))
 
 
-
-
 def _score(task: CircuitTask, prompts: torch.Tensor, grads, src: slice = slice(None)) -> torch.Tensor:
     """``-Σ δ_u · g_v`` over rows and positions (rows of ``grads`` repeat ``prompts`` step-major).
 
@@ -95,16 +89,15 @@ def _score(task: CircuitTask, prompts: torch.Tensor, grads, src: slice = slice(N
     first, stop = src.start or 0, graph.n_sources if src.stop is None else src.stop
     delta = (task.corrupt_sources[prompts, :, first:stop] - task.clean_sources[prompts, :, first:stop]).float()
     delta = delta.permute(2, 0, 1, 3).reshape(stop - first, -1)  # [sources, b * s * d]
-    steps = grads[Site("mlp_in", 0)].shape[0] // len(prompts)
+    steps = grads[next(iter(graph.dest_groups))].shape[0] // len(prompts)
     scores = torch.zeros(stop - first, graph.n_dests)
-    width = 3 * graph.n_heads + 1
     for layer in range(0, graph.n_layers + 1, LAYERS_PER_PRODUCT):
         layers = range(layer, min(layer + LAYERS_PER_PRODUCT, graph.n_layers + 1))
-        last = layers[-1]
-        upstream = graph.n_sources if last == graph.n_layers else graph.upstream(graph.mlp_dest(last))
+        last = graph.layer_dests(layers[-1])
+        upstream = max(graph.upstream(d) for d in last)
         if upstream <= first:
             continue
-        cols = slice(layer * width, min((last + 1) * width, graph.n_dests))
+        cols = slice(graph.layer_dests(layer).start, last.stop)
         scores[: upstream - first, cols] = -(delta[: upstream - first] @ _dest_block(graph, grads, layers, steps).T)
     return scores
 
@@ -136,25 +129,17 @@ def clean_corrupted(task: CircuitTask, max_rows: int | None = None) -> torch.Ten
     return _ig_inputs(task, [1.0, 0.0], max_rows)
 
 
-def _groups(graph: CircuitGraph) -> list[tuple[Site, slice]]:
-    out = [(Site("embed"), slice(0, 1))]
-    for layer in range(graph.n_layers):
-        first = graph.head_source(layer, 0)
-        out.append((Site("head_out", layer), slice(first, first + graph.n_heads)))
-        out.append((Site("mlp_out", layer), slice(graph.mlp_source(layer), graph.mlp_source(layer) + 1)))
-    return out
-
-
 def eap_ig_activations(task: CircuitTask, ig_steps: int = 5, max_rows: int | None = None) -> torch.Tensor:
     graph = task.graph
     scores = torch.zeros(graph.n_sources, graph.n_dests)
     alphas = [k / ig_steps for k in range(1, ig_steps + 1)]
     denominator = task.n * ig_steps
-    for site, src in _groups(graph):
+    for site, sources in graph.source_groups.items():
+        src = slice(sources.start, sources.stop)
         for prompts in _row_chunks(task, ig_steps, max_rows):
             clean, corrupt = task.clean_sources[prompts, :, src], task.corrupt_sources[prompts, :, src]
             values = torch.cat([corrupt + a * (clean - corrupt) for a in alphas])
-            if site.kind.value != "head_out":
+            if not site.kind.per_head:
                 values = values[:, :, 0]
             grads = _grad_pass(task, prompts.repeat(ig_steps), [Intervention(site, "set", value=values)], denominator)
             scores[src] += _score(task, prompts, grads, src)

@@ -22,18 +22,12 @@ RowMetric = Callable[[torch.Tensor, MetricInputs], torch.Tensor]
 
 
 def source_sites(graph: CircuitGraph) -> list[Site]:
-    sites = [Site("embed")]
-    for layer in range(graph.n_layers):
-        sites += [Site("head_out", layer), Site("mlp_out", layer)]
-    return sites
+    return list(graph.source_groups)
 
 
 def stack_sources(graph: CircuitGraph, cache) -> torch.Tensor:
     """``[b, s, n_sources, d]`` from a cache holding :func:`source_sites`."""
-    parts = [cache[Site("embed")][:, :, None]]
-    for layer in range(graph.n_layers):
-        parts += [cache[Site("head_out", layer)], cache[Site("mlp_out", layer)][:, :, None]]
-    return torch.cat(parts, dim=2)
+    return torch.cat([cache[s] if s.kind.per_head else cache[s][:, :, None] for s in graph.source_groups], dim=2)
 
 
 @dataclass

@@ -20,7 +20,9 @@ import torch
 
 from interplab.analyses.grafting.data import Example
 from interplab.analyses.grafting.weights import trainable_names
+from interplab.engine.backend import Backend
 from interplab.engine.tokens import TokenBatch, encode, pad_id
+from interplab.engine.training import AdamConfig
 
 IGNORE = -100
 
@@ -90,7 +92,7 @@ def batches(n: int, config: FinetuneConfig, epoch: int) -> list[list[int]]:
 
 
 def finetune(
-    model,
+    model: Backend,
     examples: Sequence[Example],
     config: FinetuneConfig,
     *,
@@ -102,15 +104,13 @@ def finetune(
 
     ``on_epoch(epoch)`` is called after each epoch (epochs count from 1), e.g. to evaluate.
     """
-    from interplab.runtime import AdamConfig, make_trainer
-
     if not examples:
         raise ValueError("finetune needs at least one example")
     log = TrainLog()
     trainable = None if layers is None else trainable_names(model, layers)
     if trainable is not None and not trainable:
         raise ValueError(f"layers {layers} select no parameters")
-    with make_trainer(model, AdamConfig(lr=config.lr, eps=config.adam_eps), trainable=trainable) as trainer:
+    with model.trainer(AdamConfig(lr=config.lr, eps=config.adam_eps), trainable=trainable) as trainer:
         for epoch in range(1, config.epochs + 1):
             for rows in batches(len(examples), config, epoch):
                 batch, loss_fn = training_batch(model.tokenizer, [examples[i] for i in rows])

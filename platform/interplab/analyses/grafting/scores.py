@@ -36,6 +36,7 @@ import torch
 from interplab.analyses.grafting.data import Example
 from interplab.analyses.grafting.evaluate import answer_ids
 from interplab.analyses.grafting.weights import Weights, set_weights
+from interplab.engine.backend import Backend
 from interplab.engine.interventions import set_to
 
 SCORES = ("upstream", "downstream", "informative")
@@ -219,7 +220,7 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def extractive_scores(
-    model,
+    backend: Backend,
     theta: Weights,
     tuned: Weights,
     examples: Sequence[Example],
@@ -231,10 +232,10 @@ def extractive_scores(
     :func:`components` (upstream/downstream are NaN for ``kv_head`` and ``attn_bias``). The model's
     weights are ``theta`` on return.
     """
-    from interplab.engine.hooked import HookedModel
-
-    if not isinstance(model, HookedModel):
-        raise TypeError("extractive scores need the single-process model (parallel.stages: 1)")
+    model = backend.local_model
+    if model is None:
+        raise TypeError("extractive scores hook the model's modules in this process: they need the single-process "
+                        "model (parallel.stages: 1)")
     tok = model.tokenizer
     batch = model.tokenize([ex.prompt for ex in examples])
     cf_batch = model.tokenize([ex.prompt for ex in cfs])

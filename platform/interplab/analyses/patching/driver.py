@@ -27,11 +27,13 @@ from interplab.analyses.metrics import MetricInputs, get_metric, metric_vocab
 from interplab.analyses.patching.result import PatchingResult, pearson
 from interplab.analyses.patching.sweeps import Patch, Sweep, SweepError
 from interplab.analyses.tasks.pairs import PairSet
+from interplab.engine.backend import Backend
 from interplab.engine.interventions import Intervention
 from interplab.engine.plan import KVPrefix
+from interplab.engine.results import StageRequest
 from interplab.engine.sites import Site, SiteKind
 from interplab.engine.tokens import TokenBatch
-from interplab.runtime.split import LayerWork
+from interplab.engine.work import LayerWork
 
 Direction = Literal["denoise", "noise"]
 Method = Literal["exact", "atp", "both"]
@@ -39,7 +41,7 @@ Ablation = Literal["zero", "mean", "resample"]
 
 
 def _canonical(site: Site, value: torch.Tensor) -> torch.Tensor:
-    return value.transpose(1, 2) if site.kind == SiteKind.PATTERN else value
+    return site.kind.to_canonical(value)
 
 
 def default_batch_rows(model, seq_len: int, memory_mb: int = 1024) -> int:
@@ -55,7 +57,7 @@ POSITION_BLOCK = 2  # prefix positions sharing a batch (it starts at the block's
 class _Setup:
     """Clean/corrupted runs, the target and source activations, metric inputs and baselines."""
 
-    def __init__(self, model, pairs: PairSet, sweeps: Sequence[Sweep], direction: str, metric: str,
+    def __init__(self, model: Backend, pairs: PairSet, sweeps: Sequence[Sweep], direction: str, metric: str,
                  ablation: str | None, seed: int, need_resid: bool):
         if direction not in ("denoise", "noise"):
             raise SweepError(f"direction must be 'denoise' or 'noise', got {direction!r}")
@@ -73,7 +75,7 @@ class _Setup:
         self.sites = [s.site(layer) for s in sweeps for layer in range(n_layers)]
         extra = [Site(SiteKind.RESID_PRE, layer) for layer in range(n_layers)] if need_resid else []
         capture = list(dict.fromkeys(self.sites + extra))
-        self.can_skip = need_resid and hasattr(model, "run_stages")
+        self.can_skip = need_resid  # every backend can start a pass mid-model (run_stages)
         prefix_ok = self.can_skip and pairs.same_length and not pairs.clean.padded
         clean = model.run(pairs.clean, capture=capture, logits="last", keep_kv=prefix_ok)
         corrupted = model.run(pairs.corrupted, capture=capture, logits="last", keep_kv=prefix_ok)
@@ -123,12 +125,9 @@ def _row(sweep: Sweep, method: str, patch: Patch, value: float, setup: _Setup) -
             "head": patch.head, "value": value, "normalized": setup.normalize(value)}
 
 
-_PREFIX_UNSAFE = (SiteKind.K, SiteKind.V, SiteKind.PATTERN)  # they index key positions too
-
-
 def _prefix_position(sweep: Sweep, patch: Patch) -> int:
     """Positions before a patch are unchanged (causal attention): a pass may start there."""
-    if patch.position is None or sweep.kind in _PREFIX_UNSAFE:
+    if patch.position is None or sweep.kind.key_indexed:
         return 0
     return patch.position
 
@@ -213,8 +212,8 @@ def _chunk_patches(setup: _Setup, jobs, chunk) -> tuple[TokenBatch, list[Interve
     return batch, interventions, offset
 
 
-def _stage_request(setup: _Setup, jobs, chunk) -> dict:
-    """``run_stage`` arguments for a batch whose rows join at their patched layer, with the target
+def _stage_request(setup: _Setup, jobs, chunk) -> StageRequest:
+    """The mid-model pass of a batch whose rows join at their patched layer, with the target
     run's keys/values for the positions before the batch's first patched position."""
     batch, interventions, offset = _chunk_patches(setup, jobs, chunk)
     prompts = _chunk_prompts(chunk)
@@ -230,8 +229,8 @@ def _stage_request(setup: _Setup, jobs, chunk) -> dict:
             layer: (k[:, :, :offset][prompts], v[:, :, :offset][prompts])
             for layer, (k, v) in setup.target_kv.items() if layer >= first
         })
-    return dict(batch=batch, start=first, stop=setup.model.n_layers, with_head=True, joins=joins,
-                interventions=interventions, logits="last", prefix=prefix, vocab=setup.vocab)
+    return StageRequest(batch, first, setup.model.n_layers, with_head=True, joins=joins,
+                        interventions=interventions, logits="last", prefix=prefix, vocab=setup.vocab)
 
 
 def _unchanged(setup: _Setup, jobs) -> torch.Tensor:
@@ -314,7 +313,7 @@ def _progress(total: int, enabled: bool, desc: str):
 
 
 def activation_patching(
-    model,
+    model: Backend,
     pairs: PairSet,
     sweeps: Sequence[Sweep],
     *,
@@ -327,7 +326,7 @@ def activation_patching(
     seed: int = 0,
     progress: bool = False,
 ) -> PatchingResult:
-    """Run ``sweeps`` over ``pairs`` on ``model`` (a HookedModel or any backend with the same API)."""
+    """Run ``sweeps`` over ``pairs`` on ``model`` (any :class:`~interplab.engine.backend.Backend`)."""
     if method not in ("exact", "atp", "both"):
         raise SweepError(f"method must be exact, atp or both, got {method!r}")
     if batch_rows is not None and batch_rows < 1:

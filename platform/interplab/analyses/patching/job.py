@@ -37,7 +37,7 @@ from interplab.analyses.tasks.pairs import pairs_from_records
 from interplab.jobs.errors import SpecError, at_path
 from interplab.jobs.registry import JobSummary, register_kind
 from interplab.jobs.spec import JobSpec, StrictModel
-from interplab.runtime.split import LayerWork
+from interplab.engine.work import LayerWork
 
 
 class PairPrompt(StrictModel):

@@ -94,6 +94,26 @@ class ArchSpec:
     ln_mlp: str | None = None
     notes: str = ""
 
+    # ------------------------------------------------------------------ parameter names
+    @property
+    def layer_prefix(self) -> str:
+        """``"<base>.<layers>."``: what every decoder layer's parameter names start with."""
+        return f"{self.base}.{self.layers}."
+
+    def layer_of_parameter(self, name: str) -> int | None:
+        """The decoder layer a full parameter name belongs to (None: embedding, final norm, head)."""
+        prefix = self.layer_prefix
+        if not name.startswith(prefix):
+            return None
+        return int(name[len(prefix) :].split(".", 1)[0])
+
+    def tied_names(self, config: PretrainedConfig) -> tuple[str, str] | None:
+        """``(head name, embedding name)`` when ``config`` ties the unembedding to the embedding
+        (one parameter in the whole model; a pipeline's first and last stages each hold a copy)."""
+        if not getattr(config, "tie_word_embeddings", False):
+            return None
+        return f"{self.lm_head}.weight", f"{self.base}.{self.embed}.weight"
+
 
 _REGISTRY: dict[str, ArchSpec] = {}
 
