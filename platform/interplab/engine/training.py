@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import torch
 
@@ -28,6 +28,7 @@ from interplab.engine.tokens import TokenBatch
 if TYPE_CHECKING:
     from interplab.engine.hooked import HookedModel, Prompts
 
+T = TypeVar("T", bound="ClosingTrainer")
 LossFn = Callable[[torch.Tensor, TokenBatch], torch.Tensor]
 
 
@@ -62,7 +63,7 @@ class ClosingTrainer:
     def close(self) -> None:
         raise NotImplementedError
 
-    def __enter__(self) -> ClosingTrainer:
+    def __enter__(self: T) -> T:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -40,7 +40,7 @@ from interplab.jobs.errors import MISSING, SpecError
 from interplab.jobs.spec import JobSpec, format_validation_error
 
 if TYPE_CHECKING:
-    from interplab.engine.hooked import HookedModel
+    from interplab.engine.backend import Backend
     from interplab.store import Store
     from interplab.store.writer import RunWriter
 
@@ -61,13 +61,13 @@ class JobSummary:
 
 @runtime_checkable
 class JobRunner(Protocol):
-    def validate(self, spec: Any, model: HookedModel) -> None: ...
+    def validate(self, spec: Any, model: Backend) -> None: ...
 
-    def chunks(self, spec: Any, model: HookedModel) -> list[str]: ...
+    def chunks(self, spec: Any, model: Backend) -> list[str]: ...
 
-    def run_chunk(self, spec: Any, model: HookedModel, chunk_id: str, writer: RunWriter) -> None: ...
+    def run_chunk(self, spec: Any, model: Backend, chunk_id: str, writer: RunWriter) -> None: ...
 
-    def finalize(self, spec: Any, model: HookedModel, writer: RunWriter) -> JobSummary: ...
+    def finalize(self, spec: Any, model: Backend, writer: RunWriter) -> JobSummary: ...
 
 
 class PlotFunction(Protocol):

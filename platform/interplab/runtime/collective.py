@@ -81,7 +81,7 @@ def all_reduce_grads(params: Sequence[torch.nn.Parameter], bucket_bytes: int = B
         if param.grad is None:
             param.grad = torch.zeros_like(param)
     for bucket in _buckets(summed, bucket_bytes):
-        grads = [p.grad for p in bucket]
+        grads = [p.grad for p in bucket if p.grad is not None]  # every summed parameter has one (set above)
         flat = torch.cat([g.reshape(-1) for g in grads])
         dist.all_reduce(flat)
         start = 0

@@ -51,6 +51,8 @@ class CompiledRuns:
                     if on_gpu and i < len(actors) - 1:
                         hidden = hidden.with_tensor_transport("nccl")
                     sides.append(side)
+                if hidden is None:
+                    raise RuntimeError("a replica without stage actors cannot be compiled")
                 dag = MultiOutputNode([*sides, hidden])
             self.graphs[replica] = dag.experimental_compile(_max_inflight_executions=self.capacity)
         return self.graphs[replica]

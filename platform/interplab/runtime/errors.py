@@ -33,7 +33,7 @@ class StageError(RuntimeError):
         remote_traceback: str = "",
     ) -> None:
         self.stage = stage
-        self.layers = tuple(layers)
+        self.layers: tuple[int, int] = (layers[0], layers[1])
         self.prompt_ids = list(prompt_ids)
         self.cause_type = cause_type
         self.detail = detail
@@ -75,7 +75,7 @@ def unwrap(exc: BaseException) -> BaseException:
 
     cause = getattr(exc, "cause", None) if isinstance(exc, ray.exceptions.RayTaskError) else exc
     if isinstance(cause, StageError):
-        return StageError(cause.stage, cause.layers, cause.prompt_ids, cause.cause_type, cause.detail, cause.remote_traceback)
+        return StageError(cause.stage, (cause.layers[0], cause.layers[1]), cause.prompt_ids, cause.cause_type, cause.detail, cause.remote_traceback)
     if cause is not None and isinstance(getattr(cause, STAGE_ATTR, None), StageError):
         return cause
     return exc

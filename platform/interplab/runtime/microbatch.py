@@ -16,7 +16,6 @@ import torch
 
 from interplab.engine.interventions import Intervention, as_long
 from interplab.engine.plan import Positions
-from interplab.engine.sites import SiteKind
 from interplab.engine.tokens import TokenBatch
 
 
@@ -95,7 +94,7 @@ def narrow_intervention(item: Intervention, lo: int, hi: int, batch_size: int) -
     if rows is None:
         if not _per_row_value(item, batch_size):
             return item
-        return replace(item, value=item.value[lo:hi])
+        return replace(item, value=_rows_of(item.value)[lo:hi])
     keep = (rows >= lo) & (rows < hi)
     if not bool(keep.any()):
         return None
@@ -108,8 +107,15 @@ def narrow_intervention(item: Intervention, lo: int, hi: int, batch_size: int) -
             if values is not None:
                 changes[name] = values[keep]
     if _per_row_value(item, len(rows)):
-        changes["value"] = item.value[keep]
+        changes["value"] = _rows_of(item.value)[keep]
     return replace(item, **changes)
+
+
+def _rows_of(value: object) -> torch.Tensor:
+    """A per-row intervention value (only tensors have rows: see :func:`_per_row_value`)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"a per-row intervention value must be a tensor, got {type(value).__name__}")
+    return value
 
 
 def narrow_interventions(items: Sequence[Intervention], lo: int, hi: int, batch_size: int) -> list[Intervention]:

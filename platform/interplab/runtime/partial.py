@@ -141,13 +141,17 @@ class PartialCall:
     def items(self) -> Iterator[tuple[int, MakeTasks]]:
         """``(micro-batch, make_tasks(call))`` for :meth:`Scheduler.drive`."""
         r = self.request
-        for mb, (lo, hi) in enumerate(self.parts):
-            yield mb, lambda call, mb=mb, lo=lo, hi=hi: partial_tasks(
+
+        def maker(mb: int, lo: int, hi: int) -> MakeTasks:
+            return lambda call: partial_tasks(
                 self.scheduler.stage_ranges, self.scheduler.stage_of, call, mb, r.batch, lo, hi, start=r.start,
                 stop=r.stop, hidden=r.hidden, joins=self.joins, entries=self.entries,
                 interventions=self.interventions, prefix=r.prefix, with_head=r.with_head,
                 logits=r.logits, vocab=self.vocab,
             )
+
+        for mb, (lo, hi) in enumerate(self.parts):
+            yield mb, maker(mb, lo, hi)
 
     def add(self, mb: int, output: torch.Tensor) -> bool:
         """Record micro-batch ``mb``'s output; True once every micro-batch has finished."""

@@ -192,13 +192,16 @@ class PipelineModel:
         parts = scheduler.micro_parts(batch, interventions)
         results: dict[Any, tuple[list[Any], Any]] = {}
 
+        def maker(mb: int, lo: int, hi: int) -> MakeTasks:
+            return lambda call: scheduler.lend_cores(scheduler.chain_tasks(
+                call, mb, batch, lo, hi, mode="run", capture=sites, interventions=interventions,
+                positions=positions, logits=logits, upto=upto, stop=stop, with_head=with_head,
+                emit_last=with_head and logits != "none", keep_kv=keep_kv,
+            ), mb, len(parts))
+
         def items() -> Iterator[tuple[int, MakeTasks]]:
             for mb, (lo, hi) in enumerate(parts):
-                yield mb, lambda call, mb=mb, lo=lo, hi=hi: scheduler.lend_cores(scheduler.chain_tasks(
-                    call, mb, batch, lo, hi, mode="run", capture=sites, interventions=interventions,
-                    positions=positions, logits=logits, upto=upto, stop=stop, with_head=with_head,
-                    emit_last=with_head and logits != "none", keep_kv=keep_kv,
-                ), mb, len(parts))
+                yield mb, maker(mb, lo, hi)
 
         if not (upto == scheduler.n_stages - 1 and not keep_kv and scheduler.graphs.run(items(), results)):
             scheduler.drive(items(), lambda key, sides, out: results.__setitem__(key, (sides, out)), window=len(parts))
@@ -306,6 +309,13 @@ class PipelineModel:
         skip = set(skip_chunks)
         written = 0
 
+        def maker(batch: TokenBatch, ids: list[int], target: StoreSink) -> MakeTasks:
+            return lambda call: scheduler.chain_tasks(
+                call, 0, batch, 0, batch.size, mode="run", capture=checked, interventions=(),
+                positions=positions, logits="none", upto=upto, stop=stop, with_head=with_head,
+                emit_last=False, sink=target, prompt_ids=ids,
+            )
+
         def items() -> Iterator[tuple[int, MakeTasks]]:
             it = iter(prompts)
             for index in itertools.count():
@@ -320,11 +330,7 @@ class PipelineModel:
                 tokens = tuple(tuple(self.tokenizer.decode([int(t)]) for t in batch.input_ids[i, : int(batch.lengths[i])])
                                for i in range(batch.size))
                 target = StoreSink(sink.store_uri, sink.run_id, index, dtype, tokens)
-                yield index, lambda call, batch=batch, ids=ids, target=target: scheduler.chain_tasks(
-                    call, 0, batch, 0, batch.size, mode="run", capture=checked, interventions=(),
-                    positions=positions, logits="none", upto=upto, stop=stop, with_head=with_head,
-                    emit_last=False, sink=target, prompt_ids=ids,
-                )
+                yield index, maker(batch, ids, target)
 
         def done(index: int, sides: list[Any], out: Any) -> None:
             nonlocal written

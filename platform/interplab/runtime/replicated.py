@@ -72,8 +72,8 @@ def replicated_backward(scheduler: Scheduler, batch: TokenBatch, loss_fn: Metric
         ray.get(grad_refs)
         ray.get([actor.all_reduce_grads.remote() for replica in replicas for actor in replica.actors])
     except Exception:
-        for replica in replicas:
-            for actor in replica.actors:
+        for handle in replicas:
+            for actor in handle.actors:
                 actor.drop.remote(call)
         raise
     return loss.detach()

@@ -65,7 +65,7 @@ class Scheduler:
         *, dtype: str = "float32", seed: int = 0,
     ) -> None:
         self.parallel = parallel
-        self.stage_ranges = [tuple(r) for r in stage_ranges]
+        self.stage_ranges: list[tuple[int, int]] = [(a, b) for a, b in stage_ranges]
         n = len(self.stage_ranges)
         gpus = parallel.gpus_per_stage
         device = "cuda" if gpus > 0 else "cpu"

@@ -34,6 +34,11 @@ def input_grad(hidden: torch.Tensor | None, grad: torch.Tensor | None) -> torch.
     return (grad if grad is not None else torch.zeros_like(hidden)).detach().to("cpu")
 
 
+def _none(n: int) -> list[torch.Tensor | None]:
+    """No gradient for ``n`` sites (training computes parameter gradients only)."""
+    return [None] * n
+
+
 class StageBackward:
     """Backward passes through the graphs :class:`~interplab.runtime.stage_forward.StageForward` kept."""
 
@@ -69,10 +74,10 @@ class StageBackward:
             grads: list[list[torch.Tensor | None]]
             if mode == "train":
                 value.backward()
-                grads = [[None] * len(s) + ([k.hidden.grad] if k.hidden is not None else []) for k, (s, _) in zip(kept, targets)]
+                grads = [_none(len(s)) + ([k.hidden.grad] if k.hidden is not None else []) for k, (s, _) in zip(kept, targets)]
             else:
                 flat = [t for _, ts in targets for t in ts]
-                flat_grads = list(torch.autograd.grad(value, flat, allow_unused=True)) if flat else []
+                flat_grads: list[torch.Tensor | None] = list(torch.autograd.grad(value, flat, allow_unused=True)) if flat else []
                 grads, i = [], 0
                 for _, ts in targets:
                     grads.append(flat_grads[i : i + len(ts)])
@@ -118,7 +123,7 @@ class StageBackward:
         if kept.task.mode == "train":
             if kept.stage.output.requires_grad:  # False: nothing on or below this stage trains
                 torch.autograd.backward(kept.stage.output, grad_out)
-            grads = [None] * len(sites) + ([kept.hidden.grad] if kept.hidden is not None else [])
+            grads = _none(len(sites)) + ([kept.hidden.grad] if kept.hidden is not None else [])
         else:
             grads = list(torch.autograd.grad(kept.stage.output, tensors, grad_out, allow_unused=True)) if tensors else []
         site_grads = self._site_grads(call, mb, sites, grads) if kept.task.mode == "grad" else None

@@ -26,7 +26,8 @@ import torch
 from interplab.engine.sites import Site, SiteKind
 from interplab.models.arch import ArchSpec, registered_archs
 
-_INPUT_KIND = {kind.qkv: kind for kind in SiteKind if kind.split_input}  # "q" -> q_in, "k" -> k_in, "v" -> v_in
+# "q" -> q_in, "k" -> k_in, "v" -> v_in: the split-input kinds, i.e. those with a ``qkv`` projection
+_INPUT_KIND = {kind.qkv: kind for kind in SiteKind if kind.qkv is not None}
 QKV = tuple(_INPUT_KIND)  # ("q", "k", "v"): the order of a layer's head destinations
 Level = Literal["edge", "node"]
 NodeKind = Literal["input", "head", "mlp", "logits"]
@@ -72,7 +73,21 @@ class Node:
             return cls("head", int(match["layer"]), int(match["head"]))
         if match["mlp"] is not None:
             return cls("mlp", int(match["mlp"]))
-        return cls(text)
+        return cls("input") if text == "input" else cls("logits")
+
+    @property
+    def layer_index(self) -> int:
+        """The layer of a head or MLP node (a :class:`GraphError` for the input and the logits)."""
+        if self.layer is None:
+            raise GraphError(f"the {self} node has no layer; only head and mlp nodes do")
+        return self.layer
+
+    @property
+    def head_index(self) -> int:
+        """The head index of a head node (a :class:`GraphError` for any other node)."""
+        if self.head is None:
+            raise GraphError(f"node {self} is not a head; only head nodes have a head index")
+        return self.head
 
     def __str__(self) -> str:
         if self.kind == "head":
@@ -106,6 +121,13 @@ class Dest:
             raise GraphError(f"cannot parse circuit destination {text!r}; expected a<layer>.h<head><q|k|v>, m<layer> or logits")
         return cls(Node.parse(match["node"]), match["qkv"])
 
+    @property
+    def head_input(self) -> str:
+        """Which input of a head this is: ``q``, ``k`` or ``v`` (a :class:`GraphError` for MLPs and logits)."""
+        if self.qkv is None:
+            raise GraphError(f"destination {self} is not a head's q/k/v input")
+        return self.qkv
+
     def __str__(self) -> str:
         return f"{self.node}<{self.qkv}>" if self.qkv is not None else str(self.node)
 
@@ -114,7 +136,7 @@ def supports_circuits(spec: ArchSpec) -> bool:
     """Whether a family's graph can be built: its heads add to the stream one by one, so it declares
     the per-head q/k/v inputs (``spec.qkv``) and the MLP's input norm (``spec.ln_mlp``). Post-norm
     families (Gemma 2, OLMo 2) declare neither."""
-    return spec.qkv is not None and spec.ln_mlp is not None
+    return spec.per_head_inputs
 
 
 def circuit_families() -> list[str]:
@@ -188,9 +210,9 @@ class CircuitGraph:
         if node.kind == "input":
             return 0
         if node.kind == "head":
-            return self.head_source(node.layer, node.head)
+            return self.head_source(node.layer_index, node.head_index)
         if node.kind == "mlp":
-            return self.mlp_source(node.layer)
+            return self.mlp_source(node.layer_index)
         raise GraphError("the logits write nothing: they are not a source")
 
     @cached_property
@@ -249,9 +271,9 @@ class CircuitGraph:
         node = dest.node
         self._check(node)
         if node.kind == "head":
-            return self.qkv_dest(node.layer, node.head, dest.qkv)
+            return self.qkv_dest(node.layer_index, node.head_index, dest.head_input)
         if node.kind == "mlp":
-            return self.mlp_dest(node.layer)
+            return self.mlp_dest(node.layer_index)
         return self.logits_dest
 
     @cached_property

@@ -37,7 +37,7 @@ from interplab.analyses.circuits.task import CircuitTask, prepare
 from interplab.analyses.patching.job import PairTaskSpec, check_prompts, spec_pairs
 from interplab.analyses.tasks import PairSet, TaskError
 from interplab.jobs.errors import SpecError
-from interplab.jobs.registry import JobSummary, register_kind
+from interplab.jobs.registry import JobSummary
 from interplab.jobs.spec import StrictModel
 
 
@@ -222,5 +222,3 @@ def _summary_schema():
         ("cpr", pa.float64()), ("cmd", pa.float64()),
     ])
 
-
-register_kind("circuit", CircuitSpec, CircuitRunner())

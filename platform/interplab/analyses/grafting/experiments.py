@@ -52,7 +52,7 @@ def _eval_rows(model, data: TaskData, sets: Sequence[str], **labels) -> list[dic
     return rows
 
 
-def _train(model, out: Outcome, examples, config: FinetuneConfig, run: str, layers=None, on_epoch=None) -> Weights:
+def train_logged(model, out: Outcome, examples, config: FinetuneConfig, run: str, layers=None, on_epoch=None) -> Weights:
     log = finetune(model, examples, config, layers=layers, on_epoch=on_epoch)
     out.train += [{"run": run, "step": i, "epoch": epoch, "loss": loss} for i, (epoch, loss) in enumerate(log.steps)]
     return get_weights(model)
@@ -67,12 +67,12 @@ def run_grafting(model, data: TaskData, setting: Setting, theta: Weights) -> Out
     require(data, GRAFT_SETS, "grafting")
     out, cfg = Outcome(), setting.config
     _start(model, theta)
-    w_f = _train(model, out, data["F"], cfg, "W_F")
-    w_f_implf = _train(model, out, data["ImplF"], cfg, "W_F_ImplF")
+    w_f = train_logged(model, out, data["F"], cfg, "W_F")
+    w_f_implf = train_logged(model, out, data["ImplF"], cfg, "W_F_ImplF")
     _start(model, theta)
-    w_f_prime = _train(model, out, data["F_prime"], cfg, "W_F_prime")
+    w_f_prime = train_logged(model, out, data["F_prime"], cfg, "W_F_prime")
     _start(model, theta)
-    w_implf = _train(model, out, data["ImplF"], cfg, "W_ImplF")
+    w_implf = train_logged(model, out, data["ImplF"], cfg, "W_ImplF")
     out.deltas = {
         "W_F-theta": D.subtract(w_f, theta),
         "W_F_ImplF-W_F": D.subtract(w_f_implf, w_f),
@@ -104,7 +104,7 @@ def run_freezing(model, data: TaskData, setting: Setting, theta: Weights) -> Out
     w_f = None
     for name, layers in setting.ranges.items():
         _start(model, theta)
-        weights = _train(model, out, data["F"], cfg, f"train_{name}", layers=layers)
+        weights = train_logged(model, out, data["F"], cfg, f"train_{name}", layers=layers)
         out.evals += _eval_rows(model, data, sets, experiment="freezing", variant="train", layers=name)
         if layers is None:
             w_f = weights
@@ -124,17 +124,17 @@ def run_ordering(model, data: TaskData, setting: Setting, theta: Weights, orders
     for order in orders:
         _start(model, theta)
         if order == "joint":
-            _train(model, out, list(data["F"]) + list(data["ImplF"]), cfg, f"{order}:phase1")
+            train_logged(model, out, list(data["F"]) + list(data["ImplF"]), cfg, f"{order}:phase1")
         else:
             first, second = ("F", "ImplF") if order == "facts_first" else ("ImplF", "F")
-            _train(model, out, data[first], cfg, f"{order}:phase1:{first}")
-            _train(model, out, data[second], cfg, f"{order}:phase1:{second}")
+            train_logged(model, out, data[first], cfg, f"{order}:phase1:{first}")
+            train_logged(model, out, data[second], cfg, f"{order}:phase1:{second}")
         labels = {"experiment": "ordering", "variant": order, "layers": "all"}
         out.evals += _eval_rows(model, data, ("F", "ImplF", "F_new", "ImplF_new"), **labels, epoch=0)
 
         def on_epoch(epoch, labels=labels):
             out.evals.extend(_eval_rows(model, data, ("F_new", "ImplF_new"), **labels, epoch=epoch))
 
-        _train(model, out, data["F_new"], cfg, f"{order}:phase2", on_epoch=on_epoch)
+        train_logged(model, out, data["F_new"], cfg, f"{order}:phase2", on_epoch=on_epoch)
     _start(model, theta)
     return out

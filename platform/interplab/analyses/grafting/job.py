@@ -29,7 +29,7 @@ from interplab.analyses.grafting.data import GraftingDataError, TaskData
 from interplab.analyses.grafting.experiments import ORDERS, Outcome, Setting, run_freezing, run_grafting, run_ordering
 from interplab.analyses.grafting.finetune import FinetuneConfig
 from interplab.jobs.errors import SpecError
-from interplab.jobs.registry import JobSummary, register_kind
+from interplab.jobs.registry import JobSummary
 from interplab.jobs.spec import JobSpec, StrictModel
 
 Experiment = Literal["grafting", "freezing", "ordering", "scores"]
@@ -212,12 +212,12 @@ class GraftingRunner:
     def _scores(self, spec, model, data: TaskData, setting: Setting, theta, writer, chunk: str, labels: dict) -> None:
         from interplab.analyses.grafting import scores as S
         from interplab.analyses.grafting import tables
-        from interplab.analyses.grafting.experiments import _train
+        from interplab.analyses.grafting.experiments import train_logged
         from interplab.analyses.grafting.weights import set_weights
 
         outcome = Outcome()
         set_weights(model, theta)
-        w_f = _train(model, outcome, data["F"], setting.config, "W_F")
+        w_f = train_logged(model, outcome, data["F"], setting.config, "W_F")
         examples, cfs = S.aligned(model.tokenizer, data["ImplF"], S.counterfactuals(data["ImplF"], model.tokenizer), spec.scores.n)
         values = S.extractive_scores(model, theta, w_f, examples, cfs)
         ids = model.tokenize(examples[0].prompt).input_ids[0].tolist()
@@ -255,5 +255,3 @@ class GraftingRunner:
 
         return {"data_sha256": hashlib.sha256(Path(spec.data.path).read_bytes()).hexdigest()}
 
-
-register_kind("grafting", GraftingSpec, GraftingRunner())

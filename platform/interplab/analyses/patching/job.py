@@ -35,7 +35,7 @@ from interplab.analyses.patching.sweeps import SweepError, parse_sweeps
 from interplab.analyses.tasks import IOI_CORRUPTIONS, PairSet, PromptPair, TaskError, facts_pairs, ioi_pairs, load_pairs
 from interplab.analyses.tasks.pairs import pairs_from_records
 from interplab.jobs.errors import SpecError, at_path
-from interplab.jobs.registry import JobSummary, register_kind
+from interplab.jobs.registry import JobSummary
 from interplab.jobs.spec import JobSpec, StrictModel
 from interplab.engine.work import LayerWork
 
@@ -234,5 +234,3 @@ def _run(spec: PatchingSpec, model, sweeps, baselines_only: bool = False):
     except SweepError as exc:
         raise SpecError("sweep", str(exc), json.dumps(spec.sweep) if not isinstance(spec.sweep, str) else spec.sweep) from None
 
-
-register_kind("patching", PatchingSpec, PatchingRunner())

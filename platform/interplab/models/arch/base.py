@@ -94,6 +94,13 @@ class ArchSpec:
     ln_mlp: str | None = None
     notes: str = ""
 
+    @property
+    def per_head_inputs(self) -> bool:
+        """Whether heads add to the residual stream one by one and read it through their own
+        inputs: the family declares the per-head q/k/v inputs (``qkv``) and the MLP's input norm
+        (``ln_mlp``). Post-norm families (Gemma 2, OLMo 2) declare neither."""
+        return self.qkv is not None and self.ln_mlp is not None
+
     # ------------------------------------------------------------------ parameter names
     @property
     def layer_prefix(self) -> str:
