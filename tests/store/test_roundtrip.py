@@ -132,7 +132,7 @@ def test_generic_result_table_gets_a_view(store):
 
 
 def test_tables_with_a_view_file_get_its_columns(store):
-    """storage/edges.sql fixes the edges view's columns; files of another shape still read (all columns)."""
+    """analyses/circuits/views/edges.sql fixes the edges view's columns; files of another shape still read (all columns)."""
     edges = {"method": ["eap"], "src": ["a0.h1"], "dst": ["m2"], "src_layer": [0], "dst_layer": [2], "score": [0.5],
              "in_circuit": [True], "scratch": [1.0]}
     with store.begin_run("circuit", model="tiny", spec={}) as w:

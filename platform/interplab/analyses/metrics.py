@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from interplab.engine.results import RunResult
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,13 @@ def metric_vocab(name: str, inputs: MetricInputs) -> tuple[torch.Tensor | None, 
     vocab, index = torch.unique(torch.cat([inputs.answer, inputs.wrong]), return_inverse=True)
     n = len(inputs.answer)
     return vocab, MetricInputs(index[:n], index[n:], inputs.clean_logprobs)
+
+
+def run_logits(result: RunResult) -> torch.Tensor:
+    """The logits of a run that asked for them (``logits="all"`` or ``"last"``)."""
+    if result.logits is None:
+        raise ValueError("the run returned no logits; metrics need a run with logits='all' or logits='last'")
+    return result.logits
 
 
 def get_metric(name: str) -> Metric:

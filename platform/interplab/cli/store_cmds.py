@@ -74,6 +74,8 @@ def sql(query: str | None, saved_name: str | None, params: tuple[str, ...], list
             saved = saved_query(saved_name)
             table = store.sql(saved.sql, saved.bind(_parse_params(params)) or None)
         else:
+            if query is None:  # not reached: exactly one of QUERY and --saved was checked above
+                raise StoreError("give either a QUERY or --saved NAME (not both)")
             table = store.sql(query)
         _emit(table.column_names, table.to_pylist(), fmt)
 

@@ -30,7 +30,8 @@ def _free(buffer: torch.Tensor) -> bool:
     if use_count is None:  # cannot tell: never reuse
         return False
     # the buffer itself and the temporary storage object hold one reference each
-    return use_count(buffer.untyped_storage()._cdata) <= 2
+    count: int = use_count(buffer.untyped_storage()._cdata)
+    return count <= 2
 
 
 class Lease:

@@ -9,24 +9,32 @@ with grouped-query heads expanded to query heads so every query head has its own
 
 from __future__ import annotations
 
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from interplab.engine.sites import SiteKind
 
+if TYPE_CHECKING:
+    from interplab.engine.plan import HookPlan
+
 ATTN_IMPLEMENTATION = "interplab"
 
-_ACTIVE: ContextVar[tuple | None] = ContextVar("interplab_active_plan", default=None)
+# the active plan and the layer of each attention module (by id)
+ActivePlan = tuple["HookPlan", dict[int, int]]
+
+_ACTIVE: ContextVar[ActivePlan | None] = ContextVar("interplab_active_plan", default=None)
 
 
-def activate(plan, layer_of: dict[int, int]):
+def activate(plan: HookPlan, layer_of: dict[int, int]) -> Token[ActivePlan | None]:
     """Make ``plan`` the active plan for attention calls (returns a token for :func:`deactivate`)."""
     return _ACTIVE.set((plan, layer_of))
 
 
-def deactivate(token) -> None:
+def deactivate(token: Token[ActivePlan | None]) -> None:
     _ACTIVE.reset(token)
 
 
@@ -43,7 +51,7 @@ def _expand_kv(x: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def interplab_attention(
-    module,
+    module: nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -51,12 +59,12 @@ def interplab_attention(
     scaling: float | None = None,
     dropout: float = 0.0,
     softcap: float | None = None,
-    **kwargs,
-):
+    **kwargs: object,  # the rest of transformers' attention-function arguments (unused)
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``query`` ``[b, h, s, d]``, ``key``/``value`` ``[b, h_kv, s, d]`` -> ``z`` ``[b, s, h, d]``, pattern."""
     active = _ACTIVE.get()
-    layer = None
-    plan = None
+    layer: int | None = None
+    plan: HookPlan | None = None
     if active is not None:
         plan, layer_of = active
         layer = layer_of.get(id(module))
@@ -71,8 +79,9 @@ def interplab_attention(
                 cached_k, cached_v = cached_k[: key.shape[0]], cached_v[: key.shape[0]]
             key = torch.cat([cached_k.to(key.dtype), key], dim=2)
             value = torch.cat([cached_v.to(value.dtype), value], dim=2)
-    hooked = plan is not None and layer is not None and plan.hooks_attention(layer)
-    if not hooked and softcap is None:
+    # the plan, where it touches this layer's attention (the explicit path must run)
+    hooked = plan if plan is not None and layer is not None and plan.hooks_attention(layer) else None
+    if hooked is None and softcap is None:
         z = F.scaled_dot_product_attention(
             query,
             key,
@@ -88,11 +97,11 @@ def interplab_attention(
     n_heads = query.shape[1]
     key = _expand_kv(key, n_heads)
     value = _expand_kv(value, n_heads)
-    if hooked:
+    if hooked is not None:
         # the captured per-head layout [b, s, h, d] (SiteKind.layout)
-        query = plan.process(SiteKind.Q, layer, query.transpose(1, 2)).transpose(1, 2)
-        key = plan.process(SiteKind.K, layer, key.transpose(1, 2)).transpose(1, 2)
-        value = plan.process(SiteKind.V, layer, value.transpose(1, 2)).transpose(1, 2)
+        query = hooked.process(SiteKind.Q, layer, query.transpose(1, 2)).transpose(1, 2)
+        key = hooked.process(SiteKind.K, layer, key.transpose(1, 2)).transpose(1, 2)
+        value = hooked.process(SiteKind.V, layer, value.transpose(1, 2)).transpose(1, 2)
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
@@ -104,9 +113,9 @@ def interplab_attention(
         scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
     pattern = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
     pattern = F.dropout(pattern, p=dropout, training=module.training)
-    if hooked:
-        pattern = plan.process(SiteKind.PATTERN, layer, pattern)  # [b, h, q, k], its captured layout
+    if hooked is not None:
+        pattern = hooked.process(SiteKind.PATTERN, layer, pattern)  # [b, h, q, k], its captured layout
     z = torch.matmul(pattern, value).transpose(1, 2)
-    if hooked:
-        z = plan.process(SiteKind.Z, layer, z)
+    if hooked is not None:
+        z = hooked.process(SiteKind.Z, layer, z)
     return z.contiguous(), pattern

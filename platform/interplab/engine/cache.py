@@ -9,7 +9,7 @@ import torch
 from interplab.engine.sites import Site
 
 
-class ActivationCache(Mapping):
+class ActivationCache(Mapping[Site, torch.Tensor]):
     """Site -> tensor, with the positions each row's values come from.
 
     Each value has its kind's layout (:attr:`SiteKind.layout`): whole-stream sites ``[b, p, d]``,
@@ -40,5 +40,5 @@ class ActivationCache(Mapping):
         shapes = ", ".join(f"{s}: {tuple(v.shape)}" for s, v in self._values.items())
         return f"ActivationCache({shapes})"
 
-    def to(self, device) -> ActivationCache:
+    def to(self, device: torch.device | str) -> ActivationCache:
         return ActivationCache({k: v.to(device) for k, v in self._values.items()}, self.positions, self.valid)

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
+from torch import nn
 
 from interplab.engine import attention, hooks, runner
 from interplab.engine.arena import CaptureArena
@@ -26,8 +27,11 @@ from interplab.engine.plan import HookPlan, KVPrefix, Positions
 from interplab.engine.results import GradResult, LogitsMode, Metric, Prompts, RunResult, StageRequest
 from interplab.engine.sites import Site, SiteError, SiteKind, parse_sites
 from interplab.engine.stream import CaptureChunk
-from interplab.engine.tokens import TokenBatch, tokenize
+from interplab.engine.tokens import TokenBatch, decode, tokenize
 from interplab.engine.training import AdamConfig, LocalTrainer
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 Key = TypeVar("Key")
 
@@ -44,17 +48,22 @@ class StagePass:
 class HookedModel:
     """A loaded model plus the adapter that says where its sites are. See the module docstring."""
 
-    def __init__(self, model, tokenizer, *, name: str = "", weight_hash: str = "") -> None:
+    def __init__(self, model: Any, tokenizer: object, *, name: str = "", weight_hash: str = "") -> None:
+        """``model``: a transformers causal LM (``PreTrainedModel``); ``tokenizer``: its tokenizer."""
         from interplab.models.arch import arch_for_model_type
 
-        self.model = model
-        self.tokenizer = tokenizer
+        # ``model`` and ``base`` stay Any (a PreTrainedModel and an nn.Module): code outside the engine
+        # reads parameters off their submodules (``get_submodule(path).weight``, ``Tensor | Module``
+        # to torch's stubs) without narrowing
+        self.model: Any = model
+        # a PreTrainedTokenizerBase, which the loader holds as ``object`` (interplab.models.loading.LoadedModel)
+        self.tokenizer = cast("PreTrainedTokenizerBase", tokenizer)
         self.name = name
         self.weight_hash = weight_hash
-        self.config = model.config
-        self.spec = arch_for_model_type(model.config.model_type)
-        self.base = model.get_submodule(self.spec.base)
-        self._layers = self.base.get_submodule(self.spec.layers)
+        self.config: PretrainedConfig = self.model.config
+        self.spec = arch_for_model_type(self.config.model_type)
+        self.base: Any = self.model.get_submodule(self.spec.base)
+        self._layers: nn.ModuleList = self.base.get_submodule(self.spec.layers)  # every family's is a ModuleList
         config = self.config
         self.n_layers = int(config.num_hidden_layers)
         self.n_heads = int(config.num_attention_heads)
@@ -66,25 +75,27 @@ class HookedModel:
         self.has_resid_mid = not self.spec.parallel_residual(config)
         self.layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * self.n_layers)
         self._arena = CaptureArena()
-        self.sliding_window = getattr(config, "sliding_window", None)
+        self.sliding_window: int | None = getattr(config, "sliding_window", None)
         attention.register()
         config._attn_implementation = attention.ATTN_IMPLEMENTATION
         self._attn_layer = {id(layer.get_submodule(self.spec.attn)): i for i, layer in enumerate(self._layers)}
 
     # ------------------------------------------------------------------ structure
-    def layer(self, index: int):
+    def layer(self, index: int) -> nn.Module:
         return self._layers[index]
 
     @property
     def device(self) -> torch.device:
-        for param in self.model.parameters():
+        params: Iterator[nn.Parameter] = self.model.parameters()
+        for param in params:
             if param.device.type != "meta":
                 return param.device
         return torch.device("cpu")
 
     @property
     def dtype(self) -> torch.dtype:
-        for param in self.model.parameters():
+        params: Iterator[nn.Parameter] = self.model.parameters()
+        for param in params:
             if param.device.type != "meta":
                 return param.dtype
         return torch.float32
@@ -134,18 +145,28 @@ class HookedModel:
 
     def to_str_tokens(self, text: str) -> list[str]:
         batch = self.tokenize(text)
-        return [self.tokenizer.decode([int(i)]) for i in batch.input_ids[0]]
+        return [decode(self.tokenizer, [int(i)]) for i in batch.input_ids[0]]
 
     # ------------------------------------------------------------------ running
-    def _plan(self, batch, capture, interventions, grad_sites, positions, keep_grad, prefix=None, record_kv=False) -> HookPlan:
-        capture = [self.validate_site(s) for s in parse_sites(list(capture))] if capture else []
-        grad_sites = [self.validate_site(s) for s in parse_sites(list(grad_sites))] if grad_sites else []
+    def _plan(
+        self,
+        batch: TokenBatch,
+        capture: Sequence[Site | str],
+        interventions: Sequence[Intervention],
+        grad_sites: Sequence[Site | str],
+        positions: Positions,
+        keep_grad: bool,
+        prefix: KVPrefix | None = None,
+        record_kv: bool = False,
+    ) -> HookPlan:
+        captured = [self.validate_site(s) for s in parse_sites(list(capture))] if capture else []
+        differentiated = [self.validate_site(s) for s in parse_sites(list(grad_sites))] if grad_sites else []
         for item in interventions:
             self.validate_site(item.site)
         return HookPlan(
-            capture=capture,
+            capture=captured,
             interventions=interventions,
-            grad_sites=grad_sites,
+            grad_sites=differentiated,
             lengths=batch.lengths - (prefix.length if prefix else 0),
             seq_len=batch.seq_len - (prefix.length if prefix else 0),
             positions=positions,
@@ -154,17 +175,20 @@ class HookedModel:
             record_kv=record_kv,
         )
 
-    def _execute(self, batch: TokenBatch, plan: HookPlan, *, start: int, stop: int, hidden, with_head: bool,
-                 logits: LogitsMode, joins: Mapping[int, torch.Tensor] | None = None,
-                 vocab: torch.Tensor | None = None):
+    def _execute(self, batch: TokenBatch, plan: HookPlan, *, start: int, stop: int, hidden: torch.Tensor | None,
+                 with_head: bool, logits: LogitsMode, joins: Mapping[int, torch.Tensor] | None = None,
+                 vocab: torch.Tensor | None = None) -> torch.Tensor:
         batch = batch.to(self.device)
         token = attention.activate(plan, self._attn_layer)
         try:
             with hooks.installed(self, plan, range(start, stop)):
-                if hidden is None and not joins:
-                    hidden = runner.embed(self, batch.input_ids, plan)
+                if hidden is not None:
+                    like = hidden
+                elif joins:
+                    like = joins[min(joins)]
+                else:
+                    hidden = like = runner.embed(self, batch.input_ids, plan)
                 offset = plan.prefix.length if plan.prefix is not None else 0
-                like = hidden if hidden is not None else joins[min(joins)]
                 ctx = runner.build_context(self, batch.attention_mask, like, start, stop, offset)
                 hidden = runner.run_layers(self, hidden, ctx, plan, start, stop, joins)
                 if not with_head:
@@ -175,7 +199,14 @@ class HookedModel:
             attention.deactivate(token)
 
     @staticmethod
-    def check_joins(batch: TokenBatch, start: int, stop: int, hidden, joins, capturing: bool) -> None:
+    def check_joins(
+        batch: TokenBatch,
+        start: int,
+        stop: int,
+        hidden: torch.Tensor | None,
+        joins: Mapping[int, torch.Tensor],
+        capturing: bool,
+    ) -> None:
         """One clear error for ``run_stage`` joins that cannot run (shared with the pipeline backend)."""
         if capturing:
             raise ValueError("run_stage: joins cannot be combined with capture or grad (the batch grows between layers)")
@@ -188,7 +219,7 @@ class HookedModel:
         if rows != batch.input_ids.shape[0]:
             raise ValueError(f"run_stage: hidden and joins hold {rows} rows, the batch has {batch.input_ids.shape[0]}")
 
-    def check_vocab(self, vocab, with_head: bool) -> torch.Tensor:
+    def check_vocab(self, vocab: torch.Tensor, with_head: bool) -> torch.Tensor:
         """``vocab`` as ``Long[k]`` token ids of this model, or one clear error."""
         if not with_head:
             raise ValueError("vocab selects logits columns: it needs with_head=True")
@@ -426,7 +457,7 @@ class HookedModel:
         return ActivationCache(values, plan.positions, plan.valid)
 
     def _cache(self, plan: HookPlan, detach: bool = False) -> ActivationCache:
-        values = {}
+        values: dict[Site, torch.Tensor] = {}
         for key, requested in plan.capture_sites.items():
             if key not in plan.captured:
                 continue
@@ -449,23 +480,31 @@ class HookedModel:
         """Capture ``sites`` over a prompt iterable of any size, one CPU chunk per batch."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-        sites = [self.validate_site(s) for s in parse_sites(list(sites))]
+        checked = [self.validate_site(s) for s in parse_sites(list(sites))]
         buffer: list[str] = []
         index = 0
         first_id = 0
         for text in prompts:
             buffer.append(text)
             if len(buffer) == batch_size:
-                yield self._chunk(buffer, sites, positions, interventions, index, first_id)
+                yield self._chunk(buffer, checked, positions, interventions, index, first_id)
                 index, first_id, buffer = index + 1, first_id + len(buffer), []
         if buffer:
-            yield self._chunk(buffer, sites, positions, interventions, index, first_id)
+            yield self._chunk(buffer, checked, positions, interventions, index, first_id)
 
-    def _chunk(self, texts, sites, positions, interventions, index, first_id) -> CaptureChunk:
+    def _chunk(
+        self,
+        texts: Sequence[str],
+        sites: Sequence[Site],
+        positions: Positions,
+        interventions: Sequence[Intervention],
+        index: int,
+        first_id: int,
+    ) -> CaptureChunk:
         result = self.run(texts, capture=sites, positions=positions, interventions=interventions, logits="none")
         batch = result.batch
         tokens = [
-            [self.tokenizer.decode([int(t)]) for t in batch.input_ids[i, : int(batch.lengths[i])]]
+            [decode(self.tokenizer, [int(t)]) for t in batch.input_ids[i, : int(batch.lengths[i])]]
             for i in range(batch.size)
         ]
         acts = {site: value.to("cpu") for site, value in result.cache.items()}
@@ -489,11 +528,13 @@ class HookedModel:
         for _ in range(max_new_tokens):
             batch = TokenBatch.from_ids([ids + new])
             logits = self.run(batch, interventions=interventions, logits="last").logits
+            if logits is None:
+                raise RuntimeError("a generation step returned no logits")
             token = int(logits[0].argmax())
             new.append(token)
             if token == eos:
                 break
-        return self.tokenizer.decode(new)
+        return decode(self.tokenizer, new)
 
 
     # ------------------------------------------------------------------ capture into a sink

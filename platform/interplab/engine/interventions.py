@@ -14,11 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal, TypedDict
 
 import torch
 
 from interplab.engine.sites import Site
+
+if TYPE_CHECKING:
+    from typing import Unpack  # Python 3.11; annotations only
 
 Op = Literal["set", "add", "scale", "apply"]
 Index = int | Sequence[int] | torch.Tensor | None
@@ -26,6 +29,16 @@ Index = int | Sequence[int] | torch.Tensor | None
 
 class InterventionError(ValueError):
     """An intervention that does not fit the activation it targets."""
+
+
+class IndexArgs(TypedDict, total=False):
+    """Where an intervention applies: the keyword arguments of :func:`set_to`, :func:`zero`,
+    :func:`steer` and :func:`mean_ablate` (see :class:`Intervention`)."""
+
+    rows: Index
+    positions: Index
+    heads: Index
+    paired: bool
 
 
 def as_long(value: Index) -> torch.Tensor | None:
@@ -74,7 +87,8 @@ class Intervention:
         if self.heads is not None and self.site.head is not None:
             raise InterventionError(f"{self.site} already selects head {self.site.head}; do not also pass heads")
         if self.paired:
-            n = len(as_long(self.rows)) if self.rows is not None else None
+            rows = as_long(self.rows)
+            n = len(rows) if rows is not None else None
             for name in ("positions", "heads"):
                 other = as_long(getattr(self, name))
                 if other is not None and n is not None and len(other) != n:
@@ -129,19 +143,23 @@ class Intervention:
 
     def apply(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Return ``x`` with this intervention applied (``x`` itself is not modified)."""
-        if self.op == "apply" and self.rows is None and self.positions is None and self.heads is None and self.site.head is None:
-            new = self.fn(x)  # the whole activation: no gather/scatter
+        fn, value = self.fn, self.value
+        if self.op == "apply" and fn is not None and self.rows is None and self.positions is None and self.heads is None and self.site.head is None:
+            new = fn(x)  # the whole activation: no gather/scatter
             if new.shape != x.shape:
                 raise InterventionError(f"intervention on {self.site}: fn returned shape {tuple(new.shape)}, expected {tuple(x.shape)}")
             return new
         index = self.index(x, lengths)
         selected = x[index]
         if self.op == "apply":
-            new = self.fn(selected)
+            if fn is None:  # refused by __post_init__
+                raise InterventionError("op 'apply' needs fn")
+            new = fn(selected)
+        elif value is None:  # refused by __post_init__
+            raise InterventionError(f"op {self.op!r} on {self.site} needs a value")
         elif self.op == "scale":
-            new = selected * self.value
+            new = selected * value
         else:
-            value = self.value
             if not isinstance(value, torch.Tensor):
                 value = torch.tensor(value, dtype=x.dtype)
             new = value.to(device=x.device, dtype=x.dtype)
@@ -158,22 +176,22 @@ class Intervention:
 
 
 # --------------------------------------------------------------------------- constructors
-def set_to(site: Site | str, value, **index) -> Intervention:
+def set_to(site: Site | str, value: torch.Tensor | float, **index: Unpack[IndexArgs]) -> Intervention:
     """Set the selection to ``value`` (a tensor broadcastable to it, or a float)."""
     return Intervention(Site.parse(site), "set", value=value, **index)
 
 
-def zero(site: Site | str, **index) -> Intervention:
+def zero(site: Site | str, **index: Unpack[IndexArgs]) -> Intervention:
     """Zero-ablate the selection."""
     return Intervention(Site.parse(site), "set", value=0.0, **index)
 
 
-def steer(site: Site | str, vector: torch.Tensor, coeff: float = 1.0, **index) -> Intervention:
+def steer(site: Site | str, vector: torch.Tensor, coeff: float = 1.0, **index: Unpack[IndexArgs]) -> Intervention:
     """Add ``coeff * vector`` (e.g. a steering direction) at the selection."""
     return Intervention(Site.parse(site), "add", value=coeff * vector, **index)
 
 
-def mean_ablate(site: Site | str, mean: torch.Tensor, **index) -> Intervention:
+def mean_ablate(site: Site | str, mean: torch.Tensor, **index: Unpack[IndexArgs]) -> Intervention:
     """Replace the selection by a mean activation (``[d]``, per-head ``[h, d]`` or per-position ``[s, ...]``).
 
     Compute ``mean`` over a reference dataset, e.g. ``cache[site].mean(dim=0)``.

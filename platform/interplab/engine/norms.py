@@ -18,6 +18,8 @@ Any other norm module goes through autograd with batched cotangents (slower, sam
 
 from __future__ import annotations
 
+from typing import Protocol, TypeGuard
+
 import torch
 from torch import nn
 
@@ -25,7 +27,14 @@ from torch import nn
 _RMS_CLASSES = {"LlamaRMSNorm", "Qwen2RMSNorm", "MistralRMSNorm", "Qwen3RMSNorm"}
 
 
-def _rms(norm: nn.Module) -> bool:
+class _RMSNorm(Protocol):
+    """What the closed forms read from an RMSNorm of one of :data:`_RMS_CLASSES`."""
+
+    weight: torch.Tensor
+    variance_epsilon: float
+
+
+def _rms(norm: nn.Module) -> TypeGuard[_RMSNorm]:
     return type(norm).__name__ in _RMS_CLASSES
 
 

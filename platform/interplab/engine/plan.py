@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from interplab.engine.arena import Lease
 from interplab.engine.interventions import Intervention
 from interplab.engine.sites import Site, SiteKind
 
@@ -92,8 +93,9 @@ class HookPlan:
         self.keep_grad = keep_grad or bool(self.grad_sites)
         self.captured: dict[Site, torch.Tensor] = {}
         self.grad_tensors: dict[Site, torch.Tensor] = {}
-        self._last_gathered: tuple | None = None  # (tensor, its version, heads first?, what gather returned)
-        self.lease = None  # an arena lease for whole-activation captures (set by the model for plain runs)
+        # (tensor, its version, heads first?, what gather returned)
+        self._last_gathered: tuple[torch.Tensor, int, bool, torch.Tensor] | None = None
+        self.lease: Lease | None = None  # an arena lease for whole-activation captures (set by the model for plain runs)
         # a site whose gradient is derived from its tensor's gradient after the backward pass
         self.grad_derive: dict[Site, Callable[[torch.Tensor], torch.Tensor]] = {}
         self.resid_pre: dict[int, torch.Tensor] = {}
@@ -154,8 +156,9 @@ class HookPlan:
         key = Site(kind, layer)
         if key not in self.capture_sites:
             return
-        if self._pooled(a) and a.shape == b.shape and a.dtype == b.dtype:
-            out = self.lease.take(a)
+        lease = self.lease
+        if lease is not None and self._pooled(a) and a.shape == b.shape and a.dtype == b.dtype:
+            out = lease.take(a)
             if out is not None:
                 self.captured[key] = torch.add(a.detach(), b.detach(), out=out)
                 return
@@ -192,8 +195,9 @@ class HookPlan:
         if not self.keep_grad:
             x = x.detach()
         if self._all_positions:
-            if self._pooled(x):
-                out = self.lease.take(x)
+            lease = self.lease
+            if lease is not None and self._pooled(x):
+                out = lease.take(x)
                 if out is not None:  # a copy into reused memory (see interplab.engine.arena)
                     return out.copy_(x)
             return x
@@ -208,6 +212,7 @@ class HookPlan:
         The head axis comes from ``site.kind`` (:attr:`SiteKind.head_axis`); ``pattern`` is ignored,
         kept for callers that still pass it.
         """
-        if site.head is None or not site.kind.per_head:
+        head_axis = site.kind.head_axis  # None unless the kind is per head
+        if site.head is None or head_axis is None:
             return value
-        return value.narrow(site.kind.head_axis, site.head, 1)
+        return value.narrow(head_axis, site.head, 1)

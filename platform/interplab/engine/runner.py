@@ -11,11 +11,26 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypedDict
 
 import torch
 
+from interplab.engine.arena import Lease
 from interplab.engine.plan import HookPlan
 from interplab.engine.sites import SiteKind
+
+if TYPE_CHECKING:
+    from typing import NotRequired  # Python 3.11; annotations only
+
+    from interplab.engine.hooked import HookedModel
+
+
+class LayerKwargs(TypedDict):
+    """The keyword arguments a Hugging Face decoder layer is called with."""
+
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor
+    position_embeddings: NotRequired[tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -25,12 +40,12 @@ class LayerContext:
     masks: dict[str, torch.Tensor | None]
     layer_types: list[str]
 
-    def kwargs(self, layer: int, rows: int | None = None) -> dict:
+    def kwargs(self, layer: int, rows: int | None = None) -> LayerKwargs:
         """Keyword arguments of a decoder layer; ``rows`` trims a per-row mask to a batch's first rows."""
         mask = self.masks[self.layer_types[layer]]
         if mask is not None and rows is not None and mask.shape[0] > rows:
             mask = mask[:rows]
-        out = {"attention_mask": mask, "position_ids": self.position_ids}
+        out: LayerKwargs = {"attention_mask": mask, "position_ids": self.position_ids}
         if self.rotary is not None:
             out["position_embeddings"] = self.rotary
         return out
@@ -42,14 +57,14 @@ def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def build_context(
-    hooked, attention_mask: torch.Tensor, hidden: torch.Tensor, start: int, stop: int, offset: int = 0
+    hooked: HookedModel, attention_mask: torch.Tensor, hidden: torch.Tensor, start: int, stop: int, offset: int = 0
 ) -> LayerContext:
     """Masks and rotary tables for queries at positions ``offset..offset+q-1`` (``q = hidden.shape[1]``)
     over keys ``0..offset+q-1`` (the first ``offset`` come from a cached prefix)."""
     device = hidden.device
     s = offset + hidden.shape[1]
     position_ids = torch.arange(offset, s, device=device)[None, :]
-    rotary = None
+    rotary: tuple[torch.Tensor, torch.Tensor] | None = None
     if hooked.spec.rotary is not None:
         rotary = hooked.base.get_submodule(hooked.spec.rotary)(hidden, position_ids=position_ids)
     layer_types = hooked.layer_types
@@ -71,7 +86,7 @@ def build_context(
     return LayerContext(position_ids, rotary, masks, layer_types)
 
 
-def embed(hooked, input_ids: torch.Tensor, plan: HookPlan) -> torch.Tensor:
+def embed(hooked: HookedModel, input_ids: torch.Tensor, plan: HookPlan) -> torch.Tensor:
     position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
     if hooked.spec.embed_fn is not None:
         hidden = hooked.spec.embed_fn(hooked.base, input_ids, position_ids)
@@ -82,8 +97,16 @@ def embed(hooked, input_ids: torch.Tensor, plan: HookPlan) -> torch.Tensor:
     return plan.process(SiteKind.EMBED, None, hidden)
 
 
+def _rows(hidden: torch.Tensor | None, layer: int) -> torch.Tensor:
+    """``hidden``, which must hold rows by ``layer`` (``run_stage`` checks this up front:
+    :meth:`~interplab.engine.hooked.HookedModel.check_joins`)."""
+    if hidden is None:
+        raise ValueError(f"run_layers: no rows at layer {layer}: pass hidden or joins[{layer}]")
+    return hidden
+
+
 def run_layers(
-    hooked,
+    hooked: HookedModel,
     hidden: torch.Tensor | None,
     ctx: LayerContext,
     plan: HookPlan,
@@ -99,17 +122,17 @@ def run_layers(
         if joins and layer in joins:
             new = joins[layer]
             hidden = new if hidden is None else torch.cat([hidden, new.to(device=hidden.device, dtype=hidden.dtype)])
-        hidden = plan.process(SiteKind.RESID_PRE, layer, hidden)
+        hidden = plan.process(SiteKind.RESID_PRE, layer, _rows(hidden, layer))
         if plan.active(SiteKind.RESID_MID, layer):
             plan.resid_pre[layer] = hidden
         out = hooked.layer(layer)(hidden, **ctx.kwargs(layer, hidden.shape[0]))
         hidden = out[0] if isinstance(out, tuple) else out
         hidden = plan.process(SiteKind.RESID_POST, layer, hidden)
-    return hidden
+    return _rows(hidden, stop)
 
 
 def unembed(
-    hooked, hidden: torch.Tensor, plan: HookPlan, last: torch.Tensor | None, vocab: torch.Tensor | None = None
+    hooked: HookedModel, hidden: torch.Tensor, plan: HookPlan, last: torch.Tensor | None, vocab: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Final norm and unembedding; ``last`` (``Long[b]``) keeps only those positions' logits, ``vocab``
     (``Long[k]``) only those vocabulary columns (an analysis that reads a few tokens' logits need not
@@ -119,7 +142,7 @@ def unembed(
     logits_hooked = plan.active(SiteKind.LOGITS)
     if last is not None and not logits_hooked:
         hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), last.to(hidden.device)][:, None]
-    head = hooked.model.get_submodule(hooked.spec.lm_head)
+    head: torch.nn.Module = hooked.model.get_submodule(hooked.spec.lm_head)
     cap = getattr(hooked.config, hooked.spec.logit_softcap, None) if hooked.spec.logit_softcap else None
     if vocab is not None and not logits_hooked and isinstance(head, torch.nn.Linear):
         vocab = vocab.to(head.weight.device)
@@ -140,7 +163,7 @@ def unembed(
     return logits[:, 0] if last is not None else logits
 
 
-def _linear_into_lease(head: torch.nn.Module, hidden: torch.Tensor, lease) -> torch.Tensor | None:
+def _linear_into_lease(head: torch.nn.Module, hidden: torch.Tensor, lease: Lease | None) -> torch.Tensor | None:
     """``head(hidden)`` written into the arena lease (see :mod:`interplab.engine.arena`), or None
     where it cannot be: no lease, a head that is not a plain ``nn.Linear`` (or carries hooks, e.g.
     accelerate's offloading), autograd on, or no room left in the buffer."""

@@ -108,11 +108,18 @@ class SiteKind(str, Enum):
     def to_canonical(self, x: torch.Tensor) -> torch.Tensor:
         """A tensor in this kind's captured layout, in the canonical layout ``[b, p, ...]`` (a view):
         ``pattern`` ``[b, h, q, k]`` -> ``[b, q, h, k]``; every other kind is already canonical."""
-        return x.transpose(self.head_axis, self.position_axis) if self.heads_first else x
+        return self._swap_heads_and_positions(x)
 
     def from_canonical(self, x: torch.Tensor) -> torch.Tensor:
         """The inverse of :meth:`to_canonical`."""
-        return x.transpose(self.head_axis, self.position_axis) if self.heads_first else x
+        return self._swap_heads_and_positions(x)
+
+    def _swap_heads_and_positions(self, x: torch.Tensor) -> torch.Tensor:
+        """Swap the head and position axes when heads come first (:attr:`heads_first`); else ``x``."""
+        head_axis = self.head_axis
+        if head_axis is None or head_axis >= self.position_axis:
+            return x
+        return x.transpose(head_axis, self.position_axis)
 
 
 @dataclass(frozen=True)

@@ -20,11 +20,23 @@ residual layers); a change there reaches the MLP only, not the skip connection.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
 import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from interplab.engine.norms import norm_vjp, project_normed
 from interplab.engine.plan import HookPlan
-from interplab.engine.sites import Site, SiteKind
+from interplab.engine.sites import Site, SiteError, SiteKind
+
+if TYPE_CHECKING:
+    from interplab.engine.hooked import HookedModel
+    from interplab.models.arch.base import QKVLayout
+
+# a forward hook that replaces a projection's output
+ProjectionHook = Callable[[nn.Module, tuple[Any, ...], torch.Tensor], torch.Tensor]
 
 _QKV_ORDER = ("q", "k", "v")  # order of the blocks of a fused q/k/v projection (QKVLayout.fused)
 
@@ -34,12 +46,14 @@ def _component(kind: SiteKind) -> int:
     return _QKV_ORDER.index(kind.qkv)
 
 
-def _projection_path(layout, kind: SiteKind) -> str:
+def _projection_path(layout: QKVLayout, kind: SiteKind) -> str:
     """The module a split-input kind's projection is (``layout.q``, ``.k`` or ``.v``)."""
+    if kind.qkv is None:
+        raise SiteError(f"{kind.value!r} is not a per-head q/k/v input kind")
     return {"q": layout.q, "k": layout.k, "v": layout.v}[kind.qkv]
 
 
-def projection_rows(layout, component: int, n_heads: int, n_kv_heads: int, head_dim: int) -> torch.Tensor:
+def projection_rows(layout: QKVLayout, component: int, n_heads: int, n_kv_heads: int, head_dim: int) -> torch.Tensor:
     """Output-feature indices ``[h, d_head]`` of each query head's q (0), k (1) or v (2) in its module."""
     heads = torch.arange(n_heads)
     source = heads if component == 0 else heads // (n_heads // n_kv_heads)
@@ -55,26 +69,46 @@ def projection_rows(layout, component: int, n_heads: int, n_kv_heads: int, head_
     return base[:, None] + torch.arange(head_dim)[None, :]
 
 
-def _weight_out_in(module, transposed: bool) -> torch.Tensor:
-    return module.weight.t() if transposed else module.weight
+def projection_weight(module: nn.Module) -> torch.Tensor:
+    """The weight of a projection module (``nn.Linear``, or GPT-2's ``Conv1D``)."""
+    weight = module.weight
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"{type(module).__name__} is not a projection: its weight is not a tensor")
+    return weight
 
 
-def _with_kv_pairs(kinds) -> list[SiteKind]:
+def projection_bias(module: nn.Module) -> torch.Tensor | None:
+    """The bias of a projection module (``nn.Linear``, or GPT-2's ``Conv1D``), None if it has none."""
+    bias = module.bias
+    if bias is not None and not isinstance(bias, torch.Tensor):
+        raise TypeError(f"{type(module).__name__} is not a projection: its bias is not a tensor")
+    return bias
+
+
+def _weight_out_in(module: nn.Module, transposed: bool) -> torch.Tensor:
+    weight = projection_weight(module)
+    return weight.t() if transposed else weight
+
+
+def _with_kv_pairs(kinds: Iterable[SiteKind]) -> list[SiteKind]:
     """``kinds`` in q, k, v order, with k and v together (the attention kernel needs as many key
     heads as value heads)."""
-    kinds = set(kinds)
-    if kinds & {SiteKind.K_IN, SiteKind.V_IN}:
-        kinds |= {SiteKind.K_IN, SiteKind.V_IN}
-    return sorted(kinds, key=_component)
+    chosen = set(kinds)
+    if chosen & {SiteKind.K_IN, SiteKind.V_IN}:
+        chosen |= {SiteKind.K_IN, SiteKind.V_IN}
+    return sorted(chosen, key=_component)
 
 
 class _Layer:
     """What both kinds of per-layer hooks need: the plan, the layer's norm and q/k/v layout."""
 
-    def __init__(self, hooked, plan: HookPlan, layer: int) -> None:
+    def __init__(self, hooked: HookedModel, plan: HookPlan, layer: int) -> None:
+        layout = hooked.spec.qkv
+        if layout is None:  # validate_site refuses these kinds for such families
+            raise SiteError(f"the {hooked.spec.name} family has no per-head q/k/v input sites")
         self.plan = plan
         self.layer = layer
-        self.layout = hooked.spec.qkv
+        self.layout = layout
         self.block = hooked.layer(layer)
         self.n_heads, self.n_kv, self.head_dim = hooked.n_heads, hooked.n_kv_heads, hooked.head_dim
         self.ln = self.block.get_submodule(self.layout.ln)
@@ -83,14 +117,14 @@ class _Layer:
 class _LayerInputs(_Layer):
     """Hooks of one layer: stash each head's processed input, then project it per head."""
 
-    def __init__(self, hooked, plan: HookPlan, layer: int) -> None:
+    def __init__(self, hooked: HookedModel, plan: HookPlan, layer: int) -> None:
         super().__init__(hooked, plan, layer)
         self.kinds = _with_kv_pairs(k for k in SiteKind if k.split_input and plan.active(k, layer))
-        device = self.block.get_submodule(self.layout.q).weight.device
+        device = projection_weight(self.block.get_submodule(self.layout.q)).device
         self.rows = {k: projection_rows(self.layout, _component(k), self.n_heads, self.n_kv, self.head_dim).to(device) for k in self.kinds}
         self.inputs: dict[SiteKind, torch.Tensor] = {}
 
-    def ln_pre_hook(self, module, args):
+    def ln_pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         x = args[0]
         b, s, d = x.shape
         for kind in self.kinds:
@@ -102,24 +136,25 @@ class _LayerInputs(_Layer):
                 self.inputs[kind] = expanded
         return None
 
-    def _project(self, kind: SiteKind, module) -> torch.Tensor:
+    def _project(self, kind: SiteKind, module: nn.Module) -> torch.Tensor:
         """``[b, s, h, d_head]``: each head's rows of ``module`` applied to its own normed input."""
         rows = self.rows[kind]
         weight = _weight_out_in(module, self.layout.transposed)[rows]  # [h, d_head, d_model]
-        return project_normed(self.ln, self.inputs.pop(kind), weight, None if module.bias is None else module.bias[rows])
+        bias = projection_bias(module)
+        return project_normed(self.ln, self.inputs.pop(kind), weight, None if bias is None else bias[rows])
 
-    def separate_hook(self, kind: SiteKind):
-        def hook(module, args, output):
+    def separate_hook(self, kind: SiteKind) -> ProjectionHook:
+        def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
             y = self._project(kind, module)
             return y.reshape(*y.shape[:2], -1)
 
         return hook
 
-    def covers(self, module) -> bool:
+    def covers(self, module: nn.Module) -> bool:
         """True if the hooks replace every output feature of the fused ``module``."""
         return sum(r.numel() for r in self.rows.values()) == _weight_out_in(module, self.layout.transposed).shape[0]
 
-    def fused_hook(self, module, args, output):
+    def fused_hook(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         if output.shape[1] == 0:  # skipped (see skip_projection): every feature is written below
             b, s = self.inputs[self.kinds[0]].shape[:2]
             out = output.new_empty(b, s, output.shape[-1])
@@ -130,7 +165,7 @@ class _LayerInputs(_Layer):
         return out
 
 
-def skip_projection(module, args):
+def skip_projection(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
     """Forward pre-hook: run ``module`` on zero positions (its output is replaced by a forward hook)."""
     return (args[0][:, :0], *args[1:])
 
@@ -139,28 +174,31 @@ class _LayerGrads(_Layer):
     """Gradient-only q/k/v inputs of one layer: register projection outputs as gradient targets and
     derive each head's input gradient from theirs (see the module docstring)."""
 
-    def __init__(self, hooked, plan: HookPlan, layer: int, kinds: list[SiteKind]) -> None:
+    def __init__(self, hooked: HookedModel, plan: HookPlan, layer: int, kinds: list[SiteKind]) -> None:
         super().__init__(hooked, plan, layer)
         self.kinds = kinds
         self.stream: torch.Tensor | None = None
 
-    def ln_pre_hook(self, module, args):
+    def ln_pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         x = args[0]
         self.stream = x.detach()
         for kind in self.kinds:  # a capture is the stream itself, one view per head
             self.plan.record(kind, self.layer, x[:, :, None, :].expand(*x.shape[:2], self.n_heads, x.shape[-1]))
         return None
 
-    def _derive(self, kind: SiteKind, module, columns: torch.Tensor):
+    def _derive(self, kind: SiteKind, module: nn.Module, columns: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
         """``g`` at the target's ``columns`` ``[h, d_head]`` -> gradient of each head's input ``[b, s, h, d]``."""
         rows = projection_rows(self.layout, _component(kind), self.n_heads, self.n_kv, self.head_dim)
         stream, ln = self.stream, self.ln
+        if stream is None:  # ln_pre_hook runs before the projection whose hook asks for this
+            raise RuntimeError(f"layer {self.layer}: the q/k/v projection ran before its norm's input was seen")
         contiguous = torch.equal(columns.reshape(-1) - columns[0, 0], torch.arange(columns.numel()))
 
         def derive(g: torch.Tensor) -> torch.Tensor:
             weight = _weight_out_in(module, self.layout.transposed).detach()[rows.to(g.device)]  # [h, d_head, d]
             if contiguous:  # a block of columns: a view, no copy
-                g = g.narrow(-1, int(columns[0, 0]), columns.numel()).unflatten(-1, tuple(columns.shape))
+                # torch leaves Tensor.unflatten unannotated
+                g = g.narrow(-1, int(columns[0, 0]), columns.numel()).unflatten(-1, tuple(columns.shape))  # type: ignore[no-untyped-call]
             else:
                 g = g[..., columns.to(g.device)]
             per_head = torch.einsum("bsho,hoi->hbsi", g, weight)
@@ -168,17 +206,17 @@ class _LayerGrads(_Layer):
 
         return derive
 
-    def _target(self, kind: SiteKind, tensor: torch.Tensor, module, columns: torch.Tensor) -> None:
+    def _target(self, kind: SiteKind, tensor: torch.Tensor, module: nn.Module, columns: torch.Tensor) -> None:
         site = Site(kind, self.layer)
         if site in self.plan.grad_sites:
             self.plan.grad_tensors[site] = tensor
             self.plan.grad_derive[site] = self._derive(kind, module, columns)
 
-    def separate_hook(self, kind: SiteKind):
+    def separate_hook(self, kind: SiteKind) -> ProjectionHook:
         groups = 1 if kind.qkv == "q" else self.n_heads // self.n_kv  # keys and values are grouped
         columns = torch.arange(self.n_heads * self.head_dim).reshape(self.n_heads, self.head_dim)
 
-        def hook(module, args, output):
+        def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
             if groups > 1:  # one key/value per query head, so each has a gradient of its own
                 b, s, _ = output.shape
                 output = output.view(b, s, self.n_kv, self.head_dim).repeat_interleave(groups, dim=2).reshape(b, s, -1)
@@ -188,7 +226,7 @@ class _LayerGrads(_Layer):
 
         return hook
 
-    def fused_hook(self, module, args, output):
+    def fused_hook(self, module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
         for kind in self.kinds:
             columns = projection_rows(self.layout, _component(kind), self.n_heads, self.n_kv, self.head_dim)
             self._target(kind, output, module, columns)
@@ -200,11 +238,12 @@ def _unpatched(plan: HookPlan, layer: int, kinds: set[SiteKind]) -> bool:
     return not any(plan.intervened(k, layer) for k in kinds)
 
 
-def _fused_gqa(hooked) -> bool:
-    return hooked.spec.qkv.fused is not None and hooked.n_kv_heads != hooked.n_heads
+def _fused_gqa(hooked: HookedModel) -> bool:
+    layout = hooked.spec.qkv
+    return layout is not None and layout.fused is not None and hooked.n_kv_heads != hooked.n_heads
 
 
-def _install_grads(hooked, plan: HookPlan, layer: int, kinds: set[SiteKind]) -> list:
+def _install_grads(hooked: HookedModel, plan: HookPlan, layer: int, kinds: set[SiteKind]) -> list[RemovableHandle]:
     state = _LayerGrads(hooked, plan, layer, sorted(kinds, key=_component))
     layout, block = state.layout, state.block
     handles = [state.ln.register_forward_pre_hook(state.ln_pre_hook)]
@@ -215,9 +254,9 @@ def _install_grads(hooked, plan: HookPlan, layer: int, kinds: set[SiteKind]) -> 
     return handles
 
 
-def install(hooked, plan: HookPlan, layer: int, kinds: set[SiteKind]) -> list:
+def install(hooked: HookedModel, plan: HookPlan, layer: int, kinds: set[SiteKind]) -> list[RemovableHandle]:
     """Install the hooks for the split-input kinds of ``layer`` the plan uses; returns the handles."""
-    handles = []
+    handles: list[RemovableHandle] = []
     block = hooked.layer(layer)
     split = {k for k in kinds if k.split_input}
     if split and _unpatched(plan, layer, split) and not _fused_gqa(hooked):
@@ -237,9 +276,12 @@ def install(hooked, plan: HookPlan, layer: int, kinds: set[SiteKind]) -> list:
                 handles.append(module.register_forward_pre_hook(skip_projection))
             handles.append(module.register_forward_hook(state.fused_hook))
     if SiteKind.MLP_IN in kinds:
-        ln = block.get_submodule(hooked.spec.ln_mlp)
+        ln_mlp = hooked.spec.ln_mlp
+        if ln_mlp is None:  # validate_site refuses mlp_in for such families
+            raise SiteError(f"the {hooked.spec.name} family has no mlp_in site")
+        ln = block.get_submodule(ln_mlp)
 
-        def mlp_in_hook(module, args):
+        def mlp_in_hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
             # a view of its own: the stream also feeds the skip connection, whose gradient is not the MLP's
             return (plan.process(SiteKind.MLP_IN, layer, args[0].view_as(args[0])), *args[1:])
 

@@ -10,8 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 class TokenizationError(ValueError):
@@ -43,7 +47,7 @@ class TokenBatch:
         """Index of each row's last real token, ``Long[b]``."""
         return self.lengths - 1
 
-    def to(self, device) -> TokenBatch:
+    def to(self, device: torch.device | str) -> TokenBatch:
         return TokenBatch(self.input_ids.to(device), self.attention_mask.to(device), self.lengths.to(device), self.texts)
 
     def select(self, rows: Sequence[int] | torch.Tensor) -> TokenBatch:
@@ -69,18 +73,24 @@ class TokenBatch:
         return cls(input_ids, mask, lengths, tuple(texts) if texts is not None else None)
 
 
-def pad_id(tokenizer) -> int:
+def pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
     for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
         if candidate is not None:
             return int(candidate)
     return 0
 
 
-def encode(tokenizer, text: str) -> list[int]:
+def encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=True)["input_ids"])
 
 
-def tokenize(tokenizer, prompts: str | Sequence[str]) -> TokenBatch:
+def decode(tokenizer: PreTrainedTokenizerBase, ids: list[int]) -> str:
+    """The text of one sequence of token ids."""
+    # transformers annotates decode as str | list[str] (a list for batched input); one id list is one str
+    return cast(str, tokenizer.decode(ids))
+
+
+def tokenize(tokenizer: PreTrainedTokenizerBase, prompts: str | Sequence[str]) -> TokenBatch:
     """Tokenise prompts the tokenizer's default way and right-pad them into a batch."""
     if isinstance(prompts, str):
         prompts = [prompts]
@@ -96,13 +106,18 @@ def tokenize(tokenizer, prompts: str | Sequence[str]) -> TokenBatch:
     return TokenBatch.from_ids(ids, pad_id(tokenizer), prompts)
 
 
-def show_tokens(tokenizer, text: str) -> str:
+def show_tokens(tokenizer: PreTrainedTokenizerBase, text: str) -> str:
     ids = encode(tokenizer, text)
     pieces = [tokenizer.decode([i]) for i in ids]
     return f"{len(ids)} tokens {pieces!r}"
 
 
-def check_equal_lengths(tokenizer, first: Sequence[str], second: Sequence[str], names=("clean", "corrupted")) -> None:
+def check_equal_lengths(
+    tokenizer: PreTrainedTokenizerBase,
+    first: Sequence[str],
+    second: Sequence[str],
+    names: tuple[str, str] = ("clean", "corrupted"),
+) -> None:
     """Raise one :class:`TokenizationError` naming every pair whose token counts differ."""
     if len(first) != len(second):
         raise TokenizationError(f"{len(first)} {names[0]} prompts but {len(second)} {names[1]} prompts")
@@ -121,7 +136,7 @@ def check_equal_lengths(tokenizer, first: Sequence[str], second: Sequence[str], 
         )
 
 
-def single_token(tokenizer, text: str, what: str = "answer") -> int:
+def single_token(tokenizer: PreTrainedTokenizerBase, text: str, what: str = "answer") -> int:
     """The id of ``text`` if it is exactly one token (no special tokens), else a clear error."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
     if len(ids) != 1:

@@ -85,7 +85,7 @@ class LocalTrainer(ClosingTrainer):
 
     def __init__(self, model: HookedModel, adam: AdamConfig, trainable: Sequence[str] | None = None) -> None:
         self.model = model
-        every = list(model.model.parameters())
+        every: list[torch.nn.Parameter] = list(model.model.parameters())
         self._requires_grad = [(p, p.requires_grad) for p in every]
         params = every if trainable is None else named_subset(model.model, trainable)
         if not params:
@@ -104,7 +104,7 @@ class LocalTrainer(ClosingTrainer):
         loss = loss_fn(result.logits, result.batch)
         if loss.numel() != 1:
             raise ValueError(f"loss_fn must return a scalar, got shape {tuple(loss.shape)}")
-        loss.backward()
+        loss.backward()  # type: ignore[no-untyped-call]  # torch leaves Tensor.backward unannotated
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss.detach()

@@ -70,7 +70,7 @@ class KindLoadError(JobError):
 def kind_sources() -> list[KindSource]:
     """Every installed kind (entry points, by name) then every ``$INTERPLAB_JOB_KINDS`` module; imports nothing."""
     declared = [KindSource(ep.name, ep.module, ep) for ep in entry_points(group=KINDS_GROUP)]
-    return sorted(declared, key=lambda s: s.name) + [KindSource(None, m) for m in extra_kind_modules()]
+    return sorted(declared, key=lambda s: s.name or "") + [KindSource(None, m) for m in extra_kind_modules()]
 
 
 def extra_kind_modules() -> list[str]:
@@ -122,8 +122,9 @@ def _load(source: KindSource) -> None:
 def module_folder(module: str) -> Path | None:
     """The folder of ``module`` (a package: its own folder), located without importing it or its parents."""
     loaded = sys.modules.get(module)
-    if loaded is not None and getattr(loaded, "__file__", None):
-        return Path(loaded.__file__).resolve().parent
+    path = getattr(loaded, "__file__", None) if loaded is not None else None
+    if path:
+        return Path(path).resolve().parent
     parts = module.split(".")
     try:
         spec = importlib.util.find_spec(parts[0])

@@ -256,7 +256,7 @@ def load_partial(source: Path, config, dtype, device, layers, with_embed: bool, 
         if embed_key in wanted and wanted[embed_key] not in index and head_key in index:
             wanted[embed_key] = head_key  # the checkpoint stores the head only (e.g. the cached SmolLM2 conversion)
     buffers = {name for name, _ in model.named_buffers()}
-    handles: dict[Path, object] = {}
+    handles: dict[Path, safe_open] = {}
     for pname, key in wanted.items():
         if key not in index:
             if pname in buffers:

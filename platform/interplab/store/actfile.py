@@ -67,7 +67,8 @@ def _encode_value(ctype: int, value: Any) -> bytes:
     if ctype == I32 or ctype == I64 or ctype == I16:
         return _varint((value << 1) ^ (value >> 63))
     if ctype == STRUCT:
-        return value  # already encoded by thrift_struct
+        encoded: bytes = value  # already encoded by thrift_struct
+        return encoded
     if ctype == BINARY:
         data = value.encode() if isinstance(value, str) else bytes(value)
         return _varint(len(data)) + data
@@ -349,7 +350,10 @@ def _statistics(col: Column, v0: int, v1: int, rows: int) -> bytes | None:
     if not len(values):
         return thrift_struct((3, I64, nulls))
     lo, hi = values.min(), values.max()
-    enc = lambda v: np.array(v, values.dtype).tobytes()  # noqa: E731  PLAIN encoding of one value
+
+    def enc(v: object) -> bytes:  # PLAIN encoding of one value
+        return np.array(v, values.dtype).tobytes()
+
     # signed ints: the deprecated min/max (1, 2) mean the same as min_value/max_value (6, 5); older readers
     # know only those, so both are written (as parquet-cpp does)
     return thrift_struct((1, BINARY, enc(hi)), (2, BINARY, enc(lo)), (3, I64, nulls), (5, BINARY, enc(hi)),
@@ -368,7 +372,8 @@ def _column_chunk(out: _Parts, col: Column, start: int, stop: int) -> bytes:
         lo, hi = col.byte_at(v), col.byte_at(v_next)
         out.add(_page_header(b - a, len(levels) + hi - lo) + levels)
         if hi > lo:
-            out.add(memoryview(col.data[lo:hi]))
+            # numpy's stubs declare ndarray.__buffer__ only for Python >= 3.12
+            out.add(memoryview(col.data[lo:hi]))  # type: ignore[arg-type]
         v = v_next
     total = out.size - first
     meta = thrift_struct(

@@ -19,7 +19,8 @@ from __future__ import annotations
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -31,8 +32,15 @@ from interplab.store.manifest import FileEntry
 WRITE_THREADS = min(8, os.cpu_count() or 1)  # threads encoding one chunk's site files
 
 if TYPE_CHECKING:
+    from torch import Tensor
+
+    from interplab.engine.sites import Site
     from interplab.engine.stream import CaptureChunk
     from interplab.store.writer import RunWriter
+
+# what every site of a chunk shares: b, p, the (row, position) of each stored row, and the row keys
+# per head count (1: one row per position)
+_Common = tuple[int, int, np.ndarray, np.ndarray, dict[int, actfile.KeyColumns]]
 
 
 def write_capture_chunk(writer: RunWriter, chunk: CaptureChunk, dtype: str = "float16") -> list[FileEntry]:
@@ -59,7 +67,7 @@ def write_capture_chunk(writer: RunWriter, chunk: CaptureChunk, dtype: str = "fl
             keys[tensor.shape[2]] = keys[1].repeat(tensor.shape[2])
     common = (b, p, rows, cols, keys)
 
-    def write(item) -> FileEntry:
+    def write(item: tuple[Site, Tensor]) -> FileEntry:
         return _write_site(writer, chunk.index, item[0], item[1], common, dtype, torch)
 
     def write_prompts() -> FileEntry:
@@ -85,7 +93,9 @@ def write_capture_chunk(writer: RunWriter, chunk: CaptureChunk, dtype: str = "fl
     return entries
 
 
-def _write_site(writer: RunWriter, index: int, site, tensor, common, dtype: str, torch: Any) -> FileEntry:
+def _write_site(
+    writer: RunWriter, index: int, site: Site, tensor: Tensor, common: _Common, dtype: str, torch: ModuleType
+) -> FileEntry:
     b, p, rows, cols, keys = common
     kind = site.kind.value
     store_dtype = "float32" if tensor.dtype == torch.bfloat16 else dtype
@@ -119,7 +129,7 @@ def _row_tokens(chunk: CaptureChunk, rows: np.ndarray, pos: np.ndarray) -> pa.Ar
     return nested.values.take(offsets[rows] + pos)
 
 
-def _numpy(tensor: Any, torch: Any) -> np.ndarray:
+def _numpy(tensor: Tensor, torch: ModuleType) -> np.ndarray:
     tensor = tensor.detach().cpu()
     if tensor.dtype == torch.bfloat16:
         tensor = tensor.float()

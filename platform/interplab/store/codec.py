@@ -14,6 +14,8 @@ and in the run's commit manifest.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pyarrow as pa
 
@@ -76,10 +78,10 @@ def _raw_bytes(values: pa.Array, width: int) -> memoryview | bytes:
     raise StoreError(f"cannot decode act values of type {values.type}")
 
 
-def duckdb_decoder(dtype: str, d: int):
+def duckdb_decoder(dtype: str, d: int) -> Callable[[pa.Array | pa.ChunkedArray], pa.FixedSizeListArray]:
     """A vectorised DuckDB Arrow UDF body: stored BLOB → ``FLOAT[d]``."""
 
-    def decode(values):
+    def decode(values: pa.Array | pa.ChunkedArray) -> pa.FixedSizeListArray:
         flat = decode_act(values, dtype, d).reshape(-1)
         return pa.FixedSizeListArray.from_arrays(pa.array(flat, type=pa.float32()), d)
 

@@ -58,7 +58,7 @@ def _resolve_s3(uri: str) -> Location:
         raise StoreError(f"store URI {uri!r}: expected s3://bucket/prefix")
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-    kwargs: dict = {"region": region, "allow_delayed_open": True}
+    kwargs: dict[str, str | bool] = {"region": region, "allow_delayed_open": True}
     if endpoint:
         kwargs["endpoint_override"] = endpoint
         if endpoint.startswith("http://"):
@@ -73,7 +73,7 @@ def _resolve_s3(uri: str) -> Location:
 def exists(loc: Location, path: str) -> bool:
     if loc.local:
         return os.path.exists(path)
-    return loc.fs.get_file_info(path).type != pafs.FileType.NotFound
+    return bool(loc.fs.get_file_info(path).type != pafs.FileType.NotFound)
 
 
 def read_bytes(loc: Location, path: str) -> bytes | None:
@@ -82,8 +82,9 @@ def read_bytes(loc: Location, path: str) -> bytes | None:
         if loc.local:
             with open(path, "rb") as f:
                 return f.read()
-        with loc.fs.open_input_stream(path) as f:
-            return f.read()
+        with loc.fs.open_input_stream(path) as stream:
+            data: bytes = stream.read()
+            return data
     except FileNotFoundError:
         return None
     except OSError as exc:
@@ -151,8 +152,9 @@ def create_exclusive(loc: Location, path: str, data: bytes) -> bool:
         os.unlink(tmp)
 
 
-def write_parquet(loc: Location, path: str, table: pa.Table, **options) -> int:
-    """Atomically write ``table`` as one Parquet object; return its size in bytes."""
+def write_parquet(loc: Location, path: str, table: pa.Table, **options: object) -> int:
+    """Atomically write ``table`` as one Parquet object; return its size in bytes (``options`` go
+    to ``pyarrow.parquet.write_table``)."""
     if loc.local:
         return _replace_local(path, lambda tmp: pq.write_table(table, tmp, **options))
     sink = pa.BufferOutputStream()

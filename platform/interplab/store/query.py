@@ -23,9 +23,9 @@ from collections.abc import Iterable
 from typing import Any
 
 import duckdb
-from duckdb import sqltypes
 import pyarrow as pa
 import pyarrow.dataset as ds
+from duckdb import func, sqltypes
 
 from interplab.store import codec, layout
 from interplab.store.errors import StoreError
@@ -66,7 +66,10 @@ def check_query(query: str, views: Iterable[str]) -> None:
             "(the store is read-only through SQL; write with interplab's writers)"
         )
     with duckdb.connect(config={"enable_external_access": False}) as con:
-        (raw,) = con.execute("SELECT json_serialize_sql($q)", {"q": query}).fetchone()
+        row = con.execute("SELECT json_serialize_sql($q)", {"q": query}).fetchone()
+    if row is None:  # json_serialize_sql returns one row
+        raise StoreError("refused: query could not be checked (no parse tree)")
+    (raw,) = row
     tree = json.loads(raw)
     if tree.get("error"):
         raise StoreError(f"refused: query could not be checked ({tree.get('error_message')})")
@@ -208,7 +211,7 @@ class Session:
             name = codec.udf_name(dtype, d)
             self._con.create_function(
                 name, codec.duckdb_decoder(dtype, d), [sqltypes.BLOB],
-                duckdb.array_type(sqltypes.FLOAT, d), type="arrow",
+                duckdb.array_type(sqltypes.FLOAT, d), type=func.PythonUDFType.ARROW,
             )
             source = self._source(loc, layout.ACTIVATIONS, files, {"run_id": "VARCHAR", "site": "VARCHAR", "layer": "INTEGER"})
             per_width[d].append(f"SELECT {_ACT_COLUMNS}, {name}(act) AS act FROM {source}")

@@ -21,14 +21,17 @@ import re
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from interplab.store.errors import StoreError
+
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 _PARAM = re.compile(r"^--\s*param:\s*([A-Za-z_][A-Za-z0-9_]*)\s+([A-Za-z0-9_\[\]]+)\s*(?:=\s*(.+?))?\s*$")
 
 
-def core_sql_dir():
+def core_sql_dir() -> Traversable:
     """The folder of the core view files and ``queries/`` (a Traversable; a Path when installed from files)."""
     folder = resources.files("interplab.store") / "sql"
     if not (folder / "runs.sql").is_file():

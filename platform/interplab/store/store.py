@@ -10,11 +10,12 @@ import secrets
 import socket
 import time
 from datetime import datetime, timezone
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from interplab.store import codec, fs, layout
@@ -23,6 +24,9 @@ from interplab.store.manifest import FileEntry, RunInfo, build_info, dumps, load
 from interplab.store.query import Session
 from interplab.store.sqlfiles import saved_query
 from interplab.store.writer import RunWriter
+
+if TYPE_CHECKING:
+    import torch
 
 _KIND = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
@@ -60,7 +64,7 @@ class Store:
         self.location = location
         self._records: dict[str, dict[str, Any]] = {}  # immutable run.json / commit.json, by path
         self._session: Session | None = None
-        self._session_key: tuple | None = None
+        self._session_key: tuple[tuple[str, str, str | None], ...] | None = None  # (run_id, status, committed_at)
 
     @property
     def uri(self) -> str:
@@ -126,7 +130,7 @@ class Store:
     def runs(self, status: str | None = None) -> list[RunInfo]:
         """All runs, oldest first (optionally only those with ``status``)."""
         loc = self.location
-        files: dict[str, dict[str, fs.pafs.FileInfo]] = {}
+        files: dict[str, dict[str, pafs.FileInfo]] = {}
         prefix_len = len(loc.path("runs")) + 1
         for info in fs.list_files(loc, loc.path("runs")):
             parts = info.path[prefix_len:].split("/")
@@ -254,8 +258,24 @@ class Store:
     def __enter__(self) -> Store:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @overload
+    def export(
+        self, run_id: str, site: str, layer: int | None = None, head: int | None = None,
+        *, with_index: Literal[False] = False,
+    ) -> np.ndarray: ...
+
+    @overload
+    def export(
+        self, run_id: str, site: str, layer: int | None = None, head: int | None = None, *, with_index: Literal[True]
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]: ...
+
+    @overload
+    def export(
+        self, run_id: str, site: str, layer: int | None = None, head: int | None = None, *, with_index: bool
+    ) -> np.ndarray | tuple[np.ndarray, dict[str, np.ndarray]]: ...
 
     def export(
         self, run_id: str, site: str, layer: int | None = None, head: int | None = None, *, with_index: bool = False
@@ -275,16 +295,17 @@ class Store:
         if not entries:
             sites = sorted({f"{e.site}" + ("" if e.layer is None else f".{e.layer}") for e in info.files if e.site})
             raise StoreError(f"run {run_id!r} has no activations for site {site!r}; it has: {', '.join(sites) or 'none'}")
-        widths = {e.d for e in entries}
+        widths = {_width(e) for e in entries}
         if len(widths) != 1:
             raise StoreError(f"site {site!r} of run {run_id!r} mixes widths {sorted(widths)}; pass a head")
-        acts, index = [], {"prompt_id": [], "position": [], "head": []}
+        acts: list[np.ndarray] = []
+        index: dict[str, list[np.ndarray]] = {"prompt_id": [], "position": [], "head": []}
         for entry in entries:
             with self.location.fs.open_input_file(self.location.path(entry.path)) as f:
                 table = pq.read_table(f, columns=["prompt_id", "position", "head", "act"])
             if head is not None:
                 table = table.filter(pc.equal(table["head"], head))
-            acts.append(codec.decode_act(table["act"], entry.dtype or "float16", int(entry.d)))
+            acts.append(codec.decode_act(table["act"], entry.dtype or "float16", _width(entry)))
             for col in index:
                 index[col].append(table[col].to_numpy(zero_copy_only=False))
         out = np.concatenate(acts)
@@ -296,11 +317,18 @@ class Store:
             return out
         return out, {k: v[order] for k, v in idx.items()}
 
-    def export_torch(self, run_id: str, site: str, layer: int | None = None, head: int | None = None):
+    def export_torch(self, run_id: str, site: str, layer: int | None = None, head: int | None = None) -> torch.Tensor:
         """:meth:`export` as a ``torch.Tensor`` (imports torch lazily)."""
         import torch
 
         return torch.from_numpy(self.export(run_id, site, layer, head))
+
+
+def _width(entry: FileEntry) -> int:
+    """The vector width of an activation file (every writer records it in the manifest)."""
+    if entry.d is None:
+        raise StoreError(f"activation file {entry.path} has no width (d) in its run's commit manifest")
+    return entry.d
 
 
 def _parse_site(site: str, layer: int | None, head: int | None) -> tuple[str, int | None, int | None]:
@@ -325,7 +353,8 @@ def _jsonable(value: dict[str, Any] | None, what: str) -> dict[str, Any] | None:
     if not isinstance(value, dict):
         raise StoreError(f"{what} must be a dict (or a pydantic model), got {type(value).__name__}")
     try:
-        return json.loads(json.dumps(value, default=str))
+        out: dict[str, Any] = json.loads(json.dumps(value, default=str))  # a dict, round-tripped
+        return out
     except (TypeError, ValueError) as exc:
         raise StoreError(f"{what} is not JSON-serialisable: {exc}") from None
 

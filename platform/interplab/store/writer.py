@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -26,6 +27,7 @@ from interplab.store.errors import StoreError
 from interplab.store.manifest import FileEntry, RunInfo, dumps, loads, now_iso
 
 if TYPE_CHECKING:
+    from interplab.engine.stream import CaptureChunk
     from interplab.store.store import Store
 
 class RunWriter:
@@ -118,7 +120,7 @@ class RunWriter:
         self.finish_chunk(name, chunk, [entry])
         return entry
 
-    def write_capture_chunk(self, chunk: Any, dtype: str = "float16") -> list[FileEntry]:
+    def write_capture_chunk(self, chunk: CaptureChunk, dtype: str = "float16") -> list[FileEntry]:
         """Write an engine ``CaptureChunk`` (see :func:`interplab.store.capture.write_capture_chunk`)."""
         from interplab.store.capture import write_capture_chunk
 
@@ -187,11 +189,13 @@ class RunWriter:
     def __enter__(self) -> RunWriter:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if self._done:
             return
         if exc is not None:
-            self.fail(f"{exc_type.__name__}: {exc}")
+            self.fail(f"{type(exc).__name__}: {exc}")
         else:
             self.commit()
 
@@ -209,8 +213,8 @@ class RunWriter:
         for info in fs.list_files(self._loc, prefix):
             if info.base_name.endswith(".json") and fs.TMP_MARK not in info.base_name:
                 for f in loads(fs.read_bytes(self._loc, info.path) or b"{}", info.path).get("files", []):
-                    entry = FileEntry.from_dict(f)
-                    marked[entry.path] = entry
+                    described = FileEntry.from_dict(f)
+                    marked[described.path] = described
         entries = []
         root_len = len(self._loc.root) + 1
         for table in fs.list_dirs(self._loc, self._loc.path("data")):

@@ -96,6 +96,8 @@ class _PatchState:
             if self.written > up:
                 total = total - self.diff[:, up : self.written].sum(1)
             out = total[:, None].expand(-1, len(cols), -1) if part is None else total[:, None] - part
+        elif part is None:  # not reached: without use_kept, n_chosen == n_mask > 0
+            raise RuntimeError(f"edge patching chose no corrupted source for destinations {cols}")
         else:
             out = part
         rows = out.shape[0]
@@ -175,6 +177,8 @@ def _run_patched_stages(task: CircuitTask, patched: torch.Tensor, prompt_of_row:
         for site in sources:  # what the stage recorded in its own copy of the state
             first, count = _source_range(graph, site)
             state.record(first, count)(cache[site])
+    if hidden is None:
+        raise RuntimeError(f"no backend stage ran from layer {start}; stage ranges {ranges}")
     return hidden
 
 

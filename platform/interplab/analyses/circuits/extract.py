@@ -82,8 +82,12 @@ def circuit(graph: CircuitGraph, scores: torch.Tensor, *, rule: str = "topn", si
             tau: float | None = None, absolute: bool = False, prune_dangling: bool = True) -> torch.Tensor:
     """One circuit by ``rule``: ``topn``/``greedy`` (``size`` edges) or ``threshold`` (``tau``), then pruned."""
     if rule == "threshold":
+        if tau is None:
+            raise ValueError("circuit rule 'threshold' needs tau (the lowest score kept), got tau=None")
         mask = threshold(graph, scores, tau, absolute=absolute)
     elif rule in ("topn", "greedy"):
+        if size is None:
+            raise ValueError(f"circuit rule {rule!r} needs size (the number of edges), got size=None")
         mask = (greedy if rule == "greedy" else top_n)(graph, scores, size, absolute=absolute)
     else:
         raise ValueError(f"unknown circuit rule {rule!r}; use topn, greedy or threshold")

@@ -157,7 +157,7 @@ class CircuitRunner:
             "method": [chunk_id] * graph.n_edges,
             "src": [names_src[i] for i in src.tolist()],
             "dst": [names_dst[i] for i in dst.tolist()],
-            "src_layer": graph.source_layer[src].to(int).tolist(),
+            "src_layer": graph.source_layer[src].tolist(),  # already Long
             "dst_layer": [graph.dest_layer(int(d)) for d in dst],
             "score": scores[src, dst].double().tolist(),
             "in_circuit": mask[src, dst].tolist(),

@@ -41,8 +41,8 @@ def _position(node: Node, n_heads: int, n_layers: int) -> tuple[float, float]:
     if node.kind == "logits":
         return (n_heads / 2, float(n_layers))
     if node.kind == "head":
-        return (float(node.head), float(node.layer))
-    return (float(n_heads) + 0.5, float(node.layer))
+        return (float(node.head_index), float(node.layer_index))
+    return (float(n_heads) + 0.5, float(node.layer_index))
 
 
 def to_dot(edges: list[dict]) -> str:

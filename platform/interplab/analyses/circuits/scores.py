@@ -33,7 +33,7 @@ from interplab.analyses.circuits.evaluate import DEFAULT_MEMORY, rows_per_pass, 
 from interplab.analyses.circuits.graph import CircuitGraph
 from interplab.analyses.circuits.task import CircuitTask
 from interplab.engine.interventions import Intervention
-from interplab.engine.sites import Site
+from interplab.engine.sites import Site, SiteKind
 
 GRADIENT_METHODS = ("eap", "eap-ig-inputs", "eap-ig-activations", "clean-corrupted")
 METHODS = (*GRADIENT_METHODS, "exact", "acdc")
@@ -116,7 +116,7 @@ def _ig_inputs(task: CircuitTask, alphas: list[float], max_rows: int | None) -> 
         clean, corrupt = task.clean_sources[prompts, :, 0], task.corrupt_sources[prompts, :, 0]
         embeds = torch.cat([corrupt + a * (clean - corrupt) for a in alphas])
         rows = prompts.repeat(len(alphas))
-        grads = _grad_pass(task, rows, [Intervention("embed", "set", value=embeds)], denominator)
+        grads = _grad_pass(task, rows, [Intervention(Site(SiteKind.EMBED), "set", value=embeds)], denominator)
         scores += _score(task, prompts, grads)
     return scores * task.graph.allowed
 

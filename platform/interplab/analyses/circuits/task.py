@@ -16,6 +16,7 @@ import torch
 from interplab.analyses.circuits.graph import CircuitGraph
 from interplab.analyses.metrics import MetricInputs, get_metric
 from interplab.analyses.tasks.pairs import PairSet
+from interplab.engine.backend import Backend
 from interplab.engine.sites import Site
 
 RowMetric = Callable[[torch.Tensor, MetricInputs], torch.Tensor]
@@ -34,7 +35,7 @@ def stack_sources(graph: CircuitGraph, cache) -> torch.Tensor:
 class CircuitTask:
     """Everything a scoring or evaluation method needs about one set of prompt pairs."""
 
-    model: object
+    model: Backend
     graph: CircuitGraph
     pairs: PairSet
     metric_name: str

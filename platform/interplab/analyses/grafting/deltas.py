@@ -64,7 +64,8 @@ def control(w_f_prime: Weights, w_implf: Weights, theta: Weights, *, keep: KeepF
 
 
 def norm(delta: Weights) -> float:
-    return float(torch.sqrt(sum((v.double() ** 2).sum() for v in delta.values())))
+    total = sum(((v.double() ** 2).sum() for v in delta.values()), torch.zeros((), dtype=torch.float64))
+    return float(torch.sqrt(total))
 
 
 # ------------------------------------------------------------------ store

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 from interplab.analyses.grafting import deltas as D
 from interplab.analyses.grafting.data import TaskData, require
@@ -20,7 +21,8 @@ from interplab.analyses.grafting.finetune import FinetuneConfig, finetune
 from interplab.analyses.grafting.weights import Weights, get_weights, set_weights
 
 GRAFT_SETS = ("F", "ImplF", "F_prime", "ImplF_prime")
-ORDERS = ("joint", "facts_first", "implications_first")
+Order = Literal["joint", "facts_first", "implications_first"]
+ORDERS: tuple[Order, ...] = ("joint", "facts_first", "implications_first")
 
 
 @dataclass(frozen=True)
@@ -108,6 +110,8 @@ def run_freezing(model, data: TaskData, setting: Setting, theta: Weights) -> Out
         out.evals += _eval_rows(model, data, sets, experiment="freezing", variant="train", layers=name)
         if layers is None:
             w_f = weights
+    if w_f is None:  # not reached: Setting.ranges always has "all" (layers=None)
+        raise ValueError(f"layer freezing needs a range over all layers (layers=None), got ranges {setting.ranges}")
     delta = D.subtract(w_f, theta)
     for name in ("early", "late"):
         _start(model, D.add(theta, delta, keep=D.in_layers(model, setting.ranges[name])))

@@ -26,7 +26,7 @@ from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, field_va
 
 from interplab.analyses.grafting import data as task_data
 from interplab.analyses.grafting.data import GraftingDataError, TaskData
-from interplab.analyses.grafting.experiments import ORDERS, Outcome, Setting, run_freezing, run_grafting, run_ordering
+from interplab.analyses.grafting.experiments import ORDERS, Order, Outcome, Setting, run_freezing, run_grafting, run_ordering
 from interplab.analyses.grafting.finetune import FinetuneConfig
 from interplab.jobs.errors import SpecError
 from interplab.jobs.registry import JobSummary
@@ -107,7 +107,7 @@ class GraftingSpec(JobSpec):
     finetune: FinetuneSpec = FinetuneSpec()
     seeds: list[NonNegativeInt] = Field(default=[0], min_length=1)
     split_layer: PositiveInt | None = None
-    orders: list[Literal["joint", "facts_first", "implications_first"]] = Field(default=list(ORDERS), min_length=1)
+    orders: list[Order] = Field(default=list(ORDERS), min_length=1)
     save_deltas: bool = True
     delta_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     scores: ScoresSpec = ScoresSpec()

@@ -9,9 +9,15 @@ MLP scores by layer × position, head scores by layer × head (summed over posit
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+
+# Draws one panel on (figure, axes); the figure is needed for colour bars.
+Panel = Callable[[Any, Any], None]
 
 
 def _bars(ax, rows: list[dict], sets: list[str], title: str) -> None:
@@ -99,27 +105,27 @@ def plot_grafting(store, run_id: str, output: str | Path) -> Path:
     evals = store.sql("SELECT * FROM grafting WHERE run_id = $r", {"r": run_id}).to_pylist() if "grafting" in views else []
     scores = (store.sql("SELECT * FROM grafting_scores WHERE run_id = $r", {"r": run_id}).to_pylist()
               if "grafting_scores" in views else [])
-    panels = []
+    panels: list[Panel] = []
     graft = [r for r in evals if r["experiment"] == "grafting"]
     if graft:
-        panels.append(lambda ax: _bars(ax, graft, ["F_prime", "ImplF", "ImplF_prime"], "grafting: W_F' + delta"))
+        panels.append(lambda fig, ax: _bars(ax, graft, ["F_prime", "ImplF", "ImplF_prime"], "grafting: W_F' + delta"))
     freezing = [r for r in evals if r["experiment"] == "freezing"]
     if freezing:
-        panels.append(lambda ax: _bars(ax, freezing, ["F", "ImplF"], "layer freezing (facts only)"))
+        panels.append(lambda fig, ax: _bars(ax, freezing, ["F", "ImplF"], "layer freezing (facts only)"))
     ordering = [r for r in evals if r["experiment"] == "ordering"]
     if ordering:
-        panels.append(lambda ax: _ordering(ax, ordering))
+        panels.append(lambda fig, ax: _ordering(ax, ordering))
     grids = score_grids(scores)
     for score, (mlp, heads, tokens) in grids.items():
-        panels.append(lambda ax, s=score, g=mlp, t=tokens: _heat(fig, ax, g, f"{s} score: MLP", "position", t))
-        panels.append(lambda ax, s=score, g=heads: _heat(fig, ax, g, f"{s} score: heads (sum over positions)", "head"))
+        panels.append(partial(_heat, grid=mlp, title=f"{score} score: MLP", xlabel="position", xticks=tokens))
+        panels.append(partial(_heat, grid=heads, title=f"{score} score: heads (sum over positions)", xlabel="head"))
     if not panels:
         raise ValueError(f"run {run_id!r} has no grafting results to plot")
     cols = min(3, len(panels))
     rows = (len(panels) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4.5 * rows), squeeze=False)
     for ax, draw in zip(axes.flat, panels):
-        draw(ax)
+        draw(fig, ax)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
     fig.suptitle(f"grafting run {run_id}")

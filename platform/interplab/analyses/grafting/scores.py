@@ -36,6 +36,7 @@ import torch
 from interplab.analyses.grafting.data import Example
 from interplab.analyses.grafting.evaluate import answer_ids
 from interplab.analyses.grafting.weights import Weights, set_weights
+from interplab.analyses.metrics import run_logits
 from interplab.engine.backend import Backend
 from interplab.engine.interventions import set_to
 
@@ -135,8 +136,11 @@ def _is_linear(module) -> bool:
 
 def components(model) -> list[tuple[str, int | None]]:
     """The components of one layer, in the order of the score tensors' component axis."""
-    return ([("mlp", None)] + [("head", h) for h in range(model.n_heads)]
-            + [("kv_head", j) for j in range(model.n_kv_heads)] + [("attn_bias", None)])
+    out: list[tuple[str, int | None]] = [("mlp", None)]
+    out += [("head", h) for h in range(model.n_heads)]
+    out += [("kv_head", j) for j in range(model.n_kv_heads)]
+    out.append(("attn_bias", None))
+    return out
 
 
 def _output_assignment(model, key: str, out_features: int) -> torch.Tensor:
@@ -188,22 +192,25 @@ def _informative_hooks(model, delta: Weights, seq_len: int):
                     in_assign = 1 + torch.arange(model.n_heads).repeat_interleave(model.head_dim)
                     bias_index = n_comp - 1
 
-                    def hook(mod, args, output, w_lin=w_lin, db=db, e=e, in_assign=in_assign, bias_index=bias_index):
+                    def input_hook(mod, args, output, w_lin=w_lin, db=db, e=e, in_assign=in_assign, bias_index=bias_index):
                         x = args[0]
                         scale = e.to(x.device, x.dtype)[in_assign].t()  # [s, in]
                         delta_y = torch.nn.functional.linear(x * scale[None, : x.shape[1]], w_lin)
                         if db is not None:
                             delta_y = delta_y + e.to(x.device, x.dtype)[bias_index][None, : x.shape[1], None] * db
                         return output + delta_y
+
+                    handles.append(module.register_forward_hook(input_hook))
                 else:
                     assign = _output_assignment(model, key, w_lin.shape[0])
 
-                    def hook(mod, args, output, w_lin=w_lin, db=db, e=e, assign=assign):
+                    def output_hook(mod, args, output, w_lin=w_lin, db=db, e=e, assign=assign):
                         x = args[0]
                         delta_y = torch.nn.functional.linear(x, w_lin, db)
                         scale = e.to(x.device, x.dtype)[assign].t()  # [s, out]
                         return output + delta_y * scale[None, : x.shape[1]]
-                handles.append(module.register_forward_hook(hook))
+
+                    handles.append(module.register_forward_hook(output_hook))
         yield eps
     finally:
         for handle in handles:
@@ -274,7 +281,7 @@ def extractive_scores(
 
     delta = {n: tuned[n] - theta[n] for n in theta}
     with torch.enable_grad(), _informative_hooks(model, delta, s) as eps:
-        logits = model.run(batch, logits="last", grad=True).logits
+        logits = run_logits(model.run(batch, logits="last", grad=True))
         loss = metric(logits, batch)
         grads = torch.autograd.grad(loss, eps)
     info = -torch.stack([g.detach() for g in grads])

@@ -1,4 +1,4 @@
-"""Arrow schemas of the grafting result tables (the columns ``storage/grafting.sql`` and ``deltas.sql`` name)."""
+"""Arrow schemas of the grafting result tables (the columns ``views/grafting.sql`` and ``views/deltas.sql`` beside this module name)."""
 
 from __future__ import annotations
 

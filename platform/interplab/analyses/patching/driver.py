@@ -23,7 +23,7 @@ from typing import Literal
 
 import torch
 
-from interplab.analyses.metrics import MetricInputs, get_metric, metric_vocab
+from interplab.analyses.metrics import MetricInputs, get_metric, metric_vocab, run_logits
 from interplab.analyses.patching.result import PatchingResult, pearson
 from interplab.analyses.patching.sweeps import Patch, Sweep, SweepError
 from interplab.analyses.tasks.pairs import PairSet
@@ -79,12 +79,12 @@ class _Setup:
         prefix_ok = self.can_skip and pairs.same_length and not pairs.clean.padded
         clean = model.run(pairs.clean, capture=capture, logits="last", keep_kv=prefix_ok)
         corrupted = model.run(pairs.corrupted, capture=capture, logits="last", keep_kv=prefix_ok)
-        clean_logprobs = clean.logits.float().log_softmax(-1)
+        clean_logprobs = run_logits(clean).float().log_softmax(-1)
         self.inputs = MetricInputs(pairs.answer, pairs.wrong, clean_logprobs)
         # patched passes unembed only the columns the metric reads (logit_diff: answer and wrong)
         self.vocab, self.vocab_inputs = metric_vocab(metric, self.inputs)
-        self.clean_per_prompt = self.metric(clean.logits, self.inputs).double()
-        self.corrupted_per_prompt = self.metric(corrupted.logits, self.inputs).double()
+        self.clean_per_prompt = self.metric(run_logits(clean), self.inputs).double()
+        self.corrupted_per_prompt = self.metric(run_logits(corrupted), self.inputs).double()
         self.baselines = {"clean": float(self.clean_per_prompt.mean()), "corrupted": float(self.corrupted_per_prompt.mean())}
         if ablation is not None or direction == "noise":
             target, source, self.target_batch = clean, corrupted, pairs.clean
@@ -92,7 +92,7 @@ class _Setup:
             target, source, self.target_batch = corrupted, clean, pairs.corrupted
         self.target_cache = target.cache
         self.target_kv = target.kv
-        self.target_per_prompt = self.metric(target.logits, self.inputs).double()
+        self.target_per_prompt = self.metric(run_logits(target), self.inputs).double()
         n = pairs.size
         self.source_rows = torch.arange(n)
         if ablation == "resample":
@@ -177,7 +177,7 @@ def _exact(setup: _Setup, result: PatchingResult, batch_rows: int, progress: boo
     else:
         for i, chunk in enumerate(chunks):
             batch, interventions, _ = _chunk_patches(setup, jobs, chunk)
-            record(i, model.run(batch, interventions=interventions, logits="last").logits, setup.inputs)
+            record(i, run_logits(model.run(batch, interventions=interventions, logits="last")), setup.inputs)
     bar.close()
     for i, chunk in enumerate(chunks):  # summed in chunk order whatever order they finished in
         totals.index_add_(0, torch.tensor([j for j, _ in chunk]), values[i])
@@ -225,6 +225,8 @@ def _stage_request(setup: _Setup, jobs, chunk) -> StageRequest:
         joins[layer] = setup.target_cache[Site(SiteKind.RESID_PRE, layer)][:, offset:][members]
     prefix = None
     if offset > 0:
+        if setup.target_kv is None:  # batches start past position 0 only when the target run kept its keys/values
+            raise RuntimeError(f"a patching batch starts at position {offset} but the target run kept no keys/values")
         prefix = KVPrefix(offset, {
             layer: (k[:, :, :offset][prompts], v[:, :, :offset][prompts])
             for layer, (k, v) in setup.target_kv.items() if layer >= first

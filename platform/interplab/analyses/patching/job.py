@@ -119,6 +119,8 @@ def spec_pairs(spec: PairTaskSpec, tokenizer) -> list[PromptPair]:
     if spec.prompts is not None:
         return pairs_from_records([p.model_dump() for p in spec.prompts])
     data = spec.dataset
+    if data is None:  # the spec's validator requires exactly one of prompts and dataset
+        raise SpecError("dataset", "give exactly one of 'prompts' or 'dataset'", None)
     with at_path("dataset", data.model_dump(exclude_defaults=True)):
         if data.path is not None:
             return load_pairs(data.path)

@@ -12,6 +12,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -52,8 +53,9 @@ class PairSet:
     def tokenize(cls, tokenizer, pairs: Sequence[PromptPair]) -> PairSet:
         if not pairs:
             raise TaskError("no prompt pairs given")
-        problems = []
-        answers, wrongs = [], []
+        problems: list[str] = []
+        answers: list[int] = []
+        wrongs: list[int] = []
         for i, pair in enumerate(pairs):
             a, b = encode(tokenizer, pair.clean), encode(tokenizer, pair.corrupted)
             if len(a) != len(b):
@@ -106,6 +108,7 @@ def load_pairs(path: str | Path) -> list[PromptPair]:
     path = Path(path)
     if not path.is_file():
         raise TaskError(f"prompt file not found: {path}")
+    records: list[Any] | None
     if path.suffix == ".jsonl":
         records = []
         for n, line in enumerate(path.read_text().splitlines(), start=1):

@@ -15,7 +15,7 @@ def tiny_config(vocab_size: int):
         num_hidden_layers=3,
         num_attention_heads=4,
         max_position_embeddings=256,
-        rotary_pct=0.25,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.25},
         use_parallel_residual=True,
         hidden_dropout=0.0,
         attention_dropout=0.0,
