@@ -4,7 +4,7 @@ on the same batch, and one extractive-score computation; peak memory of each in 
     python bench/grafting_step.py [--facts 5] [--repeats 3] [--score-prompts 8]
 
 Each measurement runs in a fresh subprocess (so ``ru_maxrss`` is that measurement's peak): the
-interplab step is ``make_trainer(model, AdamConfig(lr)).step(batch, TargetLoss)`` as ``finetune``
+interplab step is ``model.trainer(AdamConfig(lr)).step(batch, TargetLoss)`` as ``finetune``
 runs it; the transformers step is a copy of the same ``LlamaForCausalLM`` (SDPA attention) called
 with ``labels`` (−100 outside the answer tokens), ``loss.backward()`` and ``torch.optim.Adam``. The
 first step of each (Adam state allocation) is reported separately from the steady-state median.
@@ -38,9 +38,9 @@ def measure(mode: str, facts: int, repeats: int, score_prompts: int) -> dict:
     loaded = _peak_mib()
     times = []
     if mode == "interplab":
-        from interplab.runtime import AdamConfig, make_trainer
+        from interplab.engine import AdamConfig
 
-        trainer = make_trainer(model, AdamConfig(lr=1e-5))
+        trainer = model.trainer(AdamConfig(lr=1e-5))
         for _ in range(repeats + 1):
             start = time.perf_counter()
             trainer.step(batch, loss_fn)
