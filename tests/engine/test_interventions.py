@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from interplab.engine import Intervention, InterventionError, patch, set_to, steer, zero
+from interplab.engine.sites import Site
 from tests.conftest import PROMPTS
 
 CLEAN = PROMPTS[0]
@@ -51,14 +52,49 @@ def test_per_row_patches_equal_one_at_a_time(tiny):
             torch.testing.assert_close(batched[i], single[0], rtol=0, atol=1e-5, msg=f"{site} row {i}")
 
 
+def _canonical(site: str, value: torch.Tensor) -> torch.Tensor:
+    """``[b, q, ...]`` for every site (``pattern`` is captured as ``[b, h, q, k]``)."""
+    return value.transpose(1, 2) if site.startswith("pattern") else value
+
+
 def test_patch_with_own_values_changes_nothing(tiny):
     sites = _sweep_sites(tiny)
     clean = tiny.run(CLEAN, capture=sites)
     for site in sites:
-        value = clean.cache[site]
-        value = value.transpose(1, 2) if site.startswith("pattern") else value
-        again = tiny.run(CLEAN, interventions=[patch(site, value)])
+        again = tiny.run(CLEAN, interventions=[patch(site, _canonical(site, clean.cache[site]))])
         torch.testing.assert_close(again.logits, clean.logits, rtol=0, atol=1e-5, msg=site)
+
+
+def test_patch_at_one_position_changes_exactly_what_causality_allows(tiny):
+    """The corrupted run's value at the first differing token ``d``, set into the clean run: the site
+    holds that value at ``d`` and its clean values elsewhere; logits before ``d`` are the clean ones
+    (causal attention); at ``d`` they move; at ``d + 1`` they move only when a later attention reads
+    position ``d`` (any layer before the last, or the last layer's keys/values/residual input), and
+    otherwise nothing after ``d`` moves."""
+    sites = _sweep_sites(tiny)
+    corrupt = tiny.run(CORRUPT, capture=sites)
+    differs = (tiny.tokenize([CLEAN]).input_ids[0] != corrupt.batch.input_ids[0]).nonzero()
+    d = int(differs[0])
+    assert len(differs) == 1 and 0 < d < corrupt.batch.seq_len - 1, "the prompts differ in one middle token"
+    for site in sites:
+        parsed = Site.parse(site)
+        clean = tiny.run(CLEAN, capture=[site])  # the same capture as the patched run: the same kernels
+        value = _canonical(site, corrupt.cache[site])[0, d]
+        assert (value - _canonical(site, clean.cache[site])[0, d]).abs().max() > 1e-3, f"{site}: no difference to patch in"
+        out = tiny.run(CLEAN, capture=[site], interventions=[set_to(site, value, positions=[d])])
+        got, before = _canonical(site, out.cache[site])[0], _canonical(site, clean.cache[site])[0]
+        torch.testing.assert_close(got[d], value, rtol=0, atol=0, msg=f"{site}: the patched value")
+        others = torch.arange(len(got)) != d
+        torch.testing.assert_close(got[others], before[others], rtol=0, atol=1e-5, msg=f"{site}: other positions")
+        moved = (out.logits[0] - clean.logits[0]).abs().amax(-1)  # [q]
+        torch.testing.assert_close(out.logits[0, :d], clean.logits[0, :d], rtol=0, atol=1e-5, msg=f"{site}: before d")
+        assert moved[d] > 1e-3, f"{site}: patching position {d} left its logits unchanged ({moved[d]:.2e})"
+        spreads = parsed.layer < tiny.n_layers - 1 or parsed.kind.value in ("resid_pre", "k", "v")
+        if spreads:  # (only d + 1 for sure: a sliding-window layer may not reach further)
+            assert moved[d + 1] > 1e-5, f"{site}: position {d + 1} did not see the patch ({moved.tolist()})"
+        else:
+            torch.testing.assert_close(out.logits[0, d + 1 :], clean.logits[0, d + 1 :], rtol=0, atol=1e-5,
+                                       msg=f"{site}: after d (nothing later reads position {d})")
 
 
 def test_resid_mid_intervention_sets_resid_mid(tiny):

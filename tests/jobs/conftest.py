@@ -35,6 +35,17 @@ def cli():
     return invoke
 
 
+@pytest.fixture
+def no_ray(monkeypatch):
+    """Fail the test if anything in this process calls ``ray.init`` (a refused spec never starts Ray)."""
+    import ray
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("ray.init was called: the job reached Ray")
+
+    monkeypatch.setattr(ray, "init", refuse)
+
+
 def job_env(**extra: str) -> dict[str, str]:
     """Environment for ``interplab`` subprocesses: no inherited Ray address, offline, extra vars."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}

@@ -29,17 +29,6 @@ def test_corpus_is_large_enough():
     assert len(BAD) >= 30
 
 
-@pytest.fixture
-def no_ray(monkeypatch):
-    """Fail the test if anything calls ``ray.init``: a bad spec is refused before Ray starts."""
-    import ray
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("ray.init was called: the spec reached Ray before it was refused")
-
-    monkeypatch.setattr(ray, "init", refuse)
-
-
 @pytest.mark.parametrize("path", BAD, ids=[p.stem for p in BAD])
 def test_bad_spec_exits_2_with_one_clear_error(path, cli, tmp_path, no_ray):
     store = tmp_path / "store"

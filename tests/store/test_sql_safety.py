@@ -69,19 +69,30 @@ def test_session_is_locked_even_past_the_checker(filled):
     assert not os.path.exists("/tmp/evil2.db")
 
 
-@pytest.mark.parametrize(
-    "query",
-    [
-        "SELECT count(*) FROM activations",
-        "WITH a AS (SELECT * FROM activations) SELECT count(*) FROM a JOIN runs USING (run_id)",
-        "SELECT i FROM range(3) t(i)",
-        "SELECT unnest([1, 2])",
-        "FROM runs",
-        "DESCRIBE SELECT * FROM activations",
-    ],
-)
-def test_read_queries_are_allowed(filled, query):
-    filled.sql(query)
+def _values(table, *columns):
+    return [tuple(row[c] for c in columns) for row in table.to_pylist()]
+
+
+def test_read_queries_are_allowed_and_answer(filled):
+    """Read queries run and return what was written: 8 rows of resid_pre.3 in one committed run."""
+    written = make_rows(8, 4)
+    expected = sorted(zip(written["prompt_id"].tolist(), written["position"].tolist(), written["token"]))
+    run_id = filled.runs()[0].run_id
+
+    assert _values(filled.sql("SELECT count(*) AS n FROM activations"), "n") == [(8,)]
+    got = filled.sql("SELECT prompt_id, position, token, site, layer FROM activations ORDER BY prompt_id, position")
+    assert _values(got, "prompt_id", "position", "token") == expected
+    assert set(_values(got, "site", "layer")) == {("resid_pre", 3)}
+    joined = filled.sql("WITH a AS (SELECT * FROM activations) SELECT count(*) AS n, min(kind) AS kind "
+                        "FROM a JOIN runs USING (run_id)")
+    assert _values(joined, "n", "kind") == [(8, "capture")]
+    assert _values(filled.sql("SELECT i FROM range(3) t(i)"), "i") == [(0,), (1,), (2,)]
+    assert _values(filled.sql("SELECT unnest([1, 2]) AS x"), "x") == [(1,), (2,)]
+    runs = filled.sql("FROM runs")
+    assert _values(runs, "run_id", "kind", "model", "status", "n_activation_rows") == [(run_id, "capture", "tiny", "committed", 8)]
+    described = filled.sql("DESCRIBE SELECT * FROM activations")
+    assert [c for (c,) in _values(described, "column_name")] == filled.sql("SELECT * FROM activations").column_names
+    assert {"prompt_id", "position", "site", "layer", "act"} <= {c for (c,) in _values(described, "column_name")}
 
 
 def test_malformed_sql(filled):

@@ -198,15 +198,23 @@ def _print_result(result) -> None:
 @_errors
 def submit(spec_path, overrides, address, store_uri, run_id, retries, include_package, local_check, token_file) -> None:
     """Submit a job spec to a Ray cluster through the Jobs API."""
-    from interplab.jobs.prepare import PreparedJob, check_store, prepare
+    from interplab.jobs.errors import SpecError
+    from interplab.jobs.model import check_parallel
+    from interplab.jobs.prepare import PreparedJob, check_store, check_store_uri, prepare
     from interplab.jobs.registry import get_kind, parse_spec
     from interplab.jobs.submit import submit as submit_job
 
     raw = _load(spec_path, overrides)
     if local_check:
         job, _ = prepare(raw, spec_path, store=store_uri)
-    else:
+    else:  # what needs no model: the fields, the spec's own store URI, parallel as a config
         spec = parse_spec(raw, spec_path)
+        try:
+            if spec.store:
+                check_store_uri(spec.store, "store")
+            check_parallel(spec)
+        except SpecError as exc:
+            raise exc.with_source(spec_path) from None
         job = PreparedJob(spec, get_kind(spec.kind), [], {}, spec_path)
     store = store_uri or job.spec.store
     if store is not None:

@@ -11,6 +11,11 @@ attempt is retried ``spec.retries`` times on fresh workers, recomputing only the
 ``run_job(job, uri, run_id=R, resume=True)`` continues a killed or failed run the same way. Any
 exit other than a commit (error, Ctrl-C, SIGTERM from ``interplab jobs stop``) marks the run failed,
 so it is never half-visible.
+
+Signals: while a job runs, SIGINT and SIGTERM both interrupt it (:class:`_Interrupts`), whatever the
+process inherited — a job started in the background of a script inherits SIGINT *ignored*, and
+``ray.init`` replaces the SIGTERM handler — and a worker pool, a model load or a placement that
+waits longer than a few seconds says what it waits for.
 """
 
 from __future__ import annotations
@@ -65,36 +70,70 @@ def ray_session(cpus_needed: float = 1.0) -> Iterator[str]:
     options: dict[str, Any] = {"logging_level": logging.ERROR, "log_to_driver": False}
     if env and RAY_JOB_CONFIG_JSON_ENV_VAR not in os.environ:  # a submitted job already has its runtime_env
         options["runtime_env"] = {"env_vars": env}
-    if address:
-        ray.init(address=address, **options)
-        where = f"Ray cluster at {address}"
-    else:
-        cpus = max(os.cpu_count() or 1, int(cpus_needed + 0.999))
-        ray.init(address="local", num_cpus=cpus, include_dashboard=False, **options)
-        where = "embedded local Ray"
     try:
+        if address:
+            ray.init(address=address, **options)
+            where = f"Ray cluster at {address}"
+        else:
+            cpus = max(os.cpu_count() or 1, int(cpus_needed + 0.999))
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False, **options)
+            where = "embedded local Ray"
         yield where
-    finally:
+    finally:  # also when ray.init itself was interrupted half-way
         ray.shutdown()
 
 
-@contextmanager
-def _stop_on_sigterm() -> Iterator[None]:
-    """Turn SIGTERM (``interplab jobs stop``, Kubernetes) into :class:`JobInterrupted`."""
-    import threading
+class _Interrupts:
+    """SIGINT (Ctrl-C) and SIGTERM (``interplab jobs stop``, Kubernetes) interrupt the job.
 
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    Installed for the whole run and again right after ``ray.init`` (which puts in its own SIGTERM
+    handler, ``sys.exit``, under which Ray's C++ handler aborted the process: exit -6, not 130).
+    SIGINT is installed explicitly because a process started in the background by a non-interactive
+    shell (``cmd &`` in a script, some CI runners) inherits SIGINT ignored and Python keeps it so:
+    a Ctrl-C or ``kill -INT`` was then lost and the job ran on to its commit.
 
-    def handler(signum, frame):  # noqa: ARG001
-        raise JobInterrupted("stopped (SIGTERM)")
+    The handler raises ``KeyboardInterrupt``, the one exception Ray lets out of a blocking
+    ``ray.get``/``ray.wait`` (another one raised by a handler waits until the call returns), and
+    notes the signal: :meth:`check` (called by the driver's loops) raises again should the first one
+    be swallowed on its way. After :meth:`disarm` (committed, or cleaning up) a signal is only noted.
+    """
 
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    _REASONS = {signal.SIGINT: "interrupted (Ctrl-C)", signal.SIGTERM: "stopped (SIGTERM)"}
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self._armed = True
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Interrupts:
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self._previous = {sig: signal.getsignal(sig) for sig in self._REASONS}
+            self.install()
+        return self
+
+    def install(self) -> None:
+        for sig in self._previous:
+            signal.signal(sig, self._handle)
+
+    def disarm(self) -> None:
+        self._armed = False
+
+    def check(self) -> None:
+        if self.reason is not None and self._armed:
+            raise KeyboardInterrupt(self.reason)
+
+    def _handle(self, signum: int, frame) -> None:  # noqa: ARG002
+        first = self.reason is None
+        if first:
+            self.reason = self._REASONS.get(signum, f"signal {signum}")
+        if first and self._armed:
+            raise KeyboardInterrupt(self.reason)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def _raise_failure(outcome: ChunkOutcome, what: str) -> None:
@@ -105,7 +144,7 @@ def _raise_failure(outcome: ChunkOutcome, what: str) -> None:
 class _Workers:
     """The worker actors of one attempt."""
 
-    def __init__(self, job: PreparedJob, echo: Echo):
+    def __init__(self, job: PreparedJob, echo: Echo, check: Callable[[], None]):
         import ray
 
         from interplab.jobs.model import uses_pipeline
@@ -115,15 +154,22 @@ class _Workers:
         if uses_pipeline(spec):
             gpus = 0.0  # the stage actors hold the GPUs (parallel.gpus_per_stage); this one coordinates
         device = spec.device if spec.device != "auto" else ("cuda" if gpus > 0 else "cpu")
+        wanted = {"CPU": spec.resources.num_cpus, "GPU": gpus}
+        _check_workers_fit(wanted, spec.workers)
         actor = ray.remote(ChunkWorker).options(num_cpus=spec.resources.num_cpus, num_gpus=gpus, max_restarts=0)
         self.actors = [actor.remote(job.record, device) for _ in range(spec.workers)]
         self.device = device
         echo(f"starting {spec.workers} worker(s) ({spec.resources.num_cpus:g} CPU, {gpus:g} GPU, {device}) "
              f"with {spec.model}")
-        loaded = _get([a.load.remote() for a in self.actors], "loading the model")
-        for outcome, _ in loaded:
-            if not outcome.ok:
-                _raise_failure(outcome, "loading the model")
+        try:
+            loaded = _wait([a.load.remote() for a in self.actors], "loading the model", check,
+                           _Waiting(echo, self.actors, wanted))
+            for outcome, _ in loaded:
+                if not outcome.ok:
+                    _raise_failure(outcome, "loading the model")
+        except BaseException:
+            self.kill()  # the caller never gets this object to kill
+            raise
         self.info = loaded[0][1]
 
     def attach(self, store_uri: str, run_id: str) -> None:
@@ -131,8 +177,9 @@ class _Workers:
             if not outcome.ok:
                 _raise_failure(outcome, "opening the store")
 
-    def run(self, chunk_ids: list[str], progress) -> int:
-        """Run ``chunk_ids`` (one in flight per worker, dynamically balanced); returns how many ran."""
+    def run(self, chunk_ids: list[str], progress, check: Callable[[], None]) -> int:
+        """Run ``chunk_ids`` (one in flight per worker, dynamically balanced); returns how many ran.
+        ``check`` is called at least every second (it raises when the job was interrupted)."""
         import ray
 
         queue = list(chunk_ids)
@@ -148,6 +195,7 @@ class _Workers:
         done = 0
         while running:
             ready, _ = ray.wait(list(running), num_returns=1, timeout=1.0)
+            check()
             for ref in ready:
                 actor, chunk = running.pop(ref)
                 outcome = _get([ref], f"chunk {chunk}")[0]
@@ -168,13 +216,82 @@ class _Workers:
         return summary
 
     def kill(self) -> None:
+        """Kill the workers (their stage actors die with them) and release their stages' placement
+        groups, which would otherwise stay reserved until the job ends (a retry could not place its own)."""
         import ray
+
+        from interplab.runtime import cluster
 
         for actor in self.actors:
             try:
                 ray.kill(actor)
             except Exception:  # noqa: BLE001 - already dead
                 pass
+        cluster.release_placements(ray.get_runtime_context().get_job_id())
+
+
+def _check_workers_fit(wanted: dict[str, float], count: int) -> None:
+    """Refuse worker actors that no node of a cluster that cannot grow could ever hold."""
+    from interplab.runtime import cluster
+
+    nodes = cluster.cluster_nodes()
+    if cluster.bundles_fit(wanted, count, [n.usable() for n in nodes]) or cluster.can_autoscale():
+        return
+    raise JobError(f"the cluster can never start the job's workers and has no autoscaler to add nodes: "
+                   f"{cluster.describe_placement(wanted, count, nodes, 'worker(s)')}; lower 'workers' or 'resources'")
+
+
+class _Waiting:
+    """Says what a wait is for, :data:`~interplab.runtime.cluster.REPORT_AFTER_S` into it and then
+    every :data:`~interplab.runtime.cluster.REPORT_EVERY_S`: worker actors the cluster has not
+    started yet, and this job's placement groups (pipeline stages) it has not placed."""
+
+    def __init__(self, echo: Echo, actors: list, wanted: dict[str, float]):
+        from interplab.runtime import cluster
+
+        self._echo = echo
+        self._actors = actors
+        self._wanted = wanted
+        self._next = cluster.REPORT_AFTER_S
+
+    def __call__(self, waited_s: float) -> None:
+        import ray
+
+        from interplab.runtime import cluster
+
+        if waited_s < self._next:
+            return
+        self._next = waited_s + cluster.REPORT_EVERY_S
+        lines = cluster.waiting_placements(ray.get_runtime_context().get_job_id())
+        pending = sum(_actor_state(a) in ("DEPENDENCIES_UNREADY", "PENDING_CREATION") for a in self._actors)
+        if pending:
+            lines.insert(0, "workers: waiting for the cluster to start them: "
+                            f"{cluster.describe_placement(self._wanted, pending, cluster.cluster_nodes(), 'worker(s)')}")
+        for line in lines:
+            self._echo(f"still waiting after {waited_s:.0f} s; {line}")
+
+
+def _actor_state(actor) -> str:
+    try:
+        from ray._private import state
+
+        return str(state.actors(actor_id=actor._actor_id.hex()).get("State", ""))
+    except Exception:  # noqa: BLE001 - the report is best effort
+        return ""
+
+
+def _wait(refs: list, what: str, check: Callable[[], None], waiting: Callable[[float], None]) -> list:
+    """``ray.get(refs)``, a second at a time: ``check()`` (interrupts) and ``waiting(seconds)`` between."""
+    import ray
+
+    started = time.monotonic()
+    pending = list(refs)
+    while pending:
+        _, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0)
+        check()
+        if pending:
+            waiting(time.monotonic() - started)
+    return _get(refs, what)
 
 
 def _get(refs: list, what: str) -> list:
@@ -229,50 +346,58 @@ def run_job(
     attempts = 0
     n_computed = 0
     echo(f"connecting to Ray at {os.environ['RAY_ADDRESS']}" if os.environ.get("RAY_ADDRESS") else "starting an embedded local Ray")
-    try:
-        with _stop_on_sigterm(), ray_session(job.spec.workers * job.spec.resources.num_cpus) as where:
-            echo(f"{job.kind.name} job on {where}: {len(job.chunk_ids)} chunk(s)")
-            summary = None
-            while summary is None:
-                attempts += 1
-                workers = None
-                try:
-                    workers = _Workers(job, echo)
-                    if writer is None:
-                        store = open_store(store_uri)
-                        writer = _open_run(store, job, workers.info, run_id, resume)
-                        run_id = writer.run_id
-                        echo(f"run_id: {run_id}")
-                    workers.attach(store.uri, run_id)
-                    done = {chunk_key(c) for c in writer.written_chunks(JOB_CHUNKS_TABLE)}
-                    todo = [c for c in job.chunk_ids if chunk_key(c) not in done]
-                    bar = _progress(len(job.chunk_ids), len(job.chunk_ids) - len(todo), run_id, progress)
+    with _Interrupts() as interrupts:
+        try:
+            with ray_session(job.spec.workers * job.spec.resources.num_cpus) as where:
+                interrupts.install()  # ray.init put its own SIGTERM handler in place
+                interrupts.check()
+                echo(f"{job.kind.name} job on {where}: {len(job.chunk_ids)} chunk(s)")
+                summary = None
+                while summary is None:
+                    attempts += 1
+                    workers = None
                     try:
-                        n_computed += workers.run(todo, bar)
-                    finally:
-                        bar.close()
-                    summary = workers.finalize()
-                except JobInterrupted:
-                    raise
-                except JobError as exc:
-                    if attempts > retries or writer is None:
+                        workers = _Workers(job, echo, interrupts.check)
+                        if writer is None:
+                            store = open_store(store_uri)
+                            writer = _open_run(store, job, workers.info, run_id, resume)
+                            run_id = writer.run_id
+                            echo(f"run_id: {run_id}")
+                        workers.attach(store.uri, run_id)
+                        done = {chunk_key(c) for c in writer.written_chunks(JOB_CHUNKS_TABLE)}
+                        todo = [c for c in job.chunk_ids if chunk_key(c) not in done]
+                        bar = _progress(len(job.chunk_ids), len(job.chunk_ids) - len(todo), run_id, progress)
+                        try:
+                            n_computed += workers.run(todo, bar, interrupts.check)
+                        finally:
+                            bar.close()
+                        summary = workers.finalize()
+                    except JobInterrupted:
                         raise
-                    echo(f"attempt {attempts} failed ({exc}); retrying the missing chunks "
-                         f"({retries - attempts + 1} retr{'y' if retries - attempts + 1 == 1 else 'ies'} left)")
-                finally:
-                    if workers is not None:
-                        workers.kill()
-            writer.commit({"summary": {"lines": summary.lines, "sql": summary.sql}, "n_chunks": len(job.chunk_ids),
-                           "attempts": attempts})
-    except KeyboardInterrupt:
-        _fail(writer, "interrupted (Ctrl-C)")
-        raise _located(JobInterrupted("interrupted (Ctrl-C)"), writer, store) from None
-    except JobError as exc:
-        _fail(writer, f"{type(exc).__name__}: {exc}")
-        raise _located(exc, writer, store)
-    except BaseException as exc:
-        _fail(writer, f"{type(exc).__name__}: {exc}")
-        raise
+                    except JobError as exc:
+                        if attempts > retries or writer is None:
+                            raise
+                        echo(f"attempt {attempts} failed ({exc}); retrying the missing chunks "
+                             f"({retries - attempts + 1} retr{'y' if retries - attempts + 1 == 1 else 'ies'} left)")
+                    finally:
+                        if workers is not None:
+                            workers.kill()
+                interrupts.disarm()  # all done: a signal from here on (commit, Ray shutting down) changes nothing
+                writer.commit({"summary": {"lines": summary.lines, "sql": summary.sql}, "n_chunks": len(job.chunk_ids),
+                               "attempts": attempts})
+        except KeyboardInterrupt:
+            interrupts.disarm()
+            reason = interrupts.reason or "interrupted (Ctrl-C)"
+            _fail(writer, reason)
+            raise _located(JobInterrupted(reason), writer, store) from None
+        except JobError as exc:
+            interrupts.disarm()
+            _fail(writer, f"{type(exc).__name__}: {exc}")
+            raise _located(exc, writer, store)
+        except BaseException as exc:
+            interrupts.disarm()
+            _fail(writer, f"{type(exc).__name__}: {exc}")
+            raise
     return JobResult(run_id, store.uri, summary.for_run(run_id), len(job.chunk_ids), n_computed, attempts,
                      time.perf_counter() - started)
 

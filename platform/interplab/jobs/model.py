@@ -34,6 +34,28 @@ def check_parallel(spec: JobSpec) -> None:
         raise SpecError(f"parallel.{first.path}", first.problem, first.value, first.allowed) from None
 
 
+def check_stage_split(spec: JobSpec, model: HookedModel) -> None:
+    """The stages ``spec.parallel`` asks for fit the model's layers (errors at ``parallel.stages``).
+
+    Asks :func:`interplab.runtime.split.resolve_stages` itself (an explicit split must end at the last
+    layer, a count must not exceed the layers); ``stages: auto`` depends on the devices the stages
+    get, so it is resolved on the cluster."""
+    if spec.parallel is None:
+        return
+    from interplab.runtime import ParallelConfig
+    from interplab.runtime.split import resolve_stages
+
+    config = ParallelConfig.model_validate(spec.parallel)
+    if config.stages == "auto":
+        return
+    try:
+        resolve_stages(config, model.n_layers)
+    except ValueError as exc:
+        problem = str(exc).removeprefix("stages: ")  # the path already says it
+        raise SpecError("parallel.stages", problem, spec.parallel.get("stages"),
+                        f"at most {model.n_layers} stages, or [start, stop] ranges covering layers 0..{model.n_layers - 1}") from None
+
+
 def build_model(spec: JobSpec, device: str) -> HookedModel:
     """The model a worker runs ``run_chunk``/``finalize`` with (the one switch point for backends)."""
     from interplab.jobs.registry import get_kind

@@ -1,20 +1,27 @@
 """Everything that happens before a job touches the store: parse, validate, plan its chunks.
 
-:func:`prepare` runs pydantic validation, the common semantic checks (store URI, ``parallel``, the
-model loads) and the kind's own ``validate``, then asks for the chunk ids. Any problem is a
-:class:`SpecError` and nothing has been written anywhere.
+:func:`prepare` runs pydantic validation, the common semantic checks and the kind's own
+``validate``, then asks for the chunk ids. The common checks are all that can be told without Ray
+from the spec, the model's config and its tokenizer: the store URI (the spec's own too, when
+``--store`` overrides it), ``parallel`` (as a config, then its stage split against the model's
+layers, by :func:`interplab.runtime.split.resolve_stages`), the model loads, and every prompt fits
+the model's context (``max_position_embeddings``). Any problem is a :class:`SpecError`, the CLI
+exits 2, and nothing has been written anywhere and no Ray started.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from interplab.jobs.errors import SpecError, SpecErrors
-from interplab.jobs.model import check_parallel, validation_model
+from interplab.jobs.model import check_parallel, check_stage_split, validation_model
 from interplab.jobs.registry import JobKind, get_kind, parse_spec
 from interplab.jobs.spec import JobSpec
+
+if TYPE_CHECKING:
+    from interplab.store.fs import Location
 
 
 @dataclass
@@ -44,16 +51,25 @@ def resolve_store(cli_store: str | None, spec: JobSpec) -> tuple[str, str]:
     return DEFAULT_STORE, "store"
 
 
+_STORE_ALLOWED = "a directory or s3://bucket/prefix"
+
+
+def check_store_uri(uri: str, path: str) -> Location:
+    """Refuse a malformed store URI (scheme, bucket); returns its resolved location. Looks at nothing."""
+    from interplab.store import StoreError, fs
+
+    try:
+        return fs.resolve(uri)
+    except StoreError as exc:
+        raise SpecError(path, str(exc), uri, _STORE_ALLOWED) from None
+
+
 def check_store(uri: str, path: str) -> str:
     """Refuse a store URI that cannot be used, without creating or writing anything."""
-    from interplab.store import StoreError
-    from interplab.store import fs, layout
+    from interplab.store import layout
 
-    allowed = "a directory or s3://bucket/prefix"
-    try:
-        loc = fs.resolve(uri)
-    except StoreError as exc:
-        raise SpecError(path, str(exc), uri, allowed) from None
+    allowed = _STORE_ALLOWED
+    loc = check_store_uri(uri, path)
     if loc.local:
         if os.path.exists(loc.root) and not os.path.isdir(loc.root):
             raise SpecError(path, "is a file, not a store directory", uri, allowed)
@@ -69,11 +85,15 @@ def prepare(raw_or_spec: dict[str, Any] | JobSpec, source: str = "", *, store: s
     try:
         spec = raw_or_spec if isinstance(raw_or_spec, JobSpec) else parse_spec(raw_or_spec, source)
         kind = get_kind(spec.kind)
+        if store and spec.store:  # --store wins, but the spec as written must still be valid
+            check_store_uri(spec.store, "store")
         uri, where = resolve_store(store, spec)
         uri = check_store(uri, where)
         check_parallel(spec)
         model = validation_model(spec)
+        check_stage_split(spec, model)
         kind.runner.validate(spec, model)
+        check_context(kind, spec, model)
         chunk_ids = [str(c) for c in kind.runner.chunks(spec, model)]
         provenance_fn = getattr(kind.runner, "provenance", None)
         provenance = dict(provenance_fn(spec)) if provenance_fn is not None else {}
@@ -81,6 +101,34 @@ def prepare(raw_or_spec: dict[str, Any] | JobSpec, source: str = "", *, store: s
         raise exc.with_source(source) if source and not getattr(exc, "source", "") else exc
     _check_chunk_ids(kind.name, chunk_ids)
     return PreparedJob(spec, kind, chunk_ids, provenance, source), uri
+
+
+def job_prompts(kind: JobKind, spec: JobSpec, model) -> list[tuple[str, str]]:
+    """``(field path, text)`` of every prompt the job runs: the runner's ``prompt_texts(spec, model)``
+    if it has one, else the spec's ``prompt_texts()`` (capture) at ``prompts[i]`` / ``dataset[i]``."""
+    declared = getattr(kind.runner, "prompt_texts", None)
+    if callable(declared):
+        return [(str(path), str(text)) for path, text in declared(spec, model)]
+    texts = getattr(spec, "prompt_texts", None)
+    if not callable(texts):
+        return []
+    where = "prompts" if getattr(spec, "prompts", None) is not None else "dataset"
+    return [(f"{where}[{i}]", text) for i, text in enumerate(texts())]
+
+
+def check_context(kind: JobKind, spec: JobSpec, model, batch: int = 256) -> None:
+    """Every prompt, tokenised as the engine does, fits the model's context (``max_position_embeddings``)."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if not isinstance(limit, int) or isinstance(limit, bool):
+        return
+    prompts = job_prompts(kind, spec, model)
+    for start in range(0, len(prompts), batch):
+        part = prompts[start : start + batch]
+        lengths = model.tokenize([text for _, text in part]).lengths.tolist()
+        for (path, text), n in zip(part, lengths):
+            if n > limit:
+                raise SpecError(path, f"the prompt is {n} tokens long; {spec.model} reads at most {limit} "
+                                "(its max_position_embeddings)", text, f"a prompt of at most {limit} tokens")
 
 
 def _check_chunk_ids(kind: str, chunk_ids: list[str]) -> None:

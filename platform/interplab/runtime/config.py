@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 StagesSpec = int | list[list[int]] | Literal["auto"]
+DEFAULT_PLACEMENT_TIMEOUT_S = 600.0
 
 
 class ParallelConfig(BaseModel):
@@ -45,6 +46,11 @@ class ParallelConfig(BaseModel):
             while they are idle in a ``run`` call's pipeline fill and drain (the first micro-batch
             runs on the first stage with the downstream stages' threads too, the last one on the last
             stage with the upstream stages'), as stages sharing a GPU share it by themselves.
+        placement_timeout_s: seconds a replica waits for the cluster to reserve its stage bundles
+            before it fails. Bundles the cluster can never hold (its nodes are too small, counting
+            what the job already holds, and no autoscaler can add nodes) fail at once; a replica
+            still waiting after a few seconds says what it wants and what each node has
+            (:mod:`interplab.runtime.cluster`).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -58,6 +64,7 @@ class ParallelConfig(BaseModel):
     max_retries: int = Field(default=3, ge=0)
     transport: Literal["auto", "refs", "compiled"] = "auto"
     lend_cores: bool = True
+    placement_timeout_s: float = Field(default=DEFAULT_PLACEMENT_TIMEOUT_S, gt=0)
 
     @field_validator("stages", mode="before")
     @classmethod

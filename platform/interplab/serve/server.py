@@ -1,0 +1,149 @@
+"""The request path of one replica, independent of the HTTP framework: token, body, checks, queue,
+model thread, answer. The Ray Serve deployment (:mod:`interplab.serve.deployment`) hands each HTTP
+request to :meth:`Server.answer`; tests can call it in-process.
+
+Every failure becomes an answer (status and JSON error, :mod:`interplab.serve.errors`) and the
+server keeps serving: 401 (token), 400 (a field, naming it), 413 (a limit, naming it), 429 (a user's
+requests in flight), 500 (a failure of the service itself, logged with its traceback).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from interplab.engine.backend import Backend
+from interplab.serve.auth import TokenAuth
+from interplab.serve.batching import Batcher, RunCall, run_together
+from interplab.serve.errors import LimitError, error_body, status_for
+from interplab.serve.limits import BatchingConfig, ServeLimits
+from interplab.serve.service import ModelService
+from interplab.serve.wire import CONTENT_TYPE, decode_frame
+
+log = logging.getLogger("interplab.serve")
+RATE_WINDOW_S = 60.0
+
+
+@dataclass(frozen=True)
+class Answer:
+    status: int
+    body: bytes
+    content_type: str
+
+
+class Server:
+    """One replica's model service (see the module docstring)."""
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        name: str,
+        auth: TokenAuth,
+        limits: ServeLimits,
+        batching: BatchingConfig,
+        dtype: str = "float32",
+        source: str = "",
+        parallel: dict[str, Any] | None = None,
+    ) -> None:
+        self.auth = auth
+        self.limits = limits
+        self.batching = batching
+        self.service = ModelService(backend, name=name, limits=limits, dtype=dtype, source=source, parallel=parallel)
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="interplab-model")
+        self.batcher = Batcher(batching, self._run_batch, self.executor)
+        self.in_flight: Counter[str] = Counter()
+        self.requests: Counter[str] = Counter()  # answered, by operation
+        self.errors: Counter[int] = Counter()  # by status
+        self.recent: deque[float] = deque()
+        self.started = time.time()
+
+    def _run_batch(self, calls: list[RunCall]) -> list[Any]:
+        return run_together(self.service.backend, calls, self.service.pad_id)
+
+    async def answer(self, op: str, authorization: str | None, body: bytes, declared_length: int | None = None) -> Answer:
+        try:
+            user = self.auth.user(authorization)
+        except Exception as exc:  # noqa: BLE001 - answered as 401
+            return self._error(exc)
+        if self.in_flight[user] >= self.limits.max_user_in_flight:
+            return self._error(
+                LimitError(
+                    "max_user_in_flight",
+                    self.limits.max_user_in_flight,
+                    self.in_flight[user] + 1,
+                    f"user {user!r}'s requests in flight",
+                )
+            )
+        self.in_flight[user] += 1
+        try:
+            return await self._answer(op, user, body, declared_length)
+        except Exception as exc:  # noqa: BLE001 - every failure is an answer; the replica keeps serving
+            return self._error(exc)
+        finally:
+            self.in_flight[user] -= 1
+
+    async def _answer(self, op: str, user: str, body: bytes, declared_length: int | None) -> Answer:
+        limits = self.limits
+        size = max(len(body), declared_length or 0)
+        if size > limits.max_request_bytes:
+            raise LimitError("max_request_bytes", limits.max_request_bytes, size, "the request body's bytes")
+        header, tensors = await asyncio.to_thread(
+            decode_frame, body, max_json_bytes=limits.max_json_bytes, max_tensor_bytes=limits.max_tensor_bytes
+        )
+        call = await asyncio.to_thread(self.service.parse, op, header, tensors, user)
+        if isinstance(call, RunCall):
+            result = await self.batcher.submit(call)
+            prompts = header.get("prompts")
+            texts_sent = isinstance(prompts, dict) and "input_ids" not in prompts
+            out, frame = self.service.encode_run(call, result, texts_sent)
+        else:
+            out, frame = await asyncio.get_running_loop().run_in_executor(self.executor, self.service.execute, call)
+        data = await asyncio.to_thread(frame.encode, out)
+        self.requests[op] += 1
+        self._tick()
+        return Answer(200, data, CONTENT_TYPE)
+
+    def _error(self, exc: BaseException) -> Answer:
+        status = status_for(exc)
+        self.errors[status] += 1
+        if status >= 500:
+            log.error("interplab serve: request failed", exc_info=exc)
+        return Answer(status, json.dumps(error_body(exc)).encode(), "application/json")
+
+    def _tick(self) -> None:
+        self.recent.append(time.monotonic())
+        self._trim()
+
+    def _trim(self) -> None:
+        start = time.monotonic() - RATE_WINDOW_S
+        while self.recent and self.recent[0] < start:
+            self.recent.popleft()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for ``interplab serve status``."""
+        self._trim()
+        info = self.service.info()
+        uptime = time.time() - self.started
+        return {
+            "model": info["model"],
+            "weight_hash": info["weight_hash"],
+            "stage_ranges": info["stage_ranges"],
+            "uptime_s": round(uptime, 1),
+            "requests": dict(self.requests),
+            "errors": {str(k): v for k, v in self.errors.items()},
+            "requests_per_s": round(len(self.recent) / min(RATE_WINDOW_S, max(uptime, 1e-9)), 3),
+            "queue_depth": self.batcher.depth,
+            "in_flight": {u: n for u, n in self.in_flight.items() if n},
+            "batching": {**self.batching.model_dump(), **self.batcher.stats.to_json()},
+        }
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+        self.service.backend.close()

@@ -1,0 +1,249 @@
+"""The wire format: one body per request and per answer, ``[header][JSON][safetensors]``.
+
+    magic  b"IPL1"            4 bytes
+    n      uint32, little-endian: the JSON's length in bytes
+    JSON   n bytes of UTF-8: an object describing the call (or the answer)
+    rest   a safetensors file holding every tensor the JSON refers to (absent: no tensors)
+
+A tensor inside the JSON is ``{"$tensor": "t3"}``, the name of an entry of the safetensors part.
+Content type ``application/vnd.interplab.frame``. Errors are plain JSON (``errors.error_body``).
+Nothing here unpickles: JSON and safetensors only, both parsed with size limits first.
+
+:class:`Reader` reads typed fields out of a request's JSON and raises a :class:`FieldError` naming
+the field's path (``interventions[2].value``) for anything missing, extra, of the wrong type, shape or
+dtype, or holding NaN.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from interplab.serve.errors import FieldError, LimitError
+
+MAGIC = b"IPL1"
+CONTENT_TYPE = "application/vnd.interplab.frame"
+TENSOR = "$tensor"
+FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+INTS = (torch.int64, torch.int32)
+_MISSING = object()
+
+
+# --------------------------------------------------------------------------- frames
+class Frame:
+    """Collects tensors while an answer or request is built: ``frame.ref(t)`` goes in the JSON."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def ref(self, tensor: torch.Tensor) -> dict[str, str]:
+        name = f"t{len(self.tensors)}"
+        # a copy of its own (safetensors refuses tensors that share memory, e.g. views of one capture)
+        self.tensors[name] = tensor.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+        return {TENSOR: name}
+
+    def maybe(self, tensor: torch.Tensor | None) -> dict[str, str] | None:
+        return None if tensor is None else self.ref(tensor)
+
+    def encode(self, header: Mapping[str, Any]) -> bytes:
+        return encode_frame(header, self.tensors)
+
+
+def encode_frame(header: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> bytes:
+    from safetensors.torch import save
+
+    text = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
+    data = save(dict(tensors)) if tensors else b""
+    return MAGIC + struct.pack("<I", len(text)) + text + data
+
+
+def decode_frame(body: bytes, *, max_json_bytes: int, max_tensor_bytes: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The JSON object and the tensors of a frame; FieldError/LimitError for anything malformed."""
+    from safetensors.torch import load
+
+    if len(body) < 8 or body[:4] != MAGIC:
+        raise FieldError("body", f"not an interplab frame (expected the magic {MAGIC!r}, a uint32 length, JSON, safetensors)")
+    (n,) = struct.unpack("<I", body[4:8])
+    if n > max_json_bytes:
+        raise LimitError("max_json_bytes", max_json_bytes, n, "the request's JSON length")
+    if 8 + n > len(body):
+        raise FieldError("body", f"the frame says its JSON is {n} bytes but only {len(body) - 8} follow")
+    try:
+        header = json.loads(body[8 : 8 + n].decode("utf-8"), parse_constant=_no_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise FieldError("body", f"the JSON part does not parse: {exc}") from None
+    if not isinstance(header, dict):
+        raise FieldError("body", f"the JSON part must be an object, got {type(header).__name__}")
+    rest = body[8 + n :]
+    if len(rest) > max_tensor_bytes:
+        raise LimitError("max_tensor_bytes", max_tensor_bytes, len(rest), "the request's tensor bytes")
+    tensors: dict[str, torch.Tensor] = {}
+    if rest:
+        try:
+            tensors = dict(load(rest))
+        except Exception as exc:  # noqa: BLE001 - safetensors reports malformed files with its own errors
+            raise FieldError("tensors", f"the safetensors part does not parse: {exc}") from None
+    return header, tensors
+
+
+def _no_constant(name: str) -> float:
+    raise FieldError("body", f"JSON {name} is not allowed (send tensors for non-finite values)")
+
+
+# --------------------------------------------------------------------------- reading fields
+class Reader:
+    """Typed, path-named access to one JSON object of a request (see the module docstring)."""
+
+    def __init__(self, obj: object, path: str, tensors: Mapping[str, torch.Tensor]) -> None:
+        if not isinstance(obj, dict):
+            raise FieldError(path or "body", f"must be an object, got {_kind(obj)}")
+        self.obj = obj
+        self.path = path
+        self.tensors = tensors
+
+    def field(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def only(self, allowed: Iterable[str]) -> Reader:
+        """Refuse fields this object does not have (a misspelt option is an error, not ignored)."""
+        allowed = set(allowed)
+        extra = sorted(set(self.obj) - allowed)
+        if extra:
+            raise FieldError(self.field(extra[0]), f"unknown field; allowed here: {', '.join(sorted(allowed))}")
+        return self
+
+    def child(self, name: str, value: object | None = None) -> Reader:
+        return Reader(self.obj.get(name) if value is None else value, self.field(name), self.tensors)
+
+    def raw(self, name: str, default: Any = _MISSING) -> Any:
+        if name not in self.obj or self.obj[name] is None:
+            if default is _MISSING:
+                raise FieldError(self.field(name), "is required")
+            return default
+        return self.obj[name]
+
+    def text(self, name: str, default: Any = _MISSING, choices: Sequence[str] | None = None) -> Any:
+        value = self.raw(name, default)
+        if value is default and default is not _MISSING:
+            return value
+        if not isinstance(value, str):
+            raise FieldError(self.field(name), f"must be a string, got {_kind(value)}")
+        if choices is not None and value not in choices:
+            raise FieldError(self.field(name), f"{value!r} is not one of {', '.join(choices)}")
+        return value
+
+    def flag(self, name: str, default: bool = False) -> bool:
+        value = self.raw(name, default)
+        if not isinstance(value, bool):
+            raise FieldError(self.field(name), f"must be true or false, got {_kind(value)}")
+        return value
+
+    def integer(self, name: str, default: Any = _MISSING, *, minimum: int | None = None) -> Any:
+        value = self.raw(name, default)
+        if value is default and default is not _MISSING:
+            return value
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise FieldError(self.field(name), f"must be an integer, got {_kind(value)}")
+        if minimum is not None and value < minimum:
+            raise FieldError(self.field(name), f"must be at least {minimum}, got {value}")
+        return value
+
+    def texts(self, name: str, default: Any = _MISSING) -> Any:
+        value = self.raw(name, default)
+        if value is default and default is not _MISSING:
+            return value
+        if isinstance(value, str) or not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise FieldError(self.field(name), f"must be a list of strings, got {_kind(value)}")
+        return value
+
+    def index(self, name: str) -> int | list[int] | torch.Tensor | None:
+        """Rows, positions or heads: null, an integer, a list of integers or an integer tensor (1-d)."""
+        value = self.raw(name, None)
+        if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+            return value
+        if isinstance(value, list):
+            if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise FieldError(self.field(name), "must be an integer or a list of integers")
+            return value
+        return self.tensor(name, dtypes=INTS, ndim=1)
+
+    def tensor(
+        self,
+        name: str,
+        *,
+        dtypes: Sequence[torch.dtype],
+        ndim: int | Sequence[int] | None = None,
+        default: Any = _MISSING,
+        finite: bool = True,
+    ) -> Any:
+        """A tensor reference, checked for dtype, rank and (floating tensors) NaN or infinite values."""
+        value = self.raw(name, default)
+        if value is default and default is not _MISSING:
+            return value
+        return tensor_of(value, self.field(name), self.tensors, dtypes=dtypes, ndim=ndim, finite=finite)
+
+    def number_or_tensor(self, name: str) -> float | torch.Tensor:
+        value = self.raw(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise FieldError(self.field(name), "must be finite")
+            return float(value)
+        return self.tensor(name, dtypes=FLOATS)
+
+
+def tensor_of(
+    value: object,
+    field: str,
+    tensors: Mapping[str, torch.Tensor],
+    *,
+    dtypes: Sequence[torch.dtype],
+    ndim: int | Sequence[int] | None = None,
+    finite: bool = True,
+) -> torch.Tensor:
+    if not isinstance(value, dict) or set(value) != {TENSOR} or not isinstance(value[TENSOR], str):
+        raise FieldError(field, f'must be a tensor reference {{"{TENSOR}": NAME}}, got {_kind(value)}')
+    name = value[TENSOR]
+    if name not in tensors:
+        raise FieldError(field, f"refers to tensor {name!r}, which the request's safetensors part does not hold")
+    tensor = tensors[name]
+    if tensor.dtype not in dtypes:
+        allowed = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise FieldError(field, f"has dtype {str(tensor.dtype).removeprefix('torch.')}; allowed: {allowed}")
+    ranks = (ndim,) if isinstance(ndim, int) else ndim
+    if ranks is not None and tensor.ndim not in ranks:
+        raise FieldError(field, f"has shape {list(tensor.shape)}; expected {' or '.join(f'{r}-d' for r in ranks)}")
+    if finite and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise FieldError(field, "holds NaN or infinite values")
+    return tensor
+
+
+def _kind(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean ({value})"
+    if isinstance(value, (int, float)):
+        return f"a number ({value})"
+    if isinstance(value, str):
+        return f"a string ({value[:40]!r})"
+    if isinstance(value, list):
+        return f"a list of {len(value)}"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def to_index_json(value: object, frame: Frame) -> object:
+    """Rows/positions/heads for the wire: null, an int, a list of ints, or an integer tensor."""
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    if isinstance(value, torch.Tensor):
+        if value.is_floating_point() or value.is_complex():
+            raise TypeError(f"an index tensor must hold integers, got {value.dtype}")
+        return frame.ref(value.reshape(-1).to(torch.int64))
+    return [int(v) for v in value]  # type: ignore[attr-defined]

@@ -1,0 +1,130 @@
+"""The service's request path in this process (no Ray): the same frames, checks, batching and error
+answers as behind Ray Serve, against the local tiny model."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+
+from interplab.engine import Intervention
+from interplab.serve import AuthError, LimitError, UnknownModelError
+from interplab.serve.wire import Frame
+from tests.serve import checks
+from tests.serve.helpers import ALICE, BATCH_TOL, BOB, CLEAN, malformed_requests
+
+
+@pytest.fixture(scope="module")
+def remote(inproc):
+    return inproc.model()
+
+
+def test_shape_tokens_and_sites(remote, local_tiny):
+    checks.check_shape_tokens_and_sites(remote, local_tiny)
+
+
+def test_runs_equal_local(remote, local_tiny):
+    checks.check_runs(remote, local_tiny)
+
+
+def test_gradients_equal_local(remote, local_tiny):
+    checks.check_gradients(remote, local_tiny)
+
+
+def test_generate_equals_local(remote, local_tiny):
+    checks.check_generate(remote, local_tiny)
+
+
+def test_stage_passes_equal_local(remote, local_tiny):
+    checks.check_stage_passes(remote, local_tiny)
+
+
+def test_errors_keep_their_class(remote, local_tiny):
+    checks.check_errors_keep_their_class(remote, local_tiny)
+
+
+def test_refusals(remote):
+    checks.check_refusals(remote)
+
+
+def test_malformed_requests_then_a_good_one(inproc, remote, local_tiny):
+    def post(op, body):
+        answer = inproc.raw(op, body)
+        return answer.status, json.loads(answer.body)
+
+    checks.check_malformed_then_good(post, remote, local_tiny, malformed_requests())
+
+
+def test_tokens(make_server):
+    transport = make_server()
+    assert transport.model().user == "alice"
+    assert transport.as_user(BOB).model().user == "bob"
+    body = Frame().encode({"model": "tiny-llama"})
+    for header in (None, "", "Bearer", "Basic " + ALICE, "Bearer not-a-token-of-anyone", f"Bearer {ALICE}x"):
+        answer = transport.raw("info", body, authorization=header or "")
+        assert answer.status == 401, header
+        assert json.loads(answer.body)["error"]["type"] == "AuthError"
+    with pytest.raises(AuthError, match="unknown token"):
+        transport.as_user("x" * 20).model()
+
+
+def test_limits_name_themselves(make_server, local_tiny):
+    small = make_server(limits={"max_rows": 3, "max_tokens": 40, "max_tensor_bytes": 4096, "max_response_bytes": 100_000,
+                                "max_new_tokens": 3, "max_stage_requests": 1, "max_json_bytes": 2000})
+    remote = small.model()
+    tight = make_server(limits={"max_request_bytes": 1000}).model()
+    long = " ".join(["Mary"] * 50)
+    cases = {
+        "max_rows": lambda: remote.run(CLEAN * 2),
+        "max_tokens": lambda: remote.run([long, long]),
+        "max_tensor_bytes": lambda: remote.run(CLEAN, interventions=[Intervention("resid_pre.1", "set", value=torch.ones(2, 14, 64))]),
+        "max_response_bytes": lambda: remote.run(CLEAN, capture=["pattern.0", "pattern.1", "z.0", "z.1"]),
+        "max_new_tokens": lambda: remote.generate("Mary", 4),
+        "max_json_bytes": lambda: remote.run(CLEAN, positions=list(range(0, 500))),
+        "max_request_bytes": lambda: tight.run(CLEAN, interventions=[Intervention("resid_pre.1", "set", value=torch.ones(14, 64))]),
+    }
+    for limit, case in cases.items():
+        with pytest.raises(LimitError, match=f"limit {limit}=") as info:
+            case()
+            pytest.fail(f"{limit}: not refused")
+        assert info.value.limit == limit
+    out = remote.run(CLEAN, logits="last")  # within every limit
+    torch.testing.assert_close(out.logits, local_tiny.run(CLEAN, logits="last").logits, rtol=1e-6, atol=1e-6)
+    stages = small.model().info["limits"]["max_stage_requests"]
+    assert stages == 1
+
+
+def test_unknown_model_is_named(inproc):
+    with pytest.raises(UnknownModelError, match="serves 'tiny-llama'"):
+        inproc.model("gpt-17")
+
+
+def test_two_users_patching_the_same_site_at_once_get_their_own_rows(make_server, local_tiny):
+    """The batch waits for both (max_requests=2, a long window): one merged pass, each its own result."""
+    transport = make_server(batching={"window_ms": 60_000, "max_requests": 2})
+    clients = [transport.model(), transport.as_user(BOB).model()]
+    values = [torch.full((64,), 3.0), torch.full((64,), -2.0)]
+    prompts = [CLEAN, ["The city of Paris is in"]]
+    barrier = threading.Barrier(2)
+    got: dict[int, object] = {}
+
+    def work(i):
+        barrier.wait(timeout=60)
+        got[i] = clients[i].run(prompts[i], capture=["resid_pre.2"], logits="last",
+                                interventions=[Intervention("resid_pre.1", "set", value=values[i], positions=[-1])])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(got) == [0, 1]
+    stats = transport.server.stats()["batching"]
+    assert stats["batch_sizes"] == {"2": 1} and stats["per_user"] == {"alice": 1, "bob": 1}
+    for i in range(2):
+        want = local_tiny.run(prompts[i], capture=["resid_pre.2"], logits="last",
+                              interventions=[Intervention("resid_pre.1", "set", value=values[i], positions=[-1])])
+        torch.testing.assert_close(got[i].logits, want.logits, **BATCH_TOL)
+        torch.testing.assert_close(got[i].cache["resid_pre.2"], want.cache["resid_pre.2"], **BATCH_TOL)
