@@ -62,7 +62,9 @@ def demo(model: str, dtype: str, store_uri: str | None) -> None:
     for row in table.to_pylist():
         click.echo("\t".join(str(value) for value in row.values()))
     click.echo("query it:")
-    click.echo(f'  interplab sql --store {store.uri} "SELECT prompt_id, token, layer FROM activations WHERE run_id = \'{run_id}\' LIMIT 10"')
+    click.echo(
+        f"  interplab sql --store {store.uri} \"SELECT prompt_id, token, layer FROM activations WHERE run_id = '{run_id}' LIMIT 10\""
+    )
 
 
 @click.command()

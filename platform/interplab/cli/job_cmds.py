@@ -62,8 +62,13 @@ def _resume_hint(exc) -> str:
 
 
 def _set_option(fn):
-    return click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
-                        help="Override a spec field (YAML value; dotted keys for nested fields), e.g. --set model=tiny-llama.")(fn)
+    return click.option(
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Override a spec field (YAML value; dotted keys for nested fields), e.g. --set model=tiny-llama.",
+    )(fn)
 
 
 def _address_option(fn):
@@ -71,8 +76,12 @@ def _address_option(fn):
 
 
 def _token_option(fn):
-    return click.option("--token-file", default=None, metavar="FILE",
-                        help="Ray auth token file (default: $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token).")(fn)
+    return click.option(
+        "--token-file",
+        default=None,
+        metavar="FILE",
+        help="Ray auth token file (default: $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token).",
+    )(fn)
 
 
 def _load(spec_path: str, overrides: tuple[str, ...]):
@@ -97,20 +106,39 @@ def validate(spec_path: str, overrides: tuple[str, ...]) -> None:
         job, uri = prepare(_load(spec_path, overrides), spec_path)
     except SpecError as exc:
         raise SpecErrors([exc]) from None
-    click.echo(f"ok: {spec_path} is a valid {job.kind.name} job for {job.spec.model}: "
-               f"{len(job.chunk_ids)} chunk(s), store {uri}")
+    click.echo(f"ok: {spec_path} is a valid {job.kind.name} job for {job.spec.model}: {len(job.chunk_ids)} chunk(s), store {uri}")
 
 
 @click.command()
 @click.argument("spec_path", metavar="[SPEC.yaml]", required=False)
 @_set_option
-@click.option("--store", "store_uri", default=None, metavar="URI",
-              help="Store (a directory or s3://bucket/prefix); default: the spec's store, $INTERPLAB_STORE, ./interplab-store.")
-@click.option("--resume", "resume_id", default=None, metavar="RUN_ID", help="Continue a killed or failed run (computes only its missing chunks).")
-@click.option("--rerun", "rerun_id", default=None, metavar="RUN_ID", help="Start a new run with the exact spec saved with RUN_ID.")
-@click.option("--run-id", "run_id", default=None, metavar="RUN_ID",
-              help="Name the run; if it already exists it is resumed (committed: nothing to do).")
-@click.option("--retries", type=click.IntRange(min=0), default=None, help="Retries of a failed attempt (default: the spec's 'retries').")
+@click.option(
+    "--store",
+    "store_uri",
+    default=None,
+    metavar="URI",
+    help="Store (a directory or s3://bucket/prefix); default: the spec's store, $INTERPLAB_STORE, ./interplab-store.",
+)
+@click.option(
+    "--resume",
+    "resume_id",
+    default=None,
+    metavar="RUN_ID",
+    help="Continue a killed or failed run (computes only its missing chunks).",
+)
+@click.option(
+    "--rerun", "rerun_id", default=None, metavar="RUN_ID", help="Start a new run with the exact spec saved with RUN_ID."
+)
+@click.option(
+    "--run-id",
+    "run_id",
+    default=None,
+    metavar="RUN_ID",
+    help="Name the run; if it already exists it is resumed (committed: nothing to do).",
+)
+@click.option(
+    "--retries", type=click.IntRange(min=0), default=None, help="Retries of a failed attempt (default: the spec's 'retries')."
+)
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar on stderr.")
 @_errors
 def run(spec_path, overrides, store_uri, resume_id, rerun_id, run_id, retries, progress) -> None:
@@ -129,12 +157,20 @@ def run(spec_path, overrides, store_uri, resume_id, rerun_id, run_id, retries, p
 
     given = [x for x in (spec_path, resume_id, rerun_id) if x is not None]
     if len(given) != 1:
-        raise SpecError("SPEC.yaml", "give a spec file, --resume RUN_ID or --rerun RUN_ID (exactly one)", given or None,
-                        "interplab run SPEC.yaml | interplab run --resume RUN_ID | interplab run --rerun RUN_ID")
+        raise SpecError(
+            "SPEC.yaml",
+            "give a spec file, --resume RUN_ID or --rerun RUN_ID (exactly one)",
+            given or None,
+            "interplab run SPEC.yaml | interplab run --resume RUN_ID | interplab run --rerun RUN_ID",
+        )
     if resume_id is not None:
         if overrides or run_id:
-            raise SpecError("--resume", "a resumed run keeps its own spec and id; --set/--run-id do not apply",
-                            list(overrides) or run_id, "--resume RUN_ID [--store URI]")
+            raise SpecError(
+                "--resume",
+                "a resumed run keeps its own spec and id; --set/--run-id do not apply",
+                list(overrides) or run_id,
+                "--resume RUN_ID [--store URI]",
+            )
         job, uri, info = prepare_resume(resume_id, store_uri)
         run_id, resume = resume_id, True
     else:
@@ -167,16 +203,17 @@ def run(spec_path, overrides, store_uri, resume_id, rerun_id, run_id, retries, p
 
 def _print_result(result) -> None:
     reused = result.n_chunks - result.n_computed
-    click.echo(f"committed run {result.run_id}: {result.n_chunks} chunk(s) ({result.n_computed} computed, "
-               f"{reused} already done) in {result.seconds:.1f} s" +
-               (f", {result.attempts} attempts" if result.attempts > 1 else ""))
+    click.echo(
+        f"committed run {result.run_id}: {result.n_chunks} chunk(s) ({result.n_computed} computed, "
+        f"{reused} already done) in {result.seconds:.1f} s" + (f", {result.attempts} attempts" if result.attempts > 1 else "")
+    )
     for line in result.summary.lines:
         click.echo(f"  {line}")
     click.echo(f"store: {result.store}")
     if result.summary.sql:
         click.echo("look at the results:")
         for query in result.summary.sql:
-            click.echo(f"  interplab sql --store {result.store} \"{query}\"")
+            click.echo(f'  interplab sql --store {result.store} "{query}"')
 
 
 # -- submit / jobs -----------------------------------------------------------------------------
@@ -186,14 +223,28 @@ def _print_result(result) -> None:
 @click.argument("spec_path", metavar="SPEC.yaml")
 @_set_option
 @_address_option
-@click.option("--store", "store_uri", default=None, metavar="URI",
-              help="Shared store the job writes to (default: the spec's store, else the cluster's $INTERPLAB_STORE).")
+@click.option(
+    "--store",
+    "store_uri",
+    default=None,
+    metavar="URI",
+    help="Shared store the job writes to (default: the spec's store, else the cluster's $INTERPLAB_STORE).",
+)
 @click.option("--run-id", "run_id", default=None, metavar="RUN_ID", help="Run id (default: a new one); resubmitting it resumes.")
-@click.option("--retries", type=click.IntRange(min=0), default=None, help="In-job retries of a failed attempt (default: the spec's).")
-@click.option("--package/--no-package", "include_package", default=True,
-              help="Ship this interplab package with the job (default) or use the one installed on the cluster.")
-@click.option("--local-check/--no-local-check", default=True,
-              help="Validate against the model here first (needs the model locally); pydantic checks always run.")
+@click.option(
+    "--retries", type=click.IntRange(min=0), default=None, help="In-job retries of a failed attempt (default: the spec's)."
+)
+@click.option(
+    "--package/--no-package",
+    "include_package",
+    default=True,
+    help="Ship this interplab package with the job (default) or use the one installed on the cluster.",
+)
+@click.option(
+    "--local-check/--no-local-check",
+    default=True,
+    help="Validate against the model here first (needs the model locally); pydantic checks always run.",
+)
 @_token_option
 @_errors
 def submit(spec_path, overrides, address, store_uri, run_id, retries, include_package, local_check, token_file) -> None:
@@ -219,8 +270,9 @@ def submit(spec_path, overrides, address, store_uri, run_id, retries, include_pa
     store = store_uri or job.spec.store
     if store is not None:
         store = check_store(store, "--store" if store_uri else "store")
-    submission_id, run_id = submit_job(job, address, run_id=run_id, store=store, retries=retries,
-                                       include_package=include_package, token_file=token_file)
+    submission_id, run_id = submit_job(
+        job, address, run_id=run_id, store=store, retries=retries, include_package=include_package, token_file=token_file
+    )
     click.echo(f"submitted {submission_id}")
     click.echo(f"run_id: {run_id}")
     click.echo(f"follow it: interplab jobs logs {submission_id} --follow --address {address}")
@@ -246,8 +298,10 @@ def jobs_list(address, token_file, show_all) -> None:
         meta = job.metadata or {}
         if not show_all and "interplab_run_id" not in meta:
             continue
-        click.echo(f"{job.submission_id or job.job_id or '-':<48} {str(job.status.value if hasattr(job.status, 'value') else job.status):<10} "
-                   f"{meta.get('interplab_run_id', '-'):<42} {meta.get('interplab_kind', '-')}")
+        click.echo(
+            f"{job.submission_id or job.job_id or '-':<48} {str(job.status.value if hasattr(job.status, 'value') else job.status):<10} "
+            f"{meta.get('interplab_run_id', '-'):<42} {meta.get('interplab_kind', '-')}"
+        )
 
 
 @jobs.command("status")
@@ -264,8 +318,18 @@ def jobs_status(job, address, token_file, as_json) -> None:
     info = _job_info(jobs_client, resolve_job(jobs_client, job))
     status = info.status.value if hasattr(info.status, "value") else str(info.status)
     if as_json:
-        click.echo(json.dumps({"submission_id": info.submission_id, "status": status, "message": info.message,
-                               "metadata": info.metadata, "start_time": info.start_time, "end_time": info.end_time}))
+        click.echo(
+            json.dumps(
+                {
+                    "submission_id": info.submission_id,
+                    "status": status,
+                    "message": info.message,
+                    "metadata": info.metadata,
+                    "start_time": info.start_time,
+                    "end_time": info.end_time,
+                }
+            )
+        )
         return
     click.echo(f"{info.submission_id}: {status}" + (f" ({info.message})" if info.message else ""))
     if info.metadata and "interplab_run_id" in info.metadata:
@@ -278,8 +342,12 @@ def _job_info(jobs_client, submission_id: str):
     try:
         return jobs_client.get_job_info(submission_id)
     except RuntimeError as exc:
-        raise SpecError("JOB", "no such job on this cluster", submission_id,
-                        f"a submission id from 'interplab jobs list' ({str(exc).splitlines()[0][:160]})") from None
+        raise SpecError(
+            "JOB",
+            "no such job on this cluster",
+            submission_id,
+            f"a submission id from 'interplab jobs list' ({str(exc).splitlines()[0][:160]})",
+        ) from None
 
 
 @jobs.command("logs")
@@ -336,12 +404,19 @@ def k8s() -> None:
 @_set_option
 @click.option("--image", default=None, help="Container image with interplab installed (see k8s/Dockerfile).")
 @click.option("--namespace", default=None)
-@click.option("--store-backend", type=click.Choice(["pvc", "s3"]), default="pvc", show_default=True,
-              help="pvc: mount the shared interplab-store PVC; s3: INTERPLAB_STORE + credentials from the interplab-s3 Secret.")
+@click.option(
+    "--store-backend",
+    type=click.Choice(["pvc", "s3"]),
+    default="pvc",
+    show_default=True,
+    help="pvc: mount the shared interplab-store PVC; s3: INTERPLAB_STORE + credentials from the interplab-s3 Secret.",
+)
 @click.option("--gpus", "gpus", type=click.IntRange(min=0), default=1, show_default=True, help="GPUs per worker pod.")
 @click.option("--max-workers", type=click.IntRange(min=1), default=4, show_default=True)
 @click.option("--run-id", "run_id", default=None, help="Run id (default: a new one).")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None, help="Write here instead of stdout.")
+@click.option(
+    "-o", "--output", type=click.Path(dir_okay=False, writable=True), default=None, help="Write here instead of stdout."
+)
 @_errors
 def k8s_render(spec_path, overrides, image, namespace, store_backend, gpus, max_workers, run_id, output) -> None:
     """Write a KubeRay RayJob (and the ConfigMap holding the spec) for SPEC.yaml."""
@@ -354,12 +429,21 @@ def k8s_render(spec_path, overrides, image, namespace, store_backend, gpus, max_
     if record.get("dataset", {}) and (record.get("dataset") or {}).get("path"):
         from interplab.jobs.errors import SpecError
 
-        raise SpecError("dataset.path", "a local dataset file cannot travel in a RayJob; put it in the store volume "
-                        "or the image and give that path, or use interplab submit", record["dataset"]["path"],
-                        "a built-in dataset, inline prompts, or a path inside the image / shared volume")
+        raise SpecError(
+            "dataset.path",
+            "a local dataset file cannot travel in a RayJob; put it in the store volume "
+            "or the image and give that path, or use interplab submit",
+            record["dataset"]["path"],
+            "a built-in dataset, inline prompts, or a path inside the image / shared volume",
+        )
     run_id = run_id or new_run_id(spec.kind)
-    opts = RenderOptions(image=image or DEFAULT_IMAGE, namespace=namespace, store_backend=store_backend,
-                         gpus_per_worker=gpus, max_workers=max_workers)
+    opts = RenderOptions(
+        image=image or DEFAULT_IMAGE,
+        namespace=namespace,
+        store_backend=store_backend,
+        gpus_per_worker=gpus,
+        max_workers=max_workers,
+    )
     header = f"# RayJob for {spec_path} (run {run_id}); rendered by 'interplab k8s render'. Apply: kubectl apply -f FILE\n"
     text = dump_all(render_rayjob(record, run_id=run_id, opts=opts), header)
     if output:

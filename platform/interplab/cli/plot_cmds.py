@@ -18,7 +18,9 @@ from interplab.store.cli_options import store_option
 @click.command()
 @click.argument("run_id")
 @click.option("-o", "--output", required=True, help="Image file: .png, .svg or .pdf (.dot for a circuit's Graphviz source).")
-@click.option("--method", default=None, help="Which of the run's methods to draw, for kinds that have several (circuit: default the first).")
+@click.option(
+    "--method", default=None, help="Which of the run's methods to draw, for kinds that have several (circuit: default the first)."
+)
 @store_option
 def plot(run_id: str, output: str, method: str | None, store_uri: str | None) -> None:
     """Plot a run with its kind's plot: patching heatmaps, a circuit diagram and faithfulness curves, grafting ranks and scores, ..."""
@@ -31,7 +33,9 @@ def plot(run_id: str, output: str, method: str | None, store_uri: str | None) ->
         try:
             kind = get_kind(info.kind)
         except SpecError as exc:
-            raise ValueError(f"run {run_id} is a {info.kind!r} run, a kind not installed here (installed: {exc.allowed})") from None
+            raise ValueError(
+                f"run {run_id} is a {info.kind!r} run, a kind not installed here (installed: {exc.allowed})"
+            ) from None
         if kind.plot is None:
             raise ValueError(f"run {run_id} is a {info.kind!r} run, and that kind registers no plot")
         paths = kind.plot(store, run_id, Path(output), method)

@@ -54,7 +54,9 @@ def _errors(fn):
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 @store_option
 @_errors
-def sql(query: str | None, saved_name: str | None, params: tuple[str, ...], list_saved: bool, fmt: str, store_uri: str | None) -> None:
+def sql(
+    query: str | None, saved_name: str | None, params: tuple[str, ...], list_saved: bool, fmt: str, store_uri: str | None
+) -> None:
     """Run one read-only SQL query (SELECT) over the store's views, or a saved query.
 
     \b
@@ -105,9 +107,15 @@ def runs_list(ctx: click.Context, store_uri: str | None, status: str | None = No
     store = open_store(_uri(ctx, store_uri), create=False)
     rows = [
         {
-            "run_id": r.run_id, "kind": r.kind, "status": r.status, "model": r.model,
-            "created_at": r.created_at, "user": r.user, "host": r.host,
-            "rows": sum(r.rows.values()), "error": r.error,
+            "run_id": r.run_id,
+            "kind": r.kind,
+            "status": r.status,
+            "model": r.model,
+            "created_at": r.created_at,
+            "user": r.user,
+            "host": r.host,
+            "rows": sum(r.rows.values()),
+            "error": r.error,
         }
         for r in store.runs(status)
     ]
@@ -144,8 +152,14 @@ def runs_delete(ctx: click.Context, run_id: str, yes: bool, store_uri: str | Non
 
 
 @runs.command("gc")
-@click.option("--older-than", "older_than", type=float, default=None, metavar="HOURS",
-              help="Also fail and clean runs still 'running' after this many hours (abandoned writers).")
+@click.option(
+    "--older-than",
+    "older_than",
+    type=float,
+    default=None,
+    metavar="HOURS",
+    help="Also fail and clean runs still 'running' after this many hours (abandoned writers).",
+)
 @store_option
 @click.pass_context
 @_errors

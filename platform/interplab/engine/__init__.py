@@ -3,8 +3,8 @@
 from interplab.engine.backend import Backend, CaptureSink
 from interplab.engine.cache import ActivationCache
 from interplab.engine.hooked import HookedModel
-from interplab.engine.results import GradResult, RunResult, StageRequest
 from interplab.engine.interventions import Intervention, InterventionError, mean_ablate, patch, set_to, steer, zero
+from interplab.engine.results import GradResult, RunResult, StageRequest
 from interplab.engine.sites import Site, SiteError, SiteKind
 from interplab.engine.stream import CaptureChunk
 from interplab.engine.tokens import TokenBatch, TokenizationError

@@ -132,9 +132,7 @@ class Backend(Protocol):
 
     def generate(self, prompt: str, max_new_tokens: int = 10, *, interventions: Sequence[Intervention] = ()) -> str: ...
 
-    def run_stages(
-        self, requests: Iterable[tuple[Key, StageRequest]], on_done: Callable[[Key, torch.Tensor], None]
-    ) -> None:
+    def run_stages(self, requests: Iterable[tuple[Key, StageRequest]], on_done: Callable[[Key, torch.Tensor], None]) -> None:
         """Many mid-model forward passes, ``on_done(key, output)`` as each finishes (a pipeline
         streams them through its stages together; order of completion is not guaranteed)."""
         ...

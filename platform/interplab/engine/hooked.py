@@ -124,7 +124,9 @@ class HookedModel:
         """Parse and check a site against this model (layer/head in range, kind present)."""
         site = Site.parse(site)
         if site.layer is not None and site.layer >= self.n_layers:
-            raise SiteError(f"site {site}: layer {site.layer} out of range; {self.name or 'this model'} has layers 0..{self.n_layers - 1}")
+            raise SiteError(
+                f"site {site}: layer {site.layer} out of range; {self.name or 'this model'} has layers 0..{self.n_layers - 1}"
+            )
         if site.head is not None and site.head >= self.n_heads:
             raise SiteError(f"site {site}: head {site.head} out of range; the model has heads 0..{self.n_heads - 1}")
         if site.kind == SiteKind.RESID_MID and not self.has_resid_mid:
@@ -175,9 +177,19 @@ class HookedModel:
             record_kv=record_kv,
         )
 
-    def _execute(self, batch: TokenBatch, plan: HookPlan, *, start: int, stop: int, hidden: torch.Tensor | None,
-                 with_head: bool, logits: LogitsMode, joins: Mapping[int, torch.Tensor] | None = None,
-                 vocab: torch.Tensor | None = None) -> torch.Tensor:
+    def _execute(
+        self,
+        batch: TokenBatch,
+        plan: HookPlan,
+        *,
+        start: int,
+        stop: int,
+        hidden: torch.Tensor | None,
+        with_head: bool,
+        logits: LogitsMode,
+        joins: Mapping[int, torch.Tensor] | None = None,
+        vocab: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         batch = batch.to(self.device)
         token = attention.activate(plan, self._attn_layer)
         try:
@@ -322,12 +334,30 @@ class HookedModel:
             self.check_joins(batch, start, stop, hidden, joins, bool(capture) or grad)
             plan = self._plan(batch, [], interventions, (), positions, keep_grad=False, prefix=prefix)
             with torch.no_grad():
-                out = self._execute(batch, plan, start=start, stop=stop, hidden=hidden, with_head=with_head,
-                                    logits=logits, joins=joins, vocab=vocab)
+                out = self._execute(
+                    batch,
+                    plan,
+                    start=start,
+                    stop=stop,
+                    hidden=hidden,
+                    with_head=with_head,
+                    logits=logits,
+                    joins=joins,
+                    vocab=vocab,
+                )
             return out, self._cache(plan)
         stage = self.stage_pass(
-            batch, start=start, stop=stop, hidden=hidden, with_head=with_head, capture=capture,
-            interventions=interventions, positions=positions, logits=logits, grad=grad, prefix=prefix,
+            batch,
+            start=start,
+            stop=stop,
+            hidden=hidden,
+            with_head=with_head,
+            capture=capture,
+            interventions=interventions,
+            positions=positions,
+            logits=logits,
+            grad=grad,
+            prefix=prefix,
             vocab=vocab,
         )
         return stage.output, stage.cache
@@ -337,8 +367,16 @@ class HookedModel:
         a pipeline backend streams them through its stages together."""
         for key, r in requests:
             output, _ = self.run_stage(
-                r.batch, start=r.start, stop=r.stop, hidden=r.hidden, with_head=r.with_head,
-                interventions=r.interventions, logits=r.logits, prefix=r.prefix, joins=r.joins, vocab=r.vocab,
+                r.batch,
+                start=r.start,
+                stop=r.stop,
+                hidden=r.hidden,
+                with_head=r.with_head,
+                interventions=r.interventions,
+                logits=r.logits,
+                prefix=r.prefix,
+                joins=r.joins,
+                vocab=r.vocab,
             )
             on_done(key, output)
 
@@ -374,8 +412,16 @@ class HookedModel:
         if hidden is None and start != 0:
             raise ValueError(f"stage_forward: starting at layer {start} needs hidden (the resid_pre there)")
         with torch.no_grad():
-            return self.run_stage(batch, start=start, stop=self.n_layers, hidden=hidden, with_head=True,
-                                  capture=capture, interventions=interventions, logits=logits)
+            return self.run_stage(
+                batch,
+                start=start,
+                stop=self.n_layers,
+                hidden=hidden,
+                with_head=True,
+                capture=capture,
+                interventions=interventions,
+                logits=logits,
+            )
 
     def stage_pass(
         self,
@@ -405,11 +451,20 @@ class HookedModel:
         if vocab is not None:
             vocab = self.check_vocab(vocab, with_head)
         sites = list(capture) + list(grad_sites)
-        plan = self._plan(batch, sites, interventions, grad_sites, positions, keep_grad=grad or bool(grad_sites),
-                          prefix=prefix, record_kv=keep_kv)
+        plan = self._plan(
+            batch,
+            sites,
+            interventions,
+            grad_sites,
+            positions,
+            keep_grad=grad or bool(grad_sites),
+            prefix=prefix,
+            record_kv=keep_kv,
+        )
         with torch.set_grad_enabled(plan.keep_grad):
-            out = self._execute(batch, plan, start=start, stop=stop, hidden=hidden, with_head=with_head, logits=logits,
-                                vocab=vocab)
+            out = self._execute(
+                batch, plan, start=start, stop=stop, hidden=hidden, with_head=with_head, logits=logits, vocab=vocab
+            )
         return StagePass(out, plan, self._cache(plan))
 
     def gradients(
@@ -504,8 +559,7 @@ class HookedModel:
         result = self.run(texts, capture=sites, positions=positions, interventions=interventions, logits="none")
         batch = result.batch
         tokens = [
-            [decode(self.tokenizer, [int(t)]) for t in batch.input_ids[i, : int(batch.lengths[i])]]
-            for i in range(batch.size)
+            [decode(self.tokenizer, [int(t)]) for t in batch.input_ids[i, : int(batch.lengths[i])]] for i in range(batch.size)
         ]
         acts = {site: value.to("cpu") for site, value in result.cache.items()}
         return CaptureChunk(
@@ -535,7 +589,6 @@ class HookedModel:
             if token == eos:
                 break
         return decode(self.tokenizer, new)
-
 
     # ------------------------------------------------------------------ capture into a sink
     def capture(
@@ -586,7 +639,9 @@ class HookedModel:
                 known = self.parameter_names()
                 raise ValueError(f"unknown parameter {name!r}: the model has {len(known)} parameters, e.g. {known[:3]}")
             if tuple(value.shape) != tuple(by_name[name].shape):
-                raise ValueError(f"parameter {name!r} has shape {tuple(by_name[name].shape)}, got a value of shape {tuple(value.shape)}")
+                raise ValueError(
+                    f"parameter {name!r} has shape {tuple(by_name[name].shape)}, got a value of shape {tuple(value.shape)}"
+                )
         with torch.no_grad():
             for name, value in values.items():
                 param = by_name[name]

@@ -135,19 +135,26 @@ class Intervention:
             elif len(heads) == 1:
                 head_index = heads.reshape(())
             else:
-                raise InterventionError(
-                    f"intervention on {self.site}: several heads need paired=True (one head per row)"
-                )
+                raise InterventionError(f"intervention on {self.site}: several heads need paired=True (one head per row)")
             index = index + (head_index.to(device),)
         return index
 
     def apply(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Return ``x`` with this intervention applied (``x`` itself is not modified)."""
         fn, value = self.fn, self.value
-        if self.op == "apply" and fn is not None and self.rows is None and self.positions is None and self.heads is None and self.site.head is None:
+        if (
+            self.op == "apply"
+            and fn is not None
+            and self.rows is None
+            and self.positions is None
+            and self.heads is None
+            and self.site.head is None
+        ):
             new = fn(x)  # the whole activation: no gather/scatter
             if new.shape != x.shape:
-                raise InterventionError(f"intervention on {self.site}: fn returned shape {tuple(new.shape)}, expected {tuple(x.shape)}")
+                raise InterventionError(
+                    f"intervention on {self.site}: fn returned shape {tuple(new.shape)}, expected {tuple(x.shape)}"
+                )
             return new
         index = self.index(x, lengths)
         selected = x[index]

@@ -188,8 +188,9 @@ class HookPlan:
 
     def _pooled(self, x: torch.Tensor) -> bool:
         """Whether a whole-activation capture of ``x`` may be copied into the arena lease."""
-        return (self.lease is not None and self._all_positions and not self.keep_grad
-                and x.is_floating_point() and x.is_contiguous())
+        return (
+            self.lease is not None and self._all_positions and not self.keep_grad and x.is_floating_point() and x.is_contiguous()
+        )
 
     def _gather(self, x: torch.Tensor, heads_first: bool) -> torch.Tensor:
         if not self.keep_grad:

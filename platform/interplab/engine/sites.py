@@ -194,9 +194,7 @@ class Site:
         try:
             kind = SiteKind(kind)
         except ValueError:
-            raise SiteError(
-                f"unknown site kind {kind!r}; valid kinds: {', '.join(VALID_KINDS)}"
-            ) from None
+            raise SiteError(f"unknown site kind {kind!r}; valid kinds: {', '.join(VALID_KINDS)}") from None
         if kind.layered and layer is None:
             raise SiteError(f"site {kind.value!r} needs a layer, e.g. '{kind.value}.0'")
         if not kind.layered and layer is not None:

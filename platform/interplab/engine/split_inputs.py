@@ -121,7 +121,9 @@ class _LayerInputs(_Layer):
         super().__init__(hooked, plan, layer)
         self.kinds = _with_kv_pairs(k for k in SiteKind if k.split_input and plan.active(k, layer))
         device = projection_weight(self.block.get_submodule(self.layout.q)).device
-        self.rows = {k: projection_rows(self.layout, _component(k), self.n_heads, self.n_kv, self.head_dim).to(device) for k in self.kinds}
+        self.rows = {
+            k: projection_rows(self.layout, _component(k), self.n_heads, self.n_kv, self.head_dim).to(device) for k in self.kinds
+        }
         self.inputs: dict[SiteKind, torch.Tensor] = {}
 
     def ln_pre_hook(self, module: nn.Module, args: tuple[Any, ...]) -> None:

@@ -125,8 +125,7 @@ def check_equal_lengths(
     for i, (a, b) in enumerate(zip(first, second)):
         if len(encode(tokenizer, a)) != len(encode(tokenizer, b)):
             problems.append(
-                f"prompt {i}: {names[0]} {a!r} is {show_tokens(tokenizer, a)}; "
-                f"{names[1]} {b!r} is {show_tokens(tokenizer, b)}"
+                f"prompt {i}: {names[0]} {a!r} is {show_tokens(tokenizer, a)}; {names[1]} {b!r} is {show_tokens(tokenizer, b)}"
             )
     if problems:
         raise TokenizationError(

@@ -66,9 +66,12 @@ def _texts(key: str) -> list[str]:
     source = json.loads(key)
     prompts, dataset = source.get("prompts"), source.get("dataset")
     if (prompts is None) == (dataset is None):
-        raise SpecError("prompts", "give the prompts: either 'prompts' (a list) or 'dataset' (builtin or path)",
-                        prompts if prompts is not None else MISSING,
-                        "prompts: [...] or dataset: {builtin: ioi} / {path: prompts.jsonl}")
+        raise SpecError(
+            "prompts",
+            "give the prompts: either 'prompts' (a list) or 'dataset' (builtin or path)",
+            prompts if prompts is not None else MISSING,
+            "prompts: [...] or dataset: {builtin: ioi} / {path: prompts.jsonl}",
+        )
     if prompts is not None:
         return datasets.select_field(prompts, "prompt", "prompts")
     return DatasetSpec.model_validate(dataset).texts()
@@ -86,8 +89,12 @@ class CaptureRunner:
             with at_path(f"sites[{i}]", site, "sites of this model, e.g. resid_pre.0 (list them: interplab sites MODEL)"):
                 parsed = model.validate_site(site)
             if not parsed.kind.fixed_width:
-                raise SpecError(f"sites[{i}]", "attention patterns are not stored by capture jobs (their width varies)",
-                                site, "resid_*, attn_out, mlp_out, head_out, z, q, k, v, mlp_post, embed, final, logits")
+                raise SpecError(
+                    f"sites[{i}]",
+                    "attention patterns are not stored by capture jobs (their width varies)",
+                    site,
+                    "resid_*, attn_out, mlp_out, head_out, z, q, k, v, mlp_post, embed, final, logits",
+                )
         lengths = []
         for i, text in enumerate(texts):
             n = len(model.tokenizer(text, add_special_tokens=True)["input_ids"])
@@ -99,8 +106,12 @@ class CaptureRunner:
             n = lengths[shortest]
             for j, p in enumerate(spec.positions):
                 if not -n <= p < n:
-                    raise SpecError(f"positions[{j}]", f"out of range for {where}[{shortest}], which has {n} tokens",
-                                    p, f"{-n}..{n - 1} (negative counts from each prompt's end)")
+                    raise SpecError(
+                        f"positions[{j}]",
+                        f"out of range for {where}[{shortest}], which has {n} tokens",
+                        p,
+                        f"{-n}..{n - 1} (negative counts from each prompt's end)",
+                    )
 
     def chunks(self, spec: CaptureSpec, model) -> list[str]:
         n = len(spec.prompt_texts())
@@ -109,9 +120,15 @@ class CaptureRunner:
     def run_chunk(self, spec: CaptureSpec, model: Backend, chunk_id: str, writer: RunWriter) -> None:
         index = int(chunk_id)
         n_chunks = len(self.chunks(spec, model))
-        model.capture(spec.prompt_texts(), spec.sites, writer, batch_size=spec.batch_size,
-                      positions=spec.engine_positions(), dtype=spec.store_dtype,
-                      skip_chunks=[i for i in range(n_chunks) if i != index])
+        model.capture(
+            spec.prompt_texts(),
+            spec.sites,
+            writer,
+            batch_size=spec.batch_size,
+            positions=spec.engine_positions(),
+            dtype=spec.store_dtype,
+            skip_chunks=[i for i in range(n_chunks) if i != index],
+        )
 
     def finalize(self, spec: CaptureSpec, model, writer) -> JobSummary:
         n = len(spec.prompt_texts())

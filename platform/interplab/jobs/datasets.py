@@ -83,8 +83,12 @@ def _read_file(path: str, mtime_ns: int) -> tuple[Any, ...]:
         if isinstance(data, dict) and isinstance(data.get("prompts"), list):
             data = data["prompts"]
         if not isinstance(data, list):
-            raise SpecError("dataset.path", "a YAML dataset must be a list (or a mapping with a 'prompts' list)",
-                            path, "a list of strings or of mappings")
+            raise SpecError(
+                "dataset.path",
+                "a YAML dataset must be a list (or a mapping with a 'prompts' list)",
+                path,
+                "a list of strings or of mappings",
+            )
         return tuple(data)
     if suffix in (".jsonl", ".ndjson"):
         rows = []
@@ -93,8 +97,9 @@ def _read_file(path: str, mtime_ns: int) -> tuple[Any, ...]:
                 try:
                     rows.append(json.loads(line))
                 except json.JSONDecodeError as exc:
-                    raise SpecError("dataset.path", f"line {n} is not JSON ({exc.msg})", path,
-                                    "one JSON string or object per line") from None
+                    raise SpecError(
+                        "dataset.path", f"line {n} is not JSON ({exc.msg})", path, "one JSON string or object per line"
+                    ) from None
         return tuple(rows)
     if suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -116,8 +121,12 @@ def select_field(records: list[Any], field: str, path: str) -> list[str]:
     for i, record in enumerate(records):
         value = record.get(field) if isinstance(record, dict) else record
         if isinstance(record, dict) and field not in record:
-            raise SpecError(f"{path}[{i}]", f"record has no field {field!r}", record,
-                            f"records with a {field!r} field (set dataset.field to choose another)")
+            raise SpecError(
+                f"{path}[{i}]",
+                f"record has no field {field!r}",
+                record,
+                f"records with a {field!r} field (set dataset.field to choose another)",
+            )
         if not isinstance(value, str) or not value.strip():
             raise SpecError(f"{path}[{i}]", "a prompt must be a non-empty string", value, "non-empty text")
         out.append(value)

@@ -137,8 +137,9 @@ class _Interrupts:
 
 
 def _raise_failure(outcome: ChunkOutcome, what: str) -> None:
-    raise JobError(f"{what} failed: {outcome.error_type}: {outcome.error}", chunk=outcome.chunk,
-                   remote_traceback=outcome.traceback)
+    raise JobError(
+        f"{what} failed: {outcome.error_type}: {outcome.error}", chunk=outcome.chunk, remote_traceback=outcome.traceback
+    )
 
 
 class _Workers:
@@ -159,11 +160,11 @@ class _Workers:
         actor = ray.remote(ChunkWorker).options(num_cpus=spec.resources.num_cpus, num_gpus=gpus, max_restarts=0)
         self.actors = [actor.remote(job.record, device) for _ in range(spec.workers)]
         self.device = device
-        echo(f"starting {spec.workers} worker(s) ({spec.resources.num_cpus:g} CPU, {gpus:g} GPU, {device}) "
-             f"with {spec.model}")
+        echo(f"starting {spec.workers} worker(s) ({spec.resources.num_cpus:g} CPU, {gpus:g} GPU, {device}) with {spec.model}")
         try:
-            loaded = _wait([a.load.remote() for a in self.actors], "loading the model", check,
-                           _Waiting(echo, self.actors, wanted))
+            loaded = _wait(
+                [a.load.remote() for a in self.actors], "loading the model", check, _Waiting(echo, self.actors, wanted)
+            )
             for outcome, _ in loaded:
                 if not outcome.ok:
                     _raise_failure(outcome, "loading the model")
@@ -237,8 +238,10 @@ def _check_workers_fit(wanted: dict[str, float], count: int) -> None:
     nodes = cluster.cluster_nodes()
     if cluster.bundles_fit(wanted, count, [n.usable() for n in nodes]) or cluster.can_autoscale():
         return
-    raise JobError(f"the cluster can never start the job's workers and has no autoscaler to add nodes: "
-                   f"{cluster.describe_placement(wanted, count, nodes, 'worker(s)')}; lower 'workers' or 'resources'")
+    raise JobError(
+        f"the cluster can never start the job's workers and has no autoscaler to add nodes: "
+        f"{cluster.describe_placement(wanted, count, nodes, 'worker(s)')}; lower 'workers' or 'resources'"
+    )
 
 
 class _Waiting:
@@ -265,8 +268,11 @@ class _Waiting:
         lines = cluster.waiting_placements(ray.get_runtime_context().get_job_id())
         pending = sum(_actor_state(a) in ("DEPENDENCIES_UNREADY", "PENDING_CREATION") for a in self._actors)
         if pending:
-            lines.insert(0, "workers: waiting for the cluster to start them: "
-                            f"{cluster.describe_placement(self._wanted, pending, cluster.cluster_nodes(), 'worker(s)')}")
+            lines.insert(
+                0,
+                "workers: waiting for the cluster to start them: "
+                f"{cluster.describe_placement(self._wanted, pending, cluster.cluster_nodes(), 'worker(s)')}",
+            )
         for line in lines:
             self._echo(f"still waiting after {waited_s:.0f} s; {line}")
 
@@ -345,7 +351,9 @@ def run_job(
     store = None
     attempts = 0
     n_computed = 0
-    echo(f"connecting to Ray at {os.environ['RAY_ADDRESS']}" if os.environ.get("RAY_ADDRESS") else "starting an embedded local Ray")
+    echo(
+        f"connecting to Ray at {os.environ['RAY_ADDRESS']}" if os.environ.get("RAY_ADDRESS") else "starting an embedded local Ray"
+    )
     with _Interrupts() as interrupts:
         try:
             with ray_session(job.spec.workers * job.spec.resources.num_cpus) as where:
@@ -377,14 +385,21 @@ def run_job(
                     except JobError as exc:
                         if attempts > retries or writer is None:
                             raise
-                        echo(f"attempt {attempts} failed ({exc}); retrying the missing chunks "
-                             f"({retries - attempts + 1} retr{'y' if retries - attempts + 1 == 1 else 'ies'} left)")
+                        echo(
+                            f"attempt {attempts} failed ({exc}); retrying the missing chunks "
+                            f"({retries - attempts + 1} retr{'y' if retries - attempts + 1 == 1 else 'ies'} left)"
+                        )
                     finally:
                         if workers is not None:
                             workers.kill()
                 interrupts.disarm()  # all done: a signal from here on (commit, Ray shutting down) changes nothing
-                writer.commit({"summary": {"lines": summary.lines, "sql": summary.sql}, "n_chunks": len(job.chunk_ids),
-                               "attempts": attempts})
+                writer.commit(
+                    {
+                        "summary": {"lines": summary.lines, "sql": summary.sql},
+                        "n_chunks": len(job.chunk_ids),
+                        "attempts": attempts,
+                    }
+                )
         except KeyboardInterrupt:
             interrupts.disarm()
             reason = interrupts.reason or "interrupted (Ctrl-C)"
@@ -393,13 +408,14 @@ def run_job(
         except JobError as exc:
             interrupts.disarm()
             _fail(writer, f"{type(exc).__name__}: {exc}")
-            raise _located(exc, writer, store)
+            raise _located(exc, writer, store)  # noqa: B904 - the error keeps its own chain (a stage error's cause)
         except BaseException as exc:
             interrupts.disarm()
             _fail(writer, f"{type(exc).__name__}: {exc}")
             raise
-    return JobResult(run_id, store.uri, summary.for_run(run_id), len(job.chunk_ids), n_computed, attempts,
-                     time.perf_counter() - started)
+    return JobResult(
+        run_id, store.uri, summary.for_run(run_id), len(job.chunk_ids), n_computed, attempts, time.perf_counter() - started
+    )
 
 
 def _located(exc: JobError, writer, store) -> JobError:

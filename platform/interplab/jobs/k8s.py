@@ -55,9 +55,14 @@ def store_env() -> list[dict[str, Any]]:
 
 
 def _container(name: str, image: str, resources: dict[str, Any], mounts: list[dict[str, Any]], ports=None) -> dict:
-    out: dict[str, Any] = {"name": name, "image": image, "imagePullPolicy": "IfNotPresent", "envFrom": store_env(),
-                           "env": [{"name": "INTERPLAB_CACHE", "value": "/home/ray/.cache/interplab"}],
-                           "resources": resources}
+    out: dict[str, Any] = {
+        "name": name,
+        "image": image,
+        "imagePullPolicy": "IfNotPresent",
+        "envFrom": store_env(),
+        "env": [{"name": "INTERPLAB_CACHE", "value": "/home/ray/.cache/interplab"}],
+        "resources": resources,
+    }
     if ports:
         out["ports"] = ports
     if mounts:
@@ -76,8 +81,11 @@ def cluster_spec(opts: RenderOptions, *, spec_configmap: str | None = None) -> d
     if spec_configmap:
         head_volumes.append({"name": "spec", "configMap": {"name": spec_configmap}})
         head_mounts.append({"name": "spec", "mountPath": SPEC_MOUNT, "readOnly": True})
-    ports = [{"containerPort": 6379, "name": "gcs-server"}, {"containerPort": 8265, "name": "dashboard"},
-             {"containerPort": 10001, "name": "client"}]
+    ports = [
+        {"containerPort": 6379, "name": "gcs-server"},
+        {"containerPort": 8265, "name": "dashboard"},
+        {"containerPort": 10001, "name": "client"},
+    ]
     head_resources = {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"cpu": "2", "memory": "8Gi"}}
     gpu = {"nvidia.com/gpu": str(opts.gpus_per_worker)} if opts.gpus_per_worker else {}
     worker_resources = {
@@ -119,8 +127,12 @@ def render_rayjob(record: dict[str, Any], *, run_id: str, opts: RenderOptions = 
     if opts.store_backend not in ("pvc", "s3"):
         raise ValueError(f"store backend must be 'pvc' or 's3', got {opts.store_backend!r}")
     name = k8s_name(run_id)
-    labels = {"app.kubernetes.io/name": "interplab", "app.kubernetes.io/component": "job",
-              "interplab.dev/run-id": run_id[:63], "interplab.dev/kind": str(record.get("kind"))}
+    labels = {
+        "app.kubernetes.io/name": "interplab",
+        "app.kubernetes.io/component": "job",
+        "interplab.dev/run-id": run_id[:63],
+        "interplab.dev/kind": str(record.get("kind")),
+    }
     meta = {"name": name, "labels": labels}
     if opts.namespace:
         meta["namespace"] = opts.namespace

@@ -63,8 +63,10 @@ class KindLoadError(JobError):
 
     def __init__(self, source: KindSource, problem: str, import_traceback: str = ""):
         self.source = source
-        super().__init__(f"{source.describe()} failed to load: {problem} "
-                         "(fix or uninstall the package that declares it)", remote_traceback=import_traceback)
+        super().__init__(
+            f"{source.describe()} failed to load: {problem} (fix or uninstall the package that declares it)",
+            remote_traceback=import_traceback,
+        )
 
 
 def kind_sources() -> list[KindSource]:
@@ -114,8 +116,11 @@ def _load(source: KindSource) -> None:
     except Exception as exc:  # noqa: BLE001 - any failure to import is reported, with its cause
         raise KindLoadError(source, f"{type(exc).__name__}: {exc}", traceback.format_exc()) from exc
     if source.name is not None and source.name not in registered_kinds():
-        raise KindLoadError(source, f"module {source.module!r} imported but registered no kind {source.name!r} "
-                                    f"(registered: {', '.join(sorted(registered_kinds())) or 'none'})")
+        raise KindLoadError(
+            source,
+            f"module {source.module!r} imported but registered no kind {source.name!r} "
+            f"(registered: {', '.join(sorted(registered_kinds())) or 'none'})",
+        )
     _loaded.add(source.module)
 
 

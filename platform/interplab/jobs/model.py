@@ -52,8 +52,12 @@ def check_stage_split(spec: JobSpec, model: HookedModel) -> None:
         resolve_stages(config, model.n_layers)
     except ValueError as exc:
         problem = str(exc).removeprefix("stages: ")  # the path already says it
-        raise SpecError("parallel.stages", problem, spec.parallel.get("stages"),
-                        f"at most {model.n_layers} stages, or [start, stop] ranges covering layers 0..{model.n_layers - 1}") from None
+        raise SpecError(
+            "parallel.stages",
+            problem,
+            spec.parallel.get("stages"),
+            f"at most {model.n_layers} stages, or [start, stop] ranges covering layers 0..{model.n_layers - 1}",
+        ) from None
 
 
 def build_model(spec: JobSpec, device: str) -> HookedModel:

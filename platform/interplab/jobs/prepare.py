@@ -75,8 +75,12 @@ def check_store(uri: str, path: str) -> str:
             raise SpecError(path, "is a file, not a store directory", uri, allowed)
         marker = os.path.join(loc.root, layout.MARKER)
         if os.path.isdir(loc.root) and os.listdir(loc.root) and not os.path.exists(marker):
-            raise SpecError(path, "is a non-empty directory that is not an interplab store", uri,
-                            "an existing store, an empty or a new directory")
+            raise SpecError(
+                path,
+                "is a non-empty directory that is not an interplab store",
+                uri,
+                "an existing store, an empty or a new directory",
+            )
     return loc.uri
 
 
@@ -98,7 +102,7 @@ def prepare(raw_or_spec: dict[str, Any] | JobSpec, source: str = "", *, store: s
         provenance_fn = getattr(kind.runner, "provenance", None)
         provenance = dict(provenance_fn(spec)) if provenance_fn is not None else {}
     except (SpecError, SpecErrors) as exc:
-        raise exc.with_source(source) if source and not getattr(exc, "source", "") else exc
+        raise exc.with_source(source) if source and not getattr(exc, "source", "") else exc  # noqa: B904 - re-raised as itself, with its file name
     _check_chunk_ids(kind.name, chunk_ids)
     return PreparedJob(spec, kind, chunk_ids, provenance, source), uri
 
@@ -127,8 +131,12 @@ def check_context(kind: JobKind, spec: JobSpec, model, batch: int = 256) -> None
         lengths = model.tokenize([text for _, text in part]).lengths.tolist()
         for (path, text), n in zip(part, lengths):
             if n > limit:
-                raise SpecError(path, f"the prompt is {n} tokens long; {spec.model} reads at most {limit} "
-                                "(its max_position_embeddings)", text, f"a prompt of at most {limit} tokens")
+                raise SpecError(
+                    path,
+                    f"the prompt is {n} tokens long; {spec.model} reads at most {limit} (its max_position_embeddings)",
+                    text,
+                    f"a prompt of at most {limit} tokens",
+                )
 
 
 def _check_chunk_ids(kind: str, chunk_ids: list[str]) -> None:
@@ -174,14 +182,22 @@ def check_resumable(job: PreparedJob, info) -> None:
         raise SpecError("kind", f"{path} is a {info.kind} run", job.kind.name, info.kind)
     if info.spec is not None and info.spec != job.record:
         changed = sorted(k for k in set(info.spec) | set(job.record) if info.spec.get(k) != job.record.get(k))
-        raise SpecError(changed[0] if changed else "(spec)", f"{path} was started with a different spec "
-                        f"(fields differ: {', '.join(changed)}); resume it with its own spec (interplab run --resume "
-                        f"{info.run_id}) or start a new run", job.record.get(changed[0]) if changed else None,
-                        repr(info.spec.get(changed[0])) if changed else "")
+        raise SpecError(
+            changed[0] if changed else "(spec)",
+            f"{path} was started with a different spec "
+            f"(fields differ: {', '.join(changed)}); resume it with its own spec (interplab run --resume "
+            f"{info.run_id}) or start a new run",
+            job.record.get(changed[0]) if changed else None,
+            repr(info.spec.get(changed[0])) if changed else "",
+        )
     for key, value in job.provenance.items():
         if key in info.provenance and info.provenance[key] != value:
-            raise SpecError("(data)", f"{path}: {key} changed since the run began, so its chunks would not match",
-                            value, repr(info.provenance[key]))
+            raise SpecError(
+                "(data)",
+                f"{path}: {key} changed since the run began, so its chunks would not match",
+                value,
+                repr(info.provenance[key]),
+            )
 
 
 def _stored_run(run_id: str, store: str | None, option: str):

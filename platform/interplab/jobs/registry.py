@@ -55,8 +55,9 @@ class JobSummary:
     sql: list[str] = field(default_factory=list)
 
     def for_run(self, run_id: str) -> JobSummary:
-        return JobSummary([line.replace("{run_id}", run_id) for line in self.lines],
-                          [q.replace("{run_id}", run_id) for q in self.sql])
+        return JobSummary(
+            [line.replace("{run_id}", run_id) for line in self.lines], [q.replace("{run_id}", run_id) for q in self.sql]
+        )
 
 
 @runtime_checkable
@@ -104,7 +105,8 @@ def register_kind(name: str, spec_cls: type[JobSpec], runner: JobRunner, *, plot
         raise TypeError(f"job kind {name!r}: plot must be a function (store, run_id, output, method) -> list[Path]")
     existing = _KINDS.get(name)
     if existing is not None and (existing.spec_cls.__qualname__, existing.spec_cls.__module__) != (
-        spec_cls.__qualname__, spec_cls.__module__
+        spec_cls.__qualname__,
+        spec_cls.__module__,
     ):
         raise ValueError(f"job kind {name!r} is already registered by {existing.spec_cls.__module__}")
     kind = JobKind(name, spec_cls, runner, plot)
@@ -135,8 +137,9 @@ def get_kind(name: str) -> JobKind:
     load_kind(name)
     if name not in _KINDS:
         known = kind_names()
-        allowed = ", ".join(known) or (f"none installed: no {KINDS_GROUP!r} entry points "
-                                       "(reinstall interplab, e.g. pip install -e ., to refresh them)")
+        allowed = ", ".join(known) or (
+            f"none installed: no {KINDS_GROUP!r} entry points (reinstall interplab, e.g. pip install -e ., to refresh them)"
+        )
         raise SpecError("kind", "unknown job kind", name, allowed)
     return _KINDS[name]
 

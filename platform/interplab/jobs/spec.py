@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError, model_validator
 
 from interplab.jobs.errors import MISSING, SpecError, SpecErrors
 
@@ -27,8 +27,6 @@ class StrictModel(BaseModel):
     """Base of every spec model: unknown keys and wrong types are errors; values are frozen."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-
 
 
 class Resources(StrictModel):
@@ -114,8 +112,10 @@ def _mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = Fals
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
             raise SpecError(
-                str(key), f"duplicate key (first at line {seen[key]}, again at line {key_node.start_mark.line + 1})",
-                key, "each key once",
+                str(key),
+                f"duplicate key (first at line {seen[key]}, again at line {key_node.start_mark.line + 1})",
+                key,
+                "each key once",
             )
         seen[key] = key_node.start_mark.line + 1
     return loader.construct_mapping(node, deep=deep)
@@ -135,8 +135,9 @@ def parse_yaml(text: str, source: str = "<spec>") -> Any:
         problem = getattr(exc, "problem", None) or str(exc)
         lines = text.splitlines()
         bad_line = lines[mark.line] if mark is not None and mark.line < len(lines) else MISSING
-        raise SpecError("(yaml)", f"not valid YAML at {where}: {problem}", bad_line, "YAML (a mapping of fields)",
-                        source=source) from None
+        raise SpecError(
+            "(yaml)", f"not valid YAML at {where}: {problem}", bad_line, "YAML (a mapping of fields)", source=source
+        ) from None
 
 
 def load_spec_file(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> dict[str, Any]:
@@ -144,8 +145,12 @@ def load_spec_file(path: str | Path, overrides: tuple[str, ...] | list[str] = ()
     path = Path(path)
     source = str(path)
     if not path.is_file():
-        raise SpecError("(file)", "spec file not found" if not path.exists() else "not a file", source,
-                        "a path to a .yaml spec, e.g. jobs/capture-smollm2.yaml")
+        raise SpecError(
+            "(file)",
+            "spec file not found" if not path.exists() else "not a file",
+            source,
+            "a path to a .yaml spec, e.g. jobs/capture-smollm2.yaml",
+        )
     raw = parse_yaml(path.read_text(encoding="utf-8"), source)
     if not isinstance(raw, dict):
         raise SpecError("(spec)", "a spec must be a YAML mapping of fields", raw, "kind: ..., model: ..., ...", source=source)
@@ -259,8 +264,8 @@ def describe_type(annotation: Any) -> str:
         args = typing.get_args(annotation)
         inner = describe_type(args[0]) if args else "values"
         for article in ("a ", "an "):
-            if inner.startswith(article) and " " not in inner[len(article):]:
-                inner = inner[len(article):] + "s"
+            if inner.startswith(article) and " " not in inner[len(article) :]:
+                inner = inner[len(article) :] + "s"
         return f"a list of {inner}"
     if origin is dict:
         return "a mapping"
@@ -302,7 +307,7 @@ def _problem(error: dict[str, Any]) -> str:
     if kind == "missing":
         return "required field is missing"
     msg = error["msg"]
-    return msg[len("Value error, "):] if msg.startswith("Value error, ") else msg[0].lower() + msg[1:]
+    return msg[len("Value error, ") :] if msg.startswith("Value error, ") else msg[0].lower() + msg[1:]
 
 
 def format_validation_error(exc: ValidationError, model: type[BaseModel], raw: Any, source: str = "") -> SpecErrors:

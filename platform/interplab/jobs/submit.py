@@ -58,8 +58,7 @@ def read_token(token_file: str | None = None) -> str | None:
 def client(address: str | None, token_file: str | None = None):
     """A ``JobSubmissionClient`` for ``address`` (``http://HEAD:8265``) that carries the token."""
     if not address:
-        raise SpecError("--address", "no Ray dashboard address", address,
-                        "http://HEAD:8265 (or set $RAY_API_SERVER_ADDRESS)")
+        raise SpecError("--address", "no Ray dashboard address", address, "http://HEAD:8265 (or set $RAY_API_SERVER_ADDRESS)")
     if not address.startswith(("http://", "https://")):
         raise SpecError("--address", "the Jobs API address is the dashboard's HTTP URL", address, "http://HEAD:8265")
     from ray.exceptions import AuthenticationError
@@ -71,8 +70,10 @@ def client(address: str | None, token_file: str | None = None):
         return JobSubmissionClient(address, headers=headers)
     except AuthenticationError as exc:
         what = "was refused" if token else "is required and none was found"
-        raise JobError(f"the Ray cluster at {address} uses token authentication and the token {what} "
-                       f"({str(exc).splitlines()[0]}); pass --token-file or set RAY_AUTH_TOKEN") from None
+        raise JobError(
+            f"the Ray cluster at {address} uses token authentication and the token {what} "
+            f"({str(exc).splitlines()[0]}); pass --token-file or set RAY_AUTH_TOKEN"
+        ) from None
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise JobError(f"cannot reach the Ray Jobs API at {address}: {str(exc).splitlines()[0]}") from None
 
@@ -134,8 +135,7 @@ def submit(
     run_id = run_id or new_run_id(job.kind.name)
     jobs = client(address, token_file)
     with tempfile.TemporaryDirectory(prefix="interplab-submit-") as tmp:
-        kwargs = build_submission(job, Path(tmp), run_id=run_id, store=store, retries=retries,
-                                  include_package=include_package)
+        kwargs = build_submission(job, Path(tmp), run_id=run_id, store=store, retries=retries, include_package=include_package)
         earlier = [j for j in jobs.list_jobs() if (j.metadata or {}).get("interplab_run_id") == run_id]
         if earlier:  # a resubmission of the same run (it resumes): submission ids must be unique
             kwargs["submission_id"] += f"-{len(earlier) + 1}"

@@ -57,8 +57,12 @@ class ChunkWorker:
             return _failure("load", exc, started), {}
         import socket
 
-        info = {"name": self._model.name, "weight_hash": self._model.weight_hash, "device": self._device,
-                "host": socket.gethostname()}
+        info = {
+            "name": self._model.name,
+            "weight_hash": self._model.weight_hash,
+            "device": self._device,
+            "host": socket.gethostname(),
+        }
         return ChunkOutcome("load", True, time.perf_counter() - started), info
 
     def attach(self, store_uri: str, run_id: str) -> ChunkOutcome:

@@ -150,23 +150,20 @@ def load_pretrained(
     with_head: bool = True,
 ) -> LoadedModel:
     """Load ``name`` (see the module doc) in ``dtype`` on ``device``, in eval mode."""
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from interplab.models.tiny import TINY_PREFIX, build_tiny, tiny_families
-
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     torch_dtype = resolve_dtype(dtype)
     if not isinstance(name, str) or not name:
         raise ModelLoadError(f"model must be a non-empty string, got {name!r}")
     if name.startswith(TINY_PREFIX):
-        family = name[len(TINY_PREFIX):]
+        family = name[len(TINY_PREFIX) :]
         if family not in tiny_families():
             raise ModelLoadError(
-                f"unknown tiny model {name!r}; built-in tiny models: "
-                + ", ".join(TINY_PREFIX + f for f in tiny_families())
+                f"unknown tiny model {name!r}; built-in tiny models: " + ", ".join(TINY_PREFIX + f for f in tiny_families())
             )
         model, tokenizer = build_tiny(family, seed=seed, dtype=torch_dtype)
         return LoadedModel(model.to(device).eval(), tokenizer, name, f"tiny:{family}:{seed}")
@@ -175,9 +172,7 @@ def load_pretrained(
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
         if layers is None:
-            model = AutoModelForCausalLM.from_pretrained(
-                source, dtype=torch_dtype, trust_remote_code=trust_remote_code
-            )
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, trust_remote_code=trust_remote_code)
         else:
             config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
             model = load_partial(Path(source), config, torch_dtype, device, layers, with_embed, with_head)
@@ -227,9 +222,7 @@ def load_partial(source: Path, config, dtype, device, layers, with_embed: bool, 
     spec = arch_for_model_type(config.model_type)
     start, stop = layers
     if not 0 <= start < stop <= config.num_hidden_layers:
-        raise ModelLoadError(
-            f"layer range [{start}, {stop}) is outside the model's {config.num_hidden_layers} layers"
-        )
+        raise ModelLoadError(f"layer range [{start}, {stop}) is outside the model's {config.num_hidden_layers} layers")
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     index = _safetensors_index(source)

@@ -28,9 +28,7 @@ def tiny_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, unk_token=UNK, eos_token=EOS, pad_token=EOS, bos_token=EOS
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=UNK, eos_token=EOS, pad_token=EOS, bos_token=EOS)
 
 
 def tiny_families() -> list[str]:

@@ -25,5 +25,12 @@ def __getattr__(name: str) -> object:
 
 
 __all__ = [
-    "AdamConfig", "LayerWork", "ParallelConfig", "PipelineModel", "SplitError", "StageError", "build_backend", "make_trainer",
+    "AdamConfig",
+    "LayerWork",
+    "ParallelConfig",
+    "PipelineModel",
+    "SplitError",
+    "StageError",
+    "build_backend",
+    "make_trainer",
 ]

@@ -136,8 +136,9 @@ def place_bundles(index: int, bundle: dict[str, float], count: int, timeout_s: f
                     "or free the cluster"
                 )
             if now >= report_at:
-                log.warning("replica %d: waiting for the cluster to place its stages: %s", index,
-                            describe_placement(bundle, count, nodes))
+                log.warning(
+                    "replica %d: waiting for the cluster to place its stages: %s", index, describe_placement(bundle, count, nodes)
+                )
                 report_at = now + REPORT_EVERY_S
     except BaseException:
         remove_placement_group(group)
@@ -183,8 +184,9 @@ def can_autoscale() -> bool:
         return True
     if config is None or not config.node_group_configs:
         return False
-    return any(g.max_count == -1 or g.max_count > g.min_count for g in config.node_group_configs
-               if g.resources and g.max_count != 0)
+    return any(
+        g.max_count == -1 or g.max_count > g.min_count for g in config.node_group_configs if g.resources and g.max_count != 0
+    )
 
 
 def cluster_nodes() -> list[NodeResources]:
@@ -200,7 +202,8 @@ def cluster_nodes() -> list[NodeResources]:
     held = _held_by_this_job()
     return [
         NodeResources(n["NodeID"], dict(n.get("Resources", {})), free.get(n["NodeID"]), held.get(n["NodeID"], {}))
-        for n in ray.nodes() if n.get("Alive")
+        for n in ray.nodes()
+        if n.get("Alive")
     ]
 
 
@@ -254,8 +257,10 @@ def waiting_placements(job_id: str) -> list[str]:
         nodes = nodes if nodes is not None else cluster_nodes()
         bundles = list(group.get("bundles", {}).values())
         what = name.split("/")[2] if name.count("/") >= 2 else name
-        out.append(f"{what}: waiting for the cluster to place its stages: "
-                   f"{describe_placement(bundles[0] if bundles else {}, len(bundles), nodes)}")
+        out.append(
+            f"{what}: waiting for the cluster to place its stages: "
+            f"{describe_placement(bundles[0] if bundles else {}, len(bundles), nodes)}"
+        )
     return out
 
 
@@ -301,12 +306,18 @@ def wait_alive(replica: Replica, timeout_s: float = 300) -> list[tuple[int, int]
                 if getattr(exc, "actor_init_failed", False):
                     cause_type, _, detail = _last_line(str(exc)).partition(": ")
                     raise StageError(
-                        spec.index, (spec.start, spec.stop), [], cause_type.rsplit(".", 1)[-1] or "ActorInitError",
+                        spec.index,
+                        (spec.start, spec.stop),
+                        [],
+                        cause_type.rsplit(".", 1)[-1] or "ActorInitError",
                         f"the stage actor failed to start: {detail or cause_type}",
                     ) from None
                 if time.monotonic() > deadline:
                     raise StageError(
-                        spec.index, (spec.start, spec.stop), [], "ActorDiedError",
+                        spec.index,
+                        (spec.start, spec.stop),
+                        [],
+                        "ActorDiedError",
                         f"the stage actor did not come back within {timeout_s:.0f} s",
                     ) from None
                 time.sleep(0.2)

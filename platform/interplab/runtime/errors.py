@@ -75,7 +75,14 @@ def unwrap(exc: BaseException) -> BaseException:
 
     cause = getattr(exc, "cause", None) if isinstance(exc, ray.exceptions.RayTaskError) else exc
     if isinstance(cause, StageError):
-        return StageError(cause.stage, (cause.layers[0], cause.layers[1]), cause.prompt_ids, cause.cause_type, cause.detail, cause.remote_traceback)
+        return StageError(
+            cause.stage,
+            (cause.layers[0], cause.layers[1]),
+            cause.prompt_ids,
+            cause.cause_type,
+            cause.detail,
+            cause.remote_traceback,
+        )
     if cause is not None and isinstance(getattr(cause, STAGE_ATTR, None), StageError):
         return cause
     return exc

@@ -118,8 +118,13 @@ class PipelineWeights:
         n_stages = self.scheduler.n_stages
         addresses = ray.get([replicas[0].actors[s].grad_group_address.remote() for s in range(n_stages)])
         world = len(replicas)
-        ray.get([replica.actors[s].join_grad_group.remote(addresses[s], rank, world)
-                 for rank, replica in enumerate(replicas) for s in range(n_stages)])
+        ray.get(
+            [
+                replica.actors[s].join_grad_group.remote(addresses[s], rank, world)
+                for rank, replica in enumerate(replicas)
+                for s in range(n_stages)
+            ]
+        )
 
     def release_optimizer(self) -> None:
         """Drop every stage's optimizer state and make all parameters require grad again."""

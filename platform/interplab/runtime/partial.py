@@ -95,20 +95,28 @@ def partial_tasks(
         last = s_stop == stop
         stage_prefix = None
         if prefix is not None:
-            stage_prefix = KVPrefix(prefix.length, {
-                layer: (k[lo:hi], v[lo:hi]) for layer, (k, v) in prefix.kv.items() if s_start <= layer < s_stop
-            })
-        span = StageSpan(start=s_start, stop=s_stop, with_head=with_head and last, logits=logits,
-                         vocab=vocab if with_head and last else None)
+            stage_prefix = KVPrefix(
+                prefix.length, {layer: (k[lo:hi], v[lo:hi]) for layer, (k, v) in prefix.kv.items() if s_start <= layer < s_stop}
+            )
+        span = StageSpan(
+            start=s_start, stop=s_stop, with_head=with_head and last, logits=logits, vocab=vocab if with_head and last else None
+        )
         entry = StageEntry(
             hidden=part if s_start == first else None,
             joins={layer: rows for layer, rows in part_joins.items() if s_start <= layer < s_stop} or None,
             prefix=stage_prefix,
         )
-        tasks.append(StageTask(
-            call=call, mb=mb, prompt_ids=list(range(lo, lo + present)), batch=slice_batch(batch, lo, lo + present),
-            interventions=[x for x in items if stage_of(x.site) == index], span=span, entry=entry,
-        ))
+        tasks.append(
+            StageTask(
+                call=call,
+                mb=mb,
+                prompt_ids=list(range(lo, lo + present)),
+                batch=slice_batch(batch, lo, lo + present),
+                interventions=[x for x in items if stage_of(x.site) == index],
+                span=span,
+                entry=entry,
+            )
+        )
     return tasks
 
 
@@ -144,10 +152,23 @@ class PartialCall:
 
         def maker(mb: int, lo: int, hi: int) -> MakeTasks:
             return lambda call: partial_tasks(
-                self.scheduler.stage_ranges, self.scheduler.stage_of, call, mb, r.batch, lo, hi, start=r.start,
-                stop=r.stop, hidden=r.hidden, joins=self.joins, entries=self.entries,
-                interventions=self.interventions, prefix=r.prefix, with_head=r.with_head,
-                logits=r.logits, vocab=self.vocab,
+                self.scheduler.stage_ranges,
+                self.scheduler.stage_of,
+                call,
+                mb,
+                r.batch,
+                lo,
+                hi,
+                start=r.start,
+                stop=r.stop,
+                hidden=r.hidden,
+                joins=self.joins,
+                entries=self.entries,
+                interventions=self.interventions,
+                prefix=r.prefix,
+                with_head=r.with_head,
+                logits=r.logits,
+                vocab=self.vocab,
             )
 
         for mb, (lo, hi) in enumerate(self.parts):
@@ -163,7 +184,9 @@ class PartialCall:
 
 
 def run_partial_calls(
-    scheduler: Scheduler, skeleton: HookedModel, requests: Iterable[tuple[Key, StageRequest]],
+    scheduler: Scheduler,
+    skeleton: HookedModel,
+    requests: Iterable[tuple[Key, StageRequest]],
     on_done: Callable[[Key, torch.Tensor], None],
 ) -> None:
     """Stream ``requests`` (consumed lazily) through the pipeline together; ``on_done(key, output)``

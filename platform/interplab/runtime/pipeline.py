@@ -159,8 +159,9 @@ class PipelineModel:
     def to_str_tokens(self, text: str) -> list[str]:
         return self.skeleton.to_str_tokens(text)
 
-    def _validate(self, capture: Sequence[Site | str], interventions: Sequence[Intervention],
-                  grad_sites: Sequence[Site | str] = ()) -> tuple[list[Site], list[Site]]:
+    def _validate(
+        self, capture: Sequence[Site | str], interventions: Sequence[Intervention], grad_sites: Sequence[Site | str] = ()
+    ) -> tuple[list[Site], list[Site]]:
         checked = [self.validate_site(s) for s in parse_sites(list(capture))] if capture else []
         grads = [self.validate_site(s) for s in parse_sites(list(grad_sites))] if grad_sites else []
         for item in interventions:
@@ -182,8 +183,10 @@ class PipelineModel:
         """As :meth:`HookedModel.run` (``grad=True`` is not available: use ``trainer`` or ``gradients``;
         ``keep_kv`` gathers every stage's keys/values, e.g. as a prefix for :meth:`run_stages`)."""
         if grad:
-            raise ValueError("PipelineModel.run(grad=True) is not supported: the graph lives in the stage actors; "
-                             "use trainer(...) for training or gradients(...) for site gradients")
+            raise ValueError(
+                "PipelineModel.run(grad=True) is not supported: the graph lives in the stage actors; "
+                "use trainer(...) for training or gradients(...) for site gradients"
+            )
         batch = self.tokenize(prompts)
         sites, _ = self._validate(capture, interventions)
         pos, valid = resolve_positions(positions, batch.lengths, batch.seq_len)
@@ -193,11 +196,27 @@ class PipelineModel:
         results: dict[Any, tuple[list[Any], Any]] = {}
 
         def maker(mb: int, lo: int, hi: int) -> MakeTasks:
-            return lambda call: scheduler.lend_cores(scheduler.chain_tasks(
-                call, mb, batch, lo, hi, mode="run", capture=sites, interventions=interventions,
-                positions=positions, logits=logits, upto=upto, stop=stop, with_head=with_head,
-                emit_last=with_head and logits != "none", keep_kv=keep_kv,
-            ), mb, len(parts))
+            return lambda call: scheduler.lend_cores(
+                scheduler.chain_tasks(
+                    call,
+                    mb,
+                    batch,
+                    lo,
+                    hi,
+                    mode="run",
+                    capture=sites,
+                    interventions=interventions,
+                    positions=positions,
+                    logits=logits,
+                    upto=upto,
+                    stop=stop,
+                    with_head=with_head,
+                    emit_last=with_head and logits != "none",
+                    keep_kv=keep_kv,
+                ),
+                mb,
+                len(parts),
+            )
 
         def items() -> Iterator[tuple[int, MakeTasks]]:
             for mb, (lo, hi) in enumerate(parts):
@@ -274,9 +293,16 @@ class PipelineModel:
             raise ValueError(f"stage_forward: layer {start} is not in stage {index} (layers {spec.start}..{spec.stop - 1})")
         if hidden is None and (start or spec.start) != 0:
             raise ValueError(f"stage_forward: stage {index} from layer {start or spec.start} needs hidden (the resid_pre there)")
-        task = StageTask(call=self.scheduler.new_call(), mb=0, prompt_ids=list(range(batch.size)), batch=batch,
-                         mode="run", capture=sites, interventions=list(interventions),
-                         span=StageSpan(start=start, with_head=spec.last, logits=logits))
+        task = StageTask(
+            call=self.scheduler.new_call(),
+            mb=0,
+            prompt_ids=list(range(batch.size)),
+            batch=batch,
+            mode="run",
+            capture=sites,
+            interventions=list(interventions),
+            span=StageSpan(start=start, with_head=spec.last, logits=logits),
+        )
         out, side = self.stage_actor(index, replica).forward.options(num_returns=2).remote(task, hidden)
         try:
             return ray.get(out), ray.get(side)
@@ -311,9 +337,22 @@ class PipelineModel:
 
         def maker(batch: TokenBatch, ids: list[int], target: StoreSink) -> MakeTasks:
             return lambda call: scheduler.chain_tasks(
-                call, 0, batch, 0, batch.size, mode="run", capture=checked, interventions=(),
-                positions=positions, logits="none", upto=upto, stop=stop, with_head=with_head,
-                emit_last=False, sink=target, prompt_ids=ids,
+                call,
+                0,
+                batch,
+                0,
+                batch.size,
+                mode="run",
+                capture=checked,
+                interventions=(),
+                positions=positions,
+                logits="none",
+                upto=upto,
+                stop=stop,
+                with_head=with_head,
+                emit_last=False,
+                sink=target,
+                prompt_ids=ids,
             )
 
         def items() -> Iterator[tuple[int, MakeTasks]]:
@@ -327,8 +366,10 @@ class PipelineModel:
                 batch = self.tokenize(texts)
                 first = index * batch_size
                 ids = list(range(first, first + len(texts)))
-                tokens = tuple(tuple(self.tokenizer.decode([int(t)]) for t in batch.input_ids[i, : int(batch.lengths[i])])
-                               for i in range(batch.size))
+                tokens = tuple(
+                    tuple(self.tokenizer.decode([int(t)]) for t in batch.input_ids[i, : int(batch.lengths[i])])
+                    for i in range(batch.size)
+                )
                 target = StoreSink(sink.store_uri, sink.run_id, index, dtype, tokens)
                 yield index, maker(batch, ids, target)
 
@@ -362,8 +403,15 @@ class PipelineModel:
         for attempt in itertools.count():
             try:
                 sides, summary, lower = scheduler.backward_call(
-                    batch, metric, mode="grad", capture=captured, grad_sites=grad_sites,
-                    interventions=interventions, positions=positions, logits=logits, replica=replica,
+                    batch,
+                    metric,
+                    mode="grad",
+                    capture=captured,
+                    grad_sites=grad_sites,
+                    interventions=interventions,
+                    positions=positions,
+                    logits=logits,
+                    replica=replica,
                 )
                 break
             except Exception as exc:  # noqa: BLE001
@@ -373,7 +421,9 @@ class PipelineModel:
         per_stage = [lower.get(s, []) for s in range(scheduler.n_stages - 1)] + [summary["site_grads"]]
         grads = concat_caches([c for stage in per_stage for c in stage], grad_sites)
         cache = concat_caches([c for mb_sides in sides for c in mb_sides], list(captured) + grad_sites)
-        return GradResult(summary["value"], ActivationCache(grads, pos, valid), ActivationCache(cache, pos, valid), summary["logits"])
+        return GradResult(
+            summary["value"], ActivationCache(grads, pos, valid), ActivationCache(cache, pos, valid), summary["logits"]
+        )
 
     @torch.no_grad()
     def generate(self, prompt: str, max_new_tokens: int = 10, *, interventions: Sequence[Intervention] = ()) -> str:

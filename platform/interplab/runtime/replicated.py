@@ -32,7 +32,9 @@ if TYPE_CHECKING:
     from interplab.runtime.scheduler import Scheduler
 
 
-def replicated_backward(scheduler: Scheduler, batch: TokenBatch, loss_fn: Metric, interventions: Sequence[Intervention]) -> torch.Tensor:
+def replicated_backward(
+    scheduler: Scheduler, batch: TokenBatch, loss_fn: Metric, interventions: Sequence[Intervention]
+) -> torch.Tensor:
     """Forward and backward ``batch`` over all of the scheduler's replicas and all-reduce the parameter
     gradients; returns the loss. The caller combines tied copies and steps the optimizers."""
     import ray
@@ -46,8 +48,9 @@ def replicated_backward(scheduler: Scheduler, batch: TokenBatch, loss_fn: Metric
     for replica, mbs in enumerate(shares):
         for mb in mbs:
             lo, hi = parts[mb]
-            tasks = scheduler.chain_tasks(call, mb, batch, lo, hi, mode="train", capture=[],
-                                          interventions=interventions, positions=None, logits="all")
+            tasks = scheduler.chain_tasks(
+                call, mb, batch, lo, hi, mode="train", capture=[], interventions=interventions, positions=None, logits="all"
+            )
             flight = Flight(mb, tasks, replica)
             scheduler.submit(flight)
             flights.append(flight)

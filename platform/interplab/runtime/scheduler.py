@@ -61,8 +61,14 @@ class Scheduler:
     """Places a model's stage actors (``parallel.replicas`` chains) and runs micro-batch chains on them."""
 
     def __init__(
-        self, model: str, parallel: ParallelConfig, stage_ranges: Sequence[tuple[int, int]], n_layers: int,
-        *, dtype: str = "float32", seed: int = 0,
+        self,
+        model: str,
+        parallel: ParallelConfig,
+        stage_ranges: Sequence[tuple[int, int]],
+        n_layers: int,
+        *,
+        dtype: str = "float32",
+        seed: int = 0,
     ) -> None:
         self.parallel = parallel
         self.stage_ranges: list[tuple[int, int]] = [(a, b) for a, b in stage_ranges]
@@ -74,7 +80,10 @@ class Scheduler:
             for i, (a, b) in enumerate(self.stage_ranges)
         ]
         cluster.ensure_ray()
-        self.replica_handles = [cluster.create_replica(r, self.specs, parallel.cpus_per_stage, gpus) for r in range(parallel.replicas)]
+        self.replica_handles = [
+            cluster.create_replica(r, self.specs, parallel.cpus_per_stage, gpus, timeout_s=parallel.placement_timeout_s)
+            for r in range(parallel.replicas)
+        ]
         self.graphs = CompiledRuns(self)  # compiled graphs for forward runs (transport "compiled")
         self._calls = itertools.count()
         self._next_replica = itertools.count()
@@ -116,7 +125,9 @@ class Scheduler:
         wanted = self.parallel.micro_batches or 2 * self.n_stages
         return row_ranges(batch.size, wanted)
 
-    def last_stage_needed(self, capture: Sequence[Site], interventions: Sequence[Intervention], logits: LogitsMode) -> tuple[int, int | None, bool]:
+    def last_stage_needed(
+        self, capture: Sequence[Site], interventions: Sequence[Intervention], logits: LogitsMode
+    ) -> tuple[int, int | None, bool]:
         """``(last stage to run, layer to stop at in it or None, whether the head runs)``."""
         last = self.n_stages - 1
         if logits != "none" or interventions:
@@ -130,10 +141,25 @@ class Scheduler:
 
     # ------------------------------------------------------------------ tasks
     def chain_tasks(
-        self, call: int, mb: int, batch: TokenBatch, lo: int, hi: int, *, mode: Mode,
-        capture: Sequence[Site], interventions: Sequence[Intervention], grad_sites: Sequence[Site] = (),
-        positions: Positions = None, logits: LogitsMode = "all", upto: int | None = None, stop: int | None = None,
-        with_head: bool = True, emit_last: bool = True, sink: StoreSink | None = None, keep_kv: bool = False,
+        self,
+        call: int,
+        mb: int,
+        batch: TokenBatch,
+        lo: int,
+        hi: int,
+        *,
+        mode: Mode,
+        capture: Sequence[Site],
+        interventions: Sequence[Intervention],
+        grad_sites: Sequence[Site] = (),
+        positions: Positions = None,
+        logits: LogitsMode = "all",
+        upto: int | None = None,
+        stop: int | None = None,
+        with_head: bool = True,
+        emit_last: bool = True,
+        sink: StoreSink | None = None,
+        keep_kv: bool = False,
         prompt_ids: Sequence[int] | None = None,
     ) -> list[StageTask]:
         """The per-stage tasks of one micro-batch (rows ``[lo, hi)`` of ``batch``; ``prompt_ids``
@@ -145,15 +171,26 @@ class Scheduler:
         out = []
         for i in range(upto + 1):
             is_last = i == upto
-            span = StageSpan(stop=stop if is_last else None, with_head=with_head and is_last and i == self.n_stages - 1, logits=logits)
-            out.append(StageTask(
-                call=call, mb=mb, prompt_ids=ids, batch=sub, mode=mode,
-                capture=[s for s in capture if self.stage_of(s) == i],
-                interventions=[x for x in items if self.stage_of(x.site) == i],
-                grad_sites=[s for s in grad_sites if self.stage_of(s) == i],
-                positions=slice_positions(positions, lo, hi), span=span,
-                emit=emit_last or not is_last, sink=sink, keep_kv=keep_kv,
-            ))
+            span = StageSpan(
+                stop=stop if is_last else None, with_head=with_head and is_last and i == self.n_stages - 1, logits=logits
+            )
+            out.append(
+                StageTask(
+                    call=call,
+                    mb=mb,
+                    prompt_ids=ids,
+                    batch=sub,
+                    mode=mode,
+                    capture=[s for s in capture if self.stage_of(s) == i],
+                    interventions=[x for x in items if self.stage_of(x.site) == i],
+                    grad_sites=[s for s in grad_sites if self.stage_of(s) == i],
+                    positions=slice_positions(positions, lo, hi),
+                    span=span,
+                    emit=emit_last or not is_last,
+                    sink=sink,
+                    keep_kv=keep_kv,
+                )
+            )
         return out
 
     def lend_cores(self, tasks: list[StageTask], mb: int, n_mbs: int) -> list[StageTask]:
@@ -186,7 +223,10 @@ class Scheduler:
         if flight.attempts > self.parallel.max_retries:
             spec = self.specs[-1]
             raise StageError(
-                spec.index, (spec.start, spec.stop), list(flight.last_task.prompt_ids), type(exc).__name__,
+                spec.index,
+                (spec.start, spec.stop),
+                list(flight.last_task.prompt_ids),
+                type(exc).__name__,
                 f"a stage actor died {flight.attempts} times; gave up after {self.parallel.max_retries} retries",
             ) from None
         cluster.wait_alive(self.replicas[flight.replica])
@@ -232,8 +272,17 @@ class Scheduler:
             on_done(done.key, sides, out)
 
     def backward_call(
-        self, batch: TokenBatch, fn: Metric, *, mode: Mode, capture: Sequence[Site], grad_sites: Sequence[Site],
-        interventions: Sequence[Intervention], positions: Positions, logits: LogitsMode, replica: int,
+        self,
+        batch: TokenBatch,
+        fn: Metric,
+        *,
+        mode: Mode,
+        capture: Sequence[Site],
+        grad_sites: Sequence[Site],
+        interventions: Sequence[Intervention],
+        positions: Positions,
+        logits: LogitsMode,
+        replica: int,
     ) -> tuple[list[list[Any]], dict[str, Any], dict[int, list[Any]]]:
         """Forward every micro-batch on ``replica``, evaluate ``fn`` on the last stage, backward through
         every stage: ``(each micro-batch's side results, the last stage's summary, the site gradients
@@ -245,8 +294,19 @@ class Scheduler:
         actors = self.replicas[replica].actors
         flights = []
         for mb, (lo, hi) in enumerate(parts):
-            tasks = self.chain_tasks(call, mb, batch, lo, hi, mode=mode, capture=capture, interventions=interventions,
-                                     grad_sites=grad_sites, positions=positions, logits=logits)
+            tasks = self.chain_tasks(
+                call,
+                mb,
+                batch,
+                lo,
+                hi,
+                mode=mode,
+                capture=capture,
+                interventions=interventions,
+                grad_sites=grad_sites,
+                positions=positions,
+                logits=logits,
+            )
             flight = Flight(mb, tasks, replica)
             self.submit(flight)
             flights.append(flight)

@@ -60,18 +60,29 @@ def write_stage_chunk(writer, chunk: CaptureChunk, *, marker: str, with_prompts:
         arr = tensor.detach().cpu().float().numpy() if tensor.dtype == torch.bfloat16 else tensor.detach().cpu().numpy()
         selected = arr[rows, cols]
         if arr.ndim == 3:
-            entries.append(writer.write_activations(
-                chunk.index, site.kind.value, site.layer, None, prompt_id, pos, token_id, token, selected, dtype=store_dtype
-            ))
+            entries.append(
+                writer.write_activations(
+                    chunk.index, site.kind.value, site.layer, None, prompt_id, pos, token_id, token, selected, dtype=store_dtype
+                )
+            )
             n_rows += len(prompt_id)
             continue
         n, h, d = selected.shape
         head = site.head if site.head is not None else np.tile(np.arange(h, dtype=np.int32), n)
-        entries.append(writer.write_activations(
-            chunk.index, site.kind.value, site.layer, head,
-            np.repeat(prompt_id, h), np.repeat(pos, h), np.repeat(token_id, h),
-            [t for t in token for _ in range(h)], selected.reshape(n * h, d), dtype=store_dtype,
-        ))
+        entries.append(
+            writer.write_activations(
+                chunk.index,
+                site.kind.value,
+                site.layer,
+                head,
+                np.repeat(prompt_id, h),
+                np.repeat(pos, h),
+                np.repeat(token_id, h),
+                [t for t in token for _ in range(h)],
+                selected.reshape(n * h, d),
+                dtype=store_dtype,
+            )
+        )
         n_rows += n * h
     if skipped:
         warnings.warn(f"pattern sites {skipped} are not stored (variable key length; see interplab.store.capture)", stacklevel=2)
@@ -83,12 +94,14 @@ def write_stage_chunk(writer, chunk: CaptureChunk, *, marker: str, with_prompts:
 
 def _prompts_table(chunk: CaptureChunk, token_ids: np.ndarray) -> pa.Table:
     lengths = [int(n) for n in chunk.lengths]
-    return pa.table({
-        "prompt_id": pa.array(chunk.prompt_ids, pa.int64()),
-        "n_tokens": pa.array(lengths, pa.int32()),
-        "token_ids": pa.array([token_ids[i, :n].tolist() for i, n in enumerate(lengths)], pa.list_(pa.int32())),
-        "tokens": pa.array([list(t[:n]) for t, n in zip(chunk.tokens, lengths)], pa.list_(pa.string())),
-    })
+    return pa.table(
+        {
+            "prompt_id": pa.array(chunk.prompt_ids, pa.int64()),
+            "n_tokens": pa.array(lengths, pa.int32()),
+            "token_ids": pa.array([token_ids[i, :n].tolist() for i, n in enumerate(lengths)], pa.list_(pa.int32())),
+            "tokens": pa.array([list(t[:n]) for t, n in zip(chunk.tokens, lengths)], pa.list_(pa.string())),
+        }
+    )
 
 
 class StageWriters:
@@ -112,8 +125,13 @@ class StageWriters:
             self._writers[key] = open_store(sink.store_uri, create=False).resume_run(sink.run_id)
         batch = task.batch
         chunk = CaptureChunk(
-            index=sink.chunk, prompt_ids=list(task.prompt_ids), token_ids=batch.input_ids.cpu(),
-            lengths=batch.lengths.tolist(), tokens=[list(t) for t in sink.tokens], positions=cache.positions,
-            valid=cache.valid, acts=dict(cache.items()),
+            index=sink.chunk,
+            prompt_ids=list(task.prompt_ids),
+            token_ids=batch.input_ids.cpu(),
+            lengths=batch.lengths.tolist(),
+            tokens=[list(t) for t in sink.tokens],
+            positions=cache.positions,
+            valid=cache.valid,
+            acts=dict(cache.items()),
         )
         return write_stage_chunk(self._writers[key], chunk, marker=self.marker, with_prompts=self.first, dtype=sink.dtype)

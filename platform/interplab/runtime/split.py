@@ -108,7 +108,9 @@ def balance_work(work: Sequence[float], n_stages: int, *, first: float = 0, last
     return out[::-1]
 
 
-def split_by_memory(sizes: ModelBytes, capacity: int, *, headroom: float = 0.8, max_stages: int | None = None) -> list[tuple[int, int]]:
+def split_by_memory(
+    sizes: ModelBytes, capacity: int, *, headroom: float = 0.8, max_stages: int | None = None
+) -> list[tuple[int, int]]:
     """The fewest stages whose parameters fit in ``headroom * capacity`` bytes each, balanced.
 
     ``headroom`` leaves room for activations, the autograd graph and allocator slack.

@@ -73,8 +73,13 @@ class StageWorker:
         torch.set_num_threads(max(1, spec.threads))
         self.spec = spec
         self.hooked = load_model(
-            spec.model, dtype=spec.dtype, seed=spec.seed, device=spec.device,
-            layers=(spec.start, spec.stop), with_embed=spec.first, with_head=spec.last,
+            spec.model,
+            dtype=spec.dtype,
+            seed=spec.seed,
+            device=spec.device,
+            layers=(spec.start, spec.stop),
+            with_embed=spec.first,
+            with_head=spec.last,
         )
         if spec.model.startswith("tiny-"):
             self.hooked.model.to(torch.device(spec.device))

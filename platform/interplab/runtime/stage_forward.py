@@ -56,15 +56,33 @@ class StageForward:
         prefix = entry.prefix if entry is not None else None
         if entry is not None and entry.joins:  # rows join at later layers: forward only (run_stage checks the rest)
             output, _ = self.hooked.run_stage(
-                task.batch, start=start, stop=stop, hidden=hidden, with_head=span.with_head, joins=entry.joins,
-                interventions=task.interventions, logits=span.logits, prefix=prefix, vocab=span.vocab,
+                task.batch,
+                start=start,
+                stop=stop,
+                hidden=hidden,
+                with_head=span.with_head,
+                joins=entry.joins,
+                interventions=task.interventions,
+                logits=span.logits,
+                prefix=prefix,
+                vocab=span.vocab,
             )
             return emitted(task, output), None
         stage = self.hooked.stage_pass(
-            task.batch, start=start, stop=stop, hidden=hidden, with_head=span.with_head,
-            capture=task.capture, interventions=task.interventions, grad_sites=task.grad_sites,
-            positions=task.positions, logits=span.logits, grad=task.mode != "run",  # keep the graph on every stage
-            prefix=prefix, vocab=span.vocab, keep_kv=task.keep_kv,
+            task.batch,
+            start=start,
+            stop=stop,
+            hidden=hidden,
+            with_head=span.with_head,
+            capture=task.capture,
+            interventions=task.interventions,
+            grad_sites=task.grad_sites,
+            positions=task.positions,
+            logits=span.logits,
+            grad=task.mode != "run",  # keep the graph on every stage
+            prefix=prefix,
+            vocab=span.vocab,
+            keep_kv=task.keep_kv,
         )
         cache = stage.cache.to("cpu")
         if task.mode != "run":

@@ -31,7 +31,11 @@ class PipelineTrainer(ClosingTrainer):
     """Adam per stage of a pipeline (see the module docstring)."""
 
     def __init__(
-        self, scheduler: Scheduler, weights: PipelineWeights, skeleton: HookedModel, adam: AdamConfig,
+        self,
+        scheduler: Scheduler,
+        weights: PipelineWeights,
+        skeleton: HookedModel,
+        adam: AdamConfig,
         trainable: Sequence[str] | None = None,
     ) -> None:
         self.scheduler, self.weights, self.skeleton = scheduler, weights, skeleton
@@ -53,12 +57,26 @@ class PipelineTrainer(ClosingTrainer):
         for replica in replicas:
             if any(steps != self.steps for _, steps in cluster.wait_alive(replica)):
                 spec = scheduler.specs[0]
-                raise StageError(spec.index, (spec.start, spec.stop), [], "TrainingStateLost",
-                                 "a stage actor restarted and lost its weights and optimizer state; restart training from a checkpoint")
+                raise StageError(
+                    spec.index,
+                    (spec.start, spec.stop),
+                    [],
+                    "TrainingStateLost",
+                    "a stage actor restarted and lost its weights and optimizer state; restart training from a checkpoint",
+                )
         try:
             if len(replicas) == 1:  # the loss is evaluated on the last stage
-                _, summary, _ = scheduler.backward_call(batch, loss_fn, mode="train", capture=[], grad_sites=[],
-                                                        interventions=interventions, positions=None, logits="all", replica=0)
+                _, summary, _ = scheduler.backward_call(
+                    batch,
+                    loss_fn,
+                    mode="train",
+                    capture=[],
+                    grad_sites=[],
+                    interventions=interventions,
+                    positions=None,
+                    logits="all",
+                    replica=0,
+                )
                 value = summary["value"]
             else:  # data parallel: the driver evaluates the loss on every replica's logits
                 value = replicated_backward(scheduler, batch, loss_fn, interventions)

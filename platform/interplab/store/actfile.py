@@ -211,8 +211,10 @@ class KeyColumns:
     @classmethod
     def build(cls, prompt_id: Any, position: Any, token_id: Any, token: Sequence[str] | pa.Array) -> KeyColumns:
         n = len(prompt_id)
-        ints = [_ints(name, v, n, t) for name, v, t in (("prompt_id", prompt_id, "<i8"), ("position", position, "<i4"),
-                                                        ("token_id", token_id, "<i4"))]
+        ints = [
+            _ints(name, v, n, t)
+            for name, v, t in (("prompt_id", prompt_id, "<i8"), ("position", position, "<i4"), ("token_id", token_id, "<i4"))
+        ]
         tokens = _tokens(token, n)
         columns = (
             int_column("prompt_id", ints[0], "<i8", stats=True),
@@ -356,8 +358,15 @@ def _statistics(col: Column, v0: int, v1: int, rows: int) -> bytes | None:
 
     # signed ints: the deprecated min/max (1, 2) mean the same as min_value/max_value (6, 5); older readers
     # know only those, so both are written (as parquet-cpp does)
-    return thrift_struct((1, BINARY, enc(hi)), (2, BINARY, enc(lo)), (3, I64, nulls), (5, BINARY, enc(hi)),
-                         (6, BINARY, enc(lo)), (7, BOOL, True), (8, BOOL, True))
+    return thrift_struct(
+        (1, BINARY, enc(hi)),
+        (2, BINARY, enc(lo)),
+        (3, I64, nulls),
+        (5, BINARY, enc(hi)),
+        (6, BINARY, enc(lo)),
+        (7, BOOL, True),
+        (8, BOOL, True),
+    )
 
 
 def _column_chunk(out: _Parts, col: Column, start: int, stop: int) -> bytes:
@@ -405,14 +414,16 @@ def _schema(columns: tuple[tuple[str, int, int, bool], ...]) -> bytes:
     elements = [root]
     for name, physical, width, is_string in columns:
         string = is_string or None
-        elements.append(thrift_struct(
-            (1, I32, physical),
-            (2, I32, width if physical == FIXED_LEN_BYTE_ARRAY else None),
-            (3, I32, _OPTIONAL),
-            (4, BINARY, name),
-            (6, I32, _UTF8 if string else None),
-            (10, STRUCT, thrift_struct((1, STRUCT, thrift_struct())) if string else None),  # LogicalType STRING
-        ))
+        elements.append(
+            thrift_struct(
+                (1, I32, physical),
+                (2, I32, width if physical == FIXED_LEN_BYTE_ARRAY else None),
+                (3, I32, _OPTIONAL),
+                (4, BINARY, name),
+                (6, I32, _UTF8 if string else None),
+                (10, STRUCT, thrift_struct((1, STRUCT, thrift_struct())) if string else None),  # LogicalType STRING
+            )
+        )
     return thrift_list(STRUCT, elements)
 
 
@@ -436,10 +447,16 @@ def encode_file(columns: Sequence[Column], group_rows: int, metadata: dict[bytes
         offset = out.size
         chunks = [_column_chunk(out, col, start, stop) for col in columns]
         size = out.size - offset
-        groups.append(thrift_struct(
-            (1, LIST, (STRUCT, chunks)), (2, I64, size), (3, I64, stop - start), (5, I64, offset), (6, I64, size),
-            (7, I16, ordinal),
-        ))
+        groups.append(
+            thrift_struct(
+                (1, LIST, (STRUCT, chunks)),
+                (2, I64, size),
+                (3, I64, stop - start),
+                (5, I64, offset),
+                (6, I64, size),
+                (7, I16, ordinal),
+            )
+        )
     key_values = [thrift_struct((1, BINARY, k), (2, BINARY, v)) for k, v in metadata.items()]
     footer = thrift_struct(
         (1, I32, _FORMAT_VERSION),

@@ -110,11 +110,11 @@ def _write_site(
     if site.head is not None:
         if h != 1:
             raise StoreError(f"chunk {index}: site {site} selects one head but has {h}")
-        return writer.write_activation_rows(index, kind, site.layer, site.head, keys[1], selected.reshape(n, d),
-                                            dtype=store_dtype)
+        return writer.write_activation_rows(
+            index, kind, site.layer, site.head, keys[1], selected.reshape(n, d), dtype=store_dtype
+        )
     head = np.tile(np.arange(h, dtype=np.int32), n)
-    return writer.write_activation_rows(index, kind, site.layer, head, keys[h], selected.reshape(n * h, d),
-                                        dtype=store_dtype)
+    return writer.write_activation_rows(index, kind, site.layer, head, keys[h], selected.reshape(n * h, d), dtype=store_dtype)
 
 
 def _row_tokens(chunk: CaptureChunk, rows: np.ndarray, pos: np.ndarray) -> pa.Array:

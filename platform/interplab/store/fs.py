@@ -117,6 +117,7 @@ def write_bytes(loc: Location, path: str, data: bytes | pa.Buffer) -> int:
     """Atomically create or replace one object; return its size. On S3 one PUT of the whole object
     (pyarrow's output streams cannot abort an upload, so no Python code runs between open and close)."""
     if loc.local:
+
         def write(tmp: str) -> None:
             with open(tmp, "wb") as f:
                 f.write(data)

@@ -61,9 +61,7 @@ KNOWN_SCHEMAS: dict[str, pa.Schema] = {
 
 def check_run_id(run_id: str) -> str:
     if not isinstance(run_id, str) or not _NAME.match(run_id):
-        raise StoreError(
-            f"invalid run id {run_id!r}: use 1-128 letters, digits, '_', '-', '.', starting with a letter or digit"
-        )
+        raise StoreError(f"invalid run id {run_id!r}: use 1-128 letters, digits, '_', '-', '.', starting with a letter or digit")
     return run_id
 
 

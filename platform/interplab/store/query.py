@@ -113,9 +113,7 @@ def _check_ref(ref: dict[str, Any], allowed: set[str], views: list[str]) -> None
     catalog = str(ref.get("catalog_name", "")).lower()
     if catalog not in ("", "memory") or schema not in ("", "main") or name.lower() not in allowed:
         what = "a file path" if ("/" in name or "." in name) else "an unknown table"
-        raise StoreError(
-            f"refused: {name!r} is {what}; queries may only read the store's views: {', '.join(views)}"
-        )
+        raise StoreError(f"refused: {name!r} is {what}; queries may only read the store's views: {', '.join(views)}")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -210,8 +208,11 @@ class Session:
         for (dtype, d), files in sorted(groups.items()):
             name = codec.udf_name(dtype, d)
             self._con.create_function(
-                name, codec.duckdb_decoder(dtype, d), [sqltypes.BLOB],
-                duckdb.array_type(sqltypes.FLOAT, d), type=func.PythonUDFType.ARROW,
+                name,
+                codec.duckdb_decoder(dtype, d),
+                [sqltypes.BLOB],
+                duckdb.array_type(sqltypes.FLOAT, d),
+                type=func.PythonUDFType.ARROW,
             )
             source = self._source(loc, layout.ACTIVATIONS, files, {"run_id": "VARCHAR", "site": "VARCHAR", "layer": "INTEGER"})
             per_width[d].append(f"SELECT {_ACT_COLUMNS}, {name}(act) AS act FROM {source}")
@@ -221,9 +222,11 @@ class Session:
         elif len(widths) == 1:
             relation = next(iter(widths.values()))
         else:  # one column cannot hold FLOAT[576] and FLOAT[64]: fall back to a list, see docs/store.md
-            relation = "(" + " UNION ALL ".join(
-                f"SELECT {_ACT_COLUMNS}, act::FLOAT[] AS act FROM {rel}" for rel in widths.values()
-            ) + ")"
+            relation = (
+                "("
+                + " UNION ALL ".join(f"SELECT {_ACT_COLUMNS}, act::FLOAT[] AS act FROM {rel}" for rel in widths.values())
+                + ")"
+            )
         self._view("activations", relation)
         return widths
 
@@ -245,8 +248,11 @@ class Session:
             pa.schema([(k, arrow_types[v]) for k, v in hive.items()]), null_fallback=layout.NULL_PARTITION
         )
         dataset = ds.dataset(
-            [loc.path(e.path) for e in entries], filesystem=loc.fs, format="parquet",
-            partitioning=partitioning, partition_base_dir=loc.path("data", table),
+            [loc.path(e.path) for e in entries],
+            filesystem=loc.fs,
+            format="parquet",
+            partitioning=partitioning,
+            partition_base_dir=loc.path("data", table),
         )
         name = f"_interplab_ds_{len(self._keep)}"
         self._register(name, dataset)

@@ -35,8 +35,10 @@ def core_sql_dir() -> Traversable:
     """The folder of the core view files and ``queries/`` (a Traversable; a Path when installed from files)."""
     folder = resources.files("interplab.store") / "sql"
     if not (folder / "runs.sql").is_file():
-        raise StoreError(f"the store's SQL files are missing from the installed package ({folder}); "
-                         "in a checkout, interplab/store/sql must be the symlink to storage/")
+        raise StoreError(
+            f"the store's SQL files are missing from the installed package ({folder}); "
+            "in a checkout, interplab/store/sql must be the symlink to storage/"
+        )
     return folder
 
 

@@ -263,8 +263,13 @@ class Store:
 
     @overload
     def export(
-        self, run_id: str, site: str, layer: int | None = None, head: int | None = None,
-        *, with_index: Literal[False] = False,
+        self,
+        run_id: str,
+        site: str,
+        layer: int | None = None,
+        head: int | None = None,
+        *,
+        with_index: Literal[False] = False,
     ) -> np.ndarray: ...
 
     @overload
@@ -288,9 +293,9 @@ class Store:
         if info.status != "committed":
             raise StoreError(f"run {run_id!r} is {info.status}; only committed runs can be exported")
         entries = [
-            e for e in info.files
-            if e.table == layout.ACTIVATIONS and e.site == kind and e.layer == layer
-            and (head is None or e.head in (None, head))
+            e
+            for e in info.files
+            if e.table == layout.ACTIVATIONS and e.site == kind and e.layer == layer and (head is None or e.head in (None, head))
         ]
         if not entries:
             sites = sorted({f"{e.site}" + ("" if e.layer is None else f".{e.layer}") for e in info.files if e.site})
@@ -364,4 +369,3 @@ def _user() -> str | None:
         return getpass.getuser()
     except (KeyError, OSError):
         return None
-

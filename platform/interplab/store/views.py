@@ -49,8 +49,10 @@ def view_files() -> dict[str, ViewFile]:
     for source in kind_sources():
         folder = source.folder()
         if folder is None:
-            raise StoreError(f"{source.describe()}: module {source.module!r} is not installed, so its views "
-                             "cannot be read (fix or uninstall the package that declares it)")
+            raise StoreError(
+                f"{source.describe()}: module {source.module!r} is not installed, so its views "
+                "cannot be read (fix or uninstall the package that declares it)"
+            )
         if folder not in seen:
             seen.add(folder)
             _add(found, folder / "views", source.describe())
@@ -67,6 +69,5 @@ def _add(found: dict[str, ViewFile], folder: Traversable, owner: str) -> None:
         if not _NAME.match(name):
             raise StoreError(f"view file {path} ({owner}): a view name is lower-case letters, digits and '_'")
         if name in found:
-            raise StoreError(f"view {name!r} is defined twice: {found[name].path} ({found[name].owner}) "
-                             f"and {path} ({owner})")
+            raise StoreError(f"view {name!r} is defined twice: {found[name].path} ({found[name].owner}) and {path} ({owner})")
         found[name] = ViewFile(name, path, owner)

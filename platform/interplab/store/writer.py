@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from interplab.engine.stream import CaptureChunk
     from interplab.store.store import Store
 
+
 class RunWriter:
     """Writes the chunks of one run; ``commit()`` publishes them, ``fail(reason)`` marks the run failed.
 
@@ -189,9 +190,7 @@ class RunWriter:
     def __enter__(self) -> RunWriter:
         return self
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if self._done:
             return
         if exc is not None:
@@ -243,8 +242,16 @@ def _describe(loc: fs.Location, table: str, rel: str) -> FileEntry:
     base = rel.rsplit("/", 1)[-1][: -len(".parquet")]
     head = int(base.rsplit("-h", 1)[1]) if "-h" in base else None
     return FileEntry(
-        table, rel, key, meta.num_rows, size, parts.get("site"), layer, head,
-        kv.get(codec.META_DTYPE, b"float16").decode(), int(kv.get(codec.META_DIM, b"0")),
+        table,
+        rel,
+        key,
+        meta.num_rows,
+        size,
+        parts.get("site"),
+        layer,
+        head,
+        kv.get(codec.META_DTYPE, b"float16").decode(),
+        int(kv.get(codec.META_DIM, b"0")),
     )
 
 

@@ -42,7 +42,7 @@ class _PatchState:
         self.graph = graph  # no reference to the task or model: the state is sent to pipeline stages
         self.patched = patched  # [rows, U, V] bool: edge corrupted
         self.rows = prompt_of_row
-        rows, (_, s, n_src, d) = len(prompt_of_row), task.clean_sources.shape
+        rows, (_, s, _, d) = len(prompt_of_row), task.clean_sources.shape
         self.s, self.d = s, d
         # every source starts at its corrupted output; ``record`` subtracts the live one in place
         corrupt = task.corrupt_by_source

@@ -78,8 +78,16 @@ def prune(graph: CircuitGraph, mask: torch.Tensor) -> torch.Tensor:
     return mask & forward[: graph.n_sources, None] & backward[owner][None, :]
 
 
-def circuit(graph: CircuitGraph, scores: torch.Tensor, *, rule: str = "topn", size: int | None = None,
-            tau: float | None = None, absolute: bool = False, prune_dangling: bool = True) -> torch.Tensor:
+def circuit(
+    graph: CircuitGraph,
+    scores: torch.Tensor,
+    *,
+    rule: str = "topn",
+    size: int | None = None,
+    tau: float | None = None,
+    absolute: bool = False,
+    prune_dangling: bool = True,
+) -> torch.Tensor:
     """One circuit by ``rule``: ``topn``/``greedy`` (``size`` edges) or ``threshold`` (``tau``), then pruned."""
     if rule == "threshold":
         if tau is None:

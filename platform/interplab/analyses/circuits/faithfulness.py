@@ -57,20 +57,44 @@ def mib_sizes(graph: CircuitGraph, percents=MIB_PERCENTS) -> list[int]:
     return sorted({max(1, round(graph.n_edges * p / 100)) for p in percents})
 
 
-def faithfulness_curve(task: CircuitTask, scores: torch.Tensor, *, method: str = "", sizes: list[int] | None = None,
-                       rule: Rule = "topn", absolute: bool = False, prune: bool = True, keep_circuits: bool = False) -> Curve:
+def faithfulness_curve(
+    task: CircuitTask,
+    scores: torch.Tensor,
+    *,
+    method: str = "",
+    sizes: list[int] | None = None,
+    rule: Rule = "topn",
+    absolute: bool = False,
+    prune: bool = True,
+    keep_circuits: bool = False,
+) -> Curve:
     graph = task.graph
     sizes = sizes or mib_sizes(graph)
-    masks = torch.stack([extract.circuit(graph, scores, rule=rule, size=n, absolute=absolute, prune_dangling=prune) for n in sizes])
+    masks = torch.stack(
+        [extract.circuit(graph, scores, rule=rule, size=n, absolute=absolute, prune_dangling=prune) for n in sizes]
+    )
     values = evaluate(task, masks).float()
     full, empty = float(task.clean_value.float().mean()), float(task.corrupt_value.float().mean())
     span = full - empty
     faith = [(float(v) - empty) / span if span != 0 else float("nan") for v in values]
-    return Curve(method, rule, absolute, list(sizes), [int(m.sum()) for m in masks], [float(v) for v in values],
-                 faith, full, empty, graph.n_edges, list(masks) if keep_circuits else [])
+    return Curve(
+        method,
+        rule,
+        absolute,
+        list(sizes),
+        [int(m.sum()) for m in masks],
+        [float(v) for v in values],
+        faith,
+        full,
+        empty,
+        graph.n_edges,
+        list(masks) if keep_circuits else [],
+    )
 
 
-def cpr_cmd(task: CircuitTask, scores: torch.Tensor, *, method: str = "", rule: Rule = "topn") -> tuple[float, float, Curve, Curve]:
+def cpr_cmd(
+    task: CircuitTask, scores: torch.Tensor, *, method: str = "", rule: Rule = "topn"
+) -> tuple[float, float, Curve, Curve]:
     """MIB's CPR (signed scores) and CMD (absolute scores) with their two curves."""
     signed = faithfulness_curve(task, scores, method=method, rule=rule, absolute=False)
     absolute = faithfulness_curve(task, scores, method=method, rule=rule, absolute=True)

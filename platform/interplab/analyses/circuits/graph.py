@@ -57,7 +57,10 @@ class Node:
     def __post_init__(self) -> None:
         if self.kind not in NODE_KINDS:
             raise GraphError(f"unknown node kind {self.kind!r}; allowed: {', '.join(NODE_KINDS)}")
-        for name, value, wanted in (("layer", self.layer, self.kind in ("head", "mlp")), ("head", self.head, self.kind == "head")):
+        for name, value, wanted in (
+            ("layer", self.layer, self.kind in ("head", "mlp")),
+            ("head", self.head, self.kind == "head"),
+        ):
             if wanted and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
                 raise GraphError(f"a {self.kind} node needs a non-negative integer {name}, got {value!r}")
             if not wanted and value is not None:

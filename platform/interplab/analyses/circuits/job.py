@@ -29,8 +29,8 @@ from typing import Literal
 from pydantic import Field, PositiveInt, field_validator, model_validator
 
 from interplab.analyses.circuits import extract
-from interplab.analyses.circuits.faithfulness import Curve, cpr_cmd, faithfulness_curve, to_mib
 from interplab.analyses.circuits.evaluate import evaluate
+from interplab.analyses.circuits.faithfulness import Curve, cpr_cmd, faithfulness_curve, to_mib
 from interplab.analyses.circuits.graph import CircuitGraph, GraphError, circuit_families
 from interplab.analyses.circuits.scores import METHODS, acdc, score_edges
 from interplab.analyses.circuits.task import CircuitTask, prepare
@@ -109,14 +109,23 @@ def _circuit(spec: CircuitSpec, graph: CircuitGraph, scores, fixed):
     rule = spec.circuit
     if fixed is not None:  # ACDC decides its circuit itself
         return extract.prune(graph, fixed) if rule.prune else fixed
-    return extract.circuit(graph, scores, rule=rule.rule, size=rule.size, tau=rule.threshold,
-                           absolute=rule.absolute, prune_dangling=rule.prune)
+    return extract.circuit(
+        graph, scores, rule=rule.rule, size=rule.size, tau=rule.threshold, absolute=rule.absolute, prune_dangling=rule.prune
+    )
 
 
 def _curve_rows(curve: Curve, method: str) -> list[dict]:
     return [
-        {"method": method, "rule": curve.rule, "absolute": curve.absolute, "n_edges": size, "fraction": size / curve.n_edges,
-         "kept": kept, "value": value, "faithfulness": faith}
+        {
+            "method": method,
+            "rule": curve.rule,
+            "absolute": curve.absolute,
+            "n_edges": size,
+            "fraction": size / curve.n_edges,
+            "kept": kept,
+            "value": value,
+            "faithfulness": faith,
+        }
         for size, kept, value, faith in zip(curve.sizes, curve.kept, curve.values, curve.faithfulness)
     ]
 
@@ -135,7 +144,9 @@ class CircuitRunner:
         try:
             pairs = PairSet.tokenize(model.tokenizer, spec_pairs(spec, model.tokenizer))
         except TaskError as exc:
-            raise SpecError(where, str(exc), "(see message)", "equal-length clean/corrupted prompts, single-token answers") from None
+            raise SpecError(
+                where, str(exc), "(see message)", "equal-length clean/corrupted prompts, single-token answers"
+            ) from None
         if not bool((pairs.clean.lengths == pairs.corrupted.lengths).all()):
             raise SpecError(where, "clean and corrupted prompts must have equal token lengths pair by pair", "(see prompts)")
 
@@ -153,26 +164,43 @@ class CircuitRunner:
         mask = _circuit(spec, graph, scores, fixed)
         src, dst = graph.edges[:, 0], graph.edges[:, 1]
         names_src, names_dst = graph.source_names, graph.dest_names
-        edges = pa.table({
-            "method": [chunk_id] * graph.n_edges,
-            "src": [names_src[i] for i in src.tolist()],
-            "dst": [names_dst[i] for i in dst.tolist()],
-            "src_layer": graph.source_layer[src].tolist(),  # already Long
-            "dst_layer": [graph.dest_layer(int(d)) for d in dst],
-            "score": scores[src, dst].double().tolist(),
-            "in_circuit": mask[src, dst].tolist(),
-        })
+        edges = pa.table(
+            {
+                "method": [chunk_id] * graph.n_edges,
+                "src": [names_src[i] for i in src.tolist()],
+                "dst": [names_dst[i] for i in dst.tolist()],
+                "src_layer": graph.source_layer[src].tolist(),  # already Long
+                "dst_layer": [graph.dest_layer(int(d)) for d in dst],
+                "score": scores[src, dst].double().tolist(),
+                "in_circuit": mask[src, dst].tolist(),
+            }
+        )
         writer.write_table("edges", edges, chunk=_key(chunk_id))
         kept = mask.nonzero().tolist()
-        writer.write_table("circuits", pa.table({
-            "method": [chunk_id] * len(kept),
-            "rule": [spec.circuit.rule if fixed is None else "acdc"] * len(kept),
-            "src": [names_src[s] for s, _ in kept],
-            "dst": [names_dst[d] for _, d in kept],
-        }, schema=pa.schema([("method", pa.string()), ("rule", pa.string()), ("src", pa.string()), ("dst", pa.string())])), chunk=_key(chunk_id))
-        summary = {"method": chunk_id, "seconds": seconds, "n_graph_edges": graph.n_edges, "circuit_edges": len(kept),
-                   "clean": float(task.clean_value.mean()), "corrupted": float(task.corrupt_value.mean()),
-                   "circuit_value": None, "cpr": None, "cmd": None}
+        writer.write_table(
+            "circuits",
+            pa.table(
+                {
+                    "method": [chunk_id] * len(kept),
+                    "rule": [spec.circuit.rule if fixed is None else "acdc"] * len(kept),
+                    "src": [names_src[s] for s, _ in kept],
+                    "dst": [names_dst[d] for _, d in kept],
+                },
+                schema=pa.schema([("method", pa.string()), ("rule", pa.string()), ("src", pa.string()), ("dst", pa.string())]),
+            ),
+            chunk=_key(chunk_id),
+        )
+        summary = {
+            "method": chunk_id,
+            "seconds": seconds,
+            "n_graph_edges": graph.n_edges,
+            "circuit_edges": len(kept),
+            "clean": float(task.clean_value.mean()),
+            "corrupted": float(task.corrupt_value.mean()),
+            "circuit_value": None,
+            "cpr": None,
+            "cmd": None,
+        }
         if spec.faithfulness != "none":
             summary["circuit_value"] = float(evaluate(task, mask))
             if spec.faithfulness == "mib":
@@ -181,12 +209,17 @@ class CircuitRunner:
                 rows = _curve_rows(signed, chunk_id) + _curve_rows(absolute, chunk_id)
             else:
                 sizes = [min(int(s), graph.n_edges) for s in spec.faithfulness]
-                rows = _curve_rows(faithfulness_curve(task, scores, sizes=sizes, absolute=spec.circuit.absolute, method=chunk_id), chunk_id)
+                rows = _curve_rows(
+                    faithfulness_curve(task, scores, sizes=sizes, absolute=spec.circuit.absolute, method=chunk_id), chunk_id
+                )
             writer.write_table("faithfulness", pa.Table.from_pylist(rows), chunk=_key(chunk_id))
         writer.write_table("circuit_summary", pa.Table.from_pylist([summary], schema=_summary_schema()), chunk=_key(chunk_id))
         if spec.export_mib:
-            writer.write_table("mib_exports", pa.table({"method": [chunk_id], "json": [json.dumps(to_mib(graph, scores, mask, d_model=model.d_model))]}),
-                               chunk=_key(chunk_id))
+            writer.write_table(
+                "mib_exports",
+                pa.table({"method": [chunk_id], "json": [json.dumps(to_mib(graph, scores, mask, d_model=model.d_model))]}),
+                chunk=_key(chunk_id),
+            )
 
     def finalize(self, spec: CircuitSpec, model, writer) -> JobSummary:
         task = circuit_task(spec, model)
@@ -216,9 +249,16 @@ def _key(chunk_id: str) -> str:
 def _summary_schema():
     import pyarrow as pa
 
-    return pa.schema([
-        ("method", pa.string()), ("seconds", pa.float64()), ("n_graph_edges", pa.int64()), ("circuit_edges", pa.int64()),
-        ("clean", pa.float64()), ("corrupted", pa.float64()), ("circuit_value", pa.float64()),
-        ("cpr", pa.float64()), ("cmd", pa.float64()),
-    ])
-
+    return pa.schema(
+        [
+            ("method", pa.string()),
+            ("seconds", pa.float64()),
+            ("n_graph_edges", pa.int64()),
+            ("circuit_edges", pa.int64()),
+            ("clean", pa.float64()),
+            ("corrupted", pa.float64()),
+            ("circuit_value", pa.float64()),
+            ("cpr", pa.float64()),
+            ("cmd", pa.float64()),
+        ]
+    )

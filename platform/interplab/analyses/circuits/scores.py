@@ -64,8 +64,9 @@ def _grad_pass(task: CircuitTask, prompt_rows: torch.Tensor, interventions, deno
     """Metric gradients at every destination input (a cache keyed by :func:`dest_sites`); the metric
     is summed over rows and divided by ``denominator`` (so gradients of several passes add up to a mean)."""
     metric = task.scalar_metric(prompt_rows, sign=len(prompt_rows) / denominator)
-    result = task.model.gradients(task.pairs.clean.select(prompt_rows), metric, dest_sites(task.graph),
-                                  interventions=interventions, logits="last")
+    result = task.model.gradients(
+        task.pairs.clean.select(prompt_rows), metric, dest_sites(task.graph), interventions=interventions, logits="last"
+    )
     return result.grads
 
 
@@ -202,8 +203,15 @@ def acdc(task: CircuitTask, threshold: float, metric: str | None = None) -> Acdc
     return AcdcResult(scores, graph.allowed & ~patched, evaluations)
 
 
-def score_edges(task: CircuitTask, method: str, *, ig_steps: int = 5, max_rows: int | None = None,
-                acdc_threshold: float = 0.01, acdc_metric: str | None = None) -> torch.Tensor:
+def score_edges(
+    task: CircuitTask,
+    method: str,
+    *,
+    ig_steps: int = 5,
+    max_rows: int | None = None,
+    acdc_threshold: float = 0.01,
+    acdc_metric: str | None = None,
+) -> torch.Tensor:
     """Scores of ``method`` (one of :data:`METHODS`)."""
     if method == "eap":
         return eap(task, max_rows)

@@ -8,6 +8,15 @@ from interplab.analyses.grafting.finetune import FinetuneConfig, finetune
 from interplab.analyses.grafting.scores import extractive_scores
 
 __all__ = [
-    "Example", "FinetuneConfig", "control", "evaluate", "extractive_scores", "finetune", "first_hop", "graft",
-    "load_delta", "load_task_file", "second_hop",
+    "Example",
+    "FinetuneConfig",
+    "control",
+    "evaluate",
+    "extractive_scores",
+    "finetune",
+    "first_hop",
+    "graft",
+    "load_delta",
+    "load_task_file",
+    "second_hop",
 ]

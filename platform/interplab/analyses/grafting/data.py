@@ -152,9 +152,12 @@ def first_hop(tokenizer, n: int = 20, *, seed: int = 0) -> TaskData:
         return [Example(tpl["implication"].format(name=p), lang_options[a], lang_options) for p, a in zip(people, assign)]
 
     return {
-        "F": facts(group_a, assign_a), "ImplF": impls(group_a, assign_a),
-        "F_prime": facts(group_a, assign_prime), "ImplF_prime": impls(group_a, assign_prime),
-        "F_new": facts(group_b, assign_b), "ImplF_new": impls(group_b, assign_b),
+        "F": facts(group_a, assign_a),
+        "ImplF": impls(group_a, assign_a),
+        "F_prime": facts(group_a, assign_prime),
+        "ImplF_prime": impls(group_a, assign_prime),
+        "F_new": facts(group_b, assign_b),
+        "ImplF_new": impls(group_b, assign_b),
     }
 
 
@@ -184,9 +187,12 @@ def second_hop(tokenizer, n: int = 10, *, seed: int = 0) -> TaskData:
 
     prime = [opts_a[shift[i]] for i in range(n)]
     return {
-        "F": facts(group_a, opts_a, opts_a), "ImplF": impls(group_a, opts_a, opts_a),
-        "F_prime": facts(group_a, prime, opts_a), "ImplF_prime": impls(group_a, prime, opts_a),
-        "F_new": facts(group_b, opts_b, opts_b), "ImplF_new": impls(group_b, opts_b, opts_b),
+        "F": facts(group_a, opts_a, opts_a),
+        "ImplF": impls(group_a, opts_a, opts_a),
+        "F_prime": facts(group_a, prime, opts_a),
+        "ImplF_prime": impls(group_a, prime, opts_a),
+        "F_new": facts(group_b, opts_b, opts_b),
+        "ImplF_new": impls(group_b, opts_b, opts_b),
     }
 
 
@@ -207,7 +213,11 @@ def examples_from_records(records: Mapping[str, Sequence[Mapping]]) -> TaskData:
         if not isinstance(items, list) or not items:
             raise GraftingDataError(f"set {name!r} must be a non-empty list of {{prompt, answer, options}}")
         for i, item in enumerate(items):
-            if not isinstance(item, Mapping) or not isinstance(item.get("prompt"), str) or not isinstance(item.get("answer"), str):
+            if (
+                not isinstance(item, Mapping)
+                or not isinstance(item.get("prompt"), str)
+                or not isinstance(item.get("answer"), str)
+            ):
                 raise GraftingDataError(f"{name}[{i}] must have string 'prompt' and 'answer', got {item!r}")
             extra = set(item) - {"prompt", "answer", "options"}
             if extra:
@@ -219,9 +229,7 @@ def examples_from_records(records: Mapping[str, Sequence[Mapping]]) -> TaskData:
         pool += [it["answer"] for it in items if it["answer"] not in pool]
     out: TaskData = {}
     for name, items in data.items():
-        out[name] = [
-            Example(it["prompt"], it["answer"], tuple(it.get("options") or pools[_family(name)])) for it in items
-        ]
+        out[name] = [Example(it["prompt"], it["answer"], tuple(it.get("options") or pools[_family(name)])) for it in items]
     return out
 
 

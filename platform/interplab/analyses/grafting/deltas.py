@@ -92,9 +92,15 @@ def save_delta(writer, key: str, delta: Weights, info: Mapping[str, object], *, 
     rel = blob_path(writer.run_id, key)
     fs.write_bytes(loc, loc.path(rel), data)
     return {
-        "name": key, **info, "path": rel, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-        "n_tensors": len(tensors), "n_params": int(sum(v.numel() for v in tensors.values())),
-        "dtype": dtype, "norm": norm(delta),
+        "name": key,
+        **info,
+        "path": rel,
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "n_tensors": len(tensors),
+        "n_params": int(sum(v.numel() for v in tensors.values())),
+        "dtype": dtype,
+        "norm": norm(delta),
     }
 
 
@@ -104,8 +110,9 @@ def load_delta(store, run_id: str, name: str) -> Weights:
 
     from interplab.store import fs
 
-    rows = store.sql("SELECT path, sha256 FROM deltas WHERE run_id = $run AND name = $name",
-                     {"run": run_id, "name": name}).to_pylist()
+    rows = store.sql(
+        "SELECT path, sha256 FROM deltas WHERE run_id = $run AND name = $name", {"run": run_id, "name": name}
+    ).to_pylist()
     if not rows:
         raise KeyError(f"run {run_id!r} has no delta named {name!r}")
     loc = store.location

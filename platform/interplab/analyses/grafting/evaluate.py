@@ -40,7 +40,9 @@ def answer_ids(tokenizer, examples: Sequence[Example]) -> tuple[torch.Tensor, li
     return answers, options
 
 
-def ranks_from_logits(logits: torch.Tensor, answers: torch.Tensor, options: Sequence[torch.Tensor]) -> tuple[list[int], list[float]]:
+def ranks_from_logits(
+    logits: torch.Tensor, answers: torch.Tensor, options: Sequence[torch.Tensor]
+) -> tuple[list[int], list[float]]:
     """``logits[n, vocab]`` at the last positions → (ranks among options, answer log-probabilities)."""
     logits = logits.float()
     logprobs = torch.log_softmax(logits, dim=-1)

@@ -49,8 +49,16 @@ def _eval_rows(model, data: TaskData, sets: Sequence[str], **labels) -> list[dic
     rows = []
     for name in sets:
         result = evaluate(model, data[name])
-        rows.append({**labels, "eval_set": name, "mean_rank": result.mean_rank, "mean_logprob": result.mean_logprob,
-                     "n": len(result.ranks), "n_options": result.n_options})
+        rows.append(
+            {
+                **labels,
+                "eval_set": name,
+                "mean_rank": result.mean_rank,
+                "mean_logprob": result.mean_logprob,
+                "n": len(result.ranks),
+                "n_options": result.n_options,
+            }
+        )
     return rows
 
 

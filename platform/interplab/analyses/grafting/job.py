@@ -34,8 +34,12 @@ from interplab.jobs.spec import JobSpec, StrictModel
 
 Experiment = Literal["grafting", "freezing", "ordering", "scores"]
 EVAL_TABLE, TRAIN_TABLE, SCORES_TABLE, DELTAS_TABLE = "grafting", "grafting_train", "grafting_scores", "deltas"
-_REQUIRED = {"grafting": ("F", "ImplF", "F_prime", "ImplF_prime"), "freezing": ("F", "ImplF"),
-             "ordering": ("F", "ImplF", "F_new", "ImplF_new"), "scores": ("F", "ImplF")}
+_REQUIRED = {
+    "grafting": ("F", "ImplF", "F_prime", "ImplF_prime"),
+    "freezing": ("F", "ImplF"),
+    "ordering": ("F", "ImplF", "F_new", "ImplF_new"),
+    "scores": ("F", "ImplF"),
+}
 
 
 def _float(value):
@@ -162,11 +166,19 @@ class GraftingRunner:
 
         n_layers = int(model.config.num_hidden_layers)
         if spec.split_layer is not None and not 0 < spec.split_layer < n_layers:
-            raise SpecError("split_layer", f"must split the model's {n_layers} layers into two non-empty parts",
-                            spec.split_layer, f"an integer in 1..{n_layers - 1}")
+            raise SpecError(
+                "split_layer",
+                f"must split the model's {n_layers} layers into two non-empty parts",
+                spec.split_layer,
+                f"an integer in 1..{n_layers - 1}",
+            )
         if "scores" in spec.experiments and uses_pipeline(spec):
-            raise SpecError("experiments", "scores need the single-process model (they run one layer at a time)",
-                            spec.experiments, "grafting, freezing, ordering with parallel.stages > 1")
+            raise SpecError(
+                "experiments",
+                "scores need the single-process model (they run one layer at a time)",
+                spec.experiments,
+                "grafting, freezing, ordering with parallel.stages > 1",
+            )
         where = "data.path" if spec.data.path is not None else "data"
         value = spec.data.path if spec.data.path is not None else spec.data.model_dump(exclude_defaults=True)
         try:
@@ -202,10 +214,16 @@ class GraftingRunner:
         from interplab.analyses.grafting import deltas as D
         from interplab.analyses.grafting import tables
 
-        writer.write_table(TRAIN_TABLE, tables.train_table([{**labels, "experiment": experiment, **r} for r in outcome.train]), chunk=chunk)
+        writer.write_table(
+            TRAIN_TABLE, tables.train_table([{**labels, "experiment": experiment, **r} for r in outcome.train]), chunk=chunk
+        )
         if spec.save_deltas and outcome.deltas:
-            rows = [D.save_delta(writer, f"{name}.{chunk}", delta, {"experiment": experiment, "delta": name, **labels},
-                                 dtype=spec.delta_dtype) for name, delta in outcome.deltas.items()]
+            rows = [
+                D.save_delta(
+                    writer, f"{name}.{chunk}", delta, {"experiment": experiment, "delta": name, **labels}, dtype=spec.delta_dtype
+                )
+                for name, delta in outcome.deltas.items()
+            ]
             writer.write_table(DELTAS_TABLE, tables.deltas_table(rows), chunk=chunk)
         writer.write_table(EVAL_TABLE, tables.eval_table([{**labels, **r} for r in outcome.evals]), chunk=chunk)
 
@@ -218,32 +236,46 @@ class GraftingRunner:
         outcome = Outcome()
         set_weights(model, theta)
         w_f = train_logged(model, outcome, data["F"], setting.config, "W_F")
-        examples, cfs = S.aligned(model.tokenizer, data["ImplF"], S.counterfactuals(data["ImplF"], model.tokenizer), spec.scores.n)
+        examples, cfs = S.aligned(
+            model.tokenizer, data["ImplF"], S.counterfactuals(data["ImplF"], model.tokenizer), spec.scores.n
+        )
         values = S.extractive_scores(model, theta, w_f, examples, cfs)
         ids = model.tokenize(examples[0].prompt).input_ids[0].tolist()
         tokens = [model.tokenizer.decode([i]) for i in ids]
         rows = S.score_rows(model, values, tokens, {**labels, "delta": "W_F-theta", "eval_set": "ImplF", "n": len(examples)})
-        writer.write_table(TRAIN_TABLE, tables.train_table([{**labels, "experiment": "scores", **r} for r in outcome.train]), chunk=chunk)
+        writer.write_table(
+            TRAIN_TABLE, tables.train_table([{**labels, "experiment": "scores", **r} for r in outcome.train]), chunk=chunk
+        )
         writer.write_table(SCORES_TABLE, tables.scores_table(rows), chunk=chunk)
 
     def finalize(self, spec: GraftingSpec, model, writer) -> JobSummary:
-        lines = [f"grafting job: {', '.join(spec.experiments)}; {len(spec.seeds)} seed(s); "
-                 f"lr x epochs {', '.join(f'{lr:g}x{ep}' for lr, ep in spec.finetune.grid())}"]
+        lines = [
+            f"grafting job: {', '.join(spec.experiments)}; {len(spec.seeds)} seed(s); "
+            f"lr x epochs {', '.join(f'{lr:g}x{ep}' for lr, ep in spec.finetune.grid())}"
+        ]
         lines.append("rank tables and score heatmaps: interplab plot {run_id} -o grafting.png")
         sql = []
         if "grafting" in spec.experiments:
-            sql.append("SELECT variant, layers, eval_set, round(avg(mean_rank), 2) AS mean_rank, count(*) AS runs "
-                       "FROM grafting WHERE run_id = '{run_id}' AND experiment = 'grafting' AND eval_set = 'ImplF_prime' "
-                       "GROUP BY ALL ORDER BY variant, layers")
+            sql.append(
+                "SELECT variant, layers, eval_set, round(avg(mean_rank), 2) AS mean_rank, count(*) AS runs "
+                "FROM grafting WHERE run_id = '{run_id}' AND experiment = 'grafting' AND eval_set = 'ImplF_prime' "
+                "GROUP BY ALL ORDER BY variant, layers"
+            )
         if "freezing" in spec.experiments:
-            sql.append("SELECT variant, layers, eval_set, round(avg(mean_rank), 2) AS mean_rank FROM grafting "
-                       "WHERE run_id = '{run_id}' AND experiment = 'freezing' GROUP BY ALL ORDER BY ALL")
+            sql.append(
+                "SELECT variant, layers, eval_set, round(avg(mean_rank), 2) AS mean_rank FROM grafting "
+                "WHERE run_id = '{run_id}' AND experiment = 'freezing' GROUP BY ALL ORDER BY ALL"
+            )
         if "ordering" in spec.experiments:
-            sql.append("SELECT variant AS ordering, epoch, round(avg(mean_rank), 2) AS implf_new_rank FROM grafting "
-                       "WHERE run_id = '{run_id}' AND experiment = 'ordering' AND eval_set = 'ImplF_new' GROUP BY ALL ORDER BY ALL")
+            sql.append(
+                "SELECT variant AS ordering, epoch, round(avg(mean_rank), 2) AS implf_new_rank FROM grafting "
+                "WHERE run_id = '{run_id}' AND experiment = 'ordering' AND eval_set = 'ImplF_new' GROUP BY ALL ORDER BY ALL"
+            )
         if "scores" in spec.experiments:
-            sql.append("SELECT score, layer, component, head, position, round(avg(value), 4) AS value FROM grafting_scores "
-                       "WHERE run_id = '{run_id}' GROUP BY ALL ORDER BY abs(avg(value)) DESC LIMIT 10")
+            sql.append(
+                "SELECT score, layer, component, head, position, round(avg(value), 4) AS value FROM grafting_scores "
+                "WHERE run_id = '{run_id}' GROUP BY ALL ORDER BY abs(avg(value)) DESC LIMIT 10"
+            )
         if spec.save_deltas and {"grafting"} & set(spec.experiments):
             sql.append("SELECT name, bytes, round(norm, 4) AS norm, path FROM deltas WHERE run_id = '{run_id}'")
         return JobSummary(lines=lines, sql=sql)
@@ -254,4 +286,3 @@ class GraftingRunner:
         import hashlib
 
         return {"data_sha256": hashlib.sha256(Path(spec.data.path).read_bytes()).hexdigest()}
-

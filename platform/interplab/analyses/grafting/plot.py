@@ -103,8 +103,11 @@ def plot_grafting(store, run_id: str, output: str | Path) -> Path:
         raise ValueError(f"output {output} must end in .png, .svg or .pdf")
     views = set(store.views())
     evals = store.sql("SELECT * FROM grafting WHERE run_id = $r", {"r": run_id}).to_pylist() if "grafting" in views else []
-    scores = (store.sql("SELECT * FROM grafting_scores WHERE run_id = $r", {"r": run_id}).to_pylist()
-              if "grafting_scores" in views else [])
+    scores = (
+        store.sql("SELECT * FROM grafting_scores WHERE run_id = $r", {"r": run_id}).to_pylist()
+        if "grafting_scores" in views
+        else []
+    )
     panels: list[Panel] = []
     graft = [r for r in evals if r["experiment"] == "grafting"]
     if graft:
@@ -126,7 +129,7 @@ def plot_grafting(store, run_id: str, output: str | Path) -> Path:
     fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 4.5 * rows), squeeze=False)
     for ax, draw in zip(axes.flat, panels):
         draw(fig, ax)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.suptitle(f"grafting run {run_id}")
     fig.tight_layout()

@@ -81,13 +81,21 @@ def counterfactuals(examples: Sequence[Example], tokenizer) -> list[Example]:
     lengths = [len(encode(tokenizer, ex.prompt)) for ex in examples]
     out = []
     for i, ex in enumerate(examples):
-        j = next((j % len(examples) for j in range(i + 1, i + len(examples))
-                  if lengths[j % len(examples)] == lengths[i] and examples[j % len(examples)].answer != ex.answer), None)
+        j = next(
+            (
+                j % len(examples)
+                for j in range(i + 1, i + len(examples))
+                if lengths[j % len(examples)] == lengths[i] and examples[j % len(examples)].answer != ex.answer
+            ),
+            None,
+        )
         out.append(examples[j] if j is not None else ex)
     return out
 
 
-def aligned(tokenizer, examples: Sequence[Example], cfs: Sequence[Example], limit: int | None = None) -> tuple[list[Example], list[Example]]:
+def aligned(
+    tokenizer, examples: Sequence[Example], cfs: Sequence[Example], limit: int | None = None
+) -> tuple[list[Example], list[Example]]:
     """The examples (and their counterfactuals) of the most common token count, with a distinct counterfactual."""
     from interplab.engine.tokens import encode
 
@@ -95,8 +103,11 @@ def aligned(tokenizer, examples: Sequence[Example], cfs: Sequence[Example], limi
     if not lengths:
         raise ValueError("no examples to score")
     common = Counter(lengths).most_common(1)[0][0]
-    keep = [i for i, n in enumerate(lengths) if n == common and cfs[i].prompt != examples[i].prompt
-            and len(encode(tokenizer, cfs[i].prompt)) == common]
+    keep = [
+        i
+        for i, n in enumerate(lengths)
+        if n == common and cfs[i].prompt != examples[i].prompt and len(encode(tokenizer, cfs[i].prompt)) == common
+    ]
     if not keep:
         raise ValueError("no example has a counterfactual prompt of the same token count")
     keep = keep[:limit] if limit else keep
@@ -241,8 +252,9 @@ def extractive_scores(
     """
     model = backend.local_model
     if model is None:
-        raise TypeError("extractive scores hook the model's modules in this process: they need the single-process "
-                        "model (parallel.stages: 1)")
+        raise TypeError(
+            "extractive scores hook the model's modules in this process: they need the single-process model (parallel.stages: 1)"
+        )
     tok = model.tokenizer
     batch = model.tokenize([ex.prompt for ex in examples])
     cf_batch = model.tokenize([ex.prompt for ex in cfs])
@@ -251,9 +263,9 @@ def extractive_scores(
     metric = MeanLogitLoss.build(tok, examples)
     n_layers, s = model.n_layers, batch.seq_len
     comps = components(model)
-    sites = [f"mlp_out.{l}" for l in range(n_layers)] + [f"head_out.{l}" for l in range(n_layers)]
-    resid = [f"resid_pre.{l}" for l in range(n_layers)]
-    mids = [f"resid_mid.{l}" for l in range(n_layers)] if model.has_resid_mid else []
+    sites = [f"mlp_out.{layer}" for layer in range(n_layers)] + [f"head_out.{layer}" for layer in range(n_layers)]
+    resid = [f"resid_pre.{layer}" for layer in range(n_layers)]
+    mids = [f"resid_mid.{layer}" for layer in range(n_layers)] if model.has_resid_mid else []
 
     set_weights(model, tuned)
     g_tuned = model.gradients(batch, metric, sites, logits="last").grads
@@ -269,8 +281,14 @@ def extractive_scores(
     with torch.no_grad():
         for layer in range(n_layers):
             items = [set_to(f"resid_mid.{layer}", inputs[f"resid_mid.{layer}"])] if mids else []
-            stage = model.stage_pass(batch, start=layer, stop=layer + 1, hidden=inputs[f"resid_pre.{layer}"],
-                                     capture=[f"mlp_out.{layer}", f"head_out.{layer}"], interventions=items)
+            stage = model.stage_pass(
+                batch,
+                start=layer,
+                stop=layer + 1,
+                hidden=inputs[f"resid_pre.{layer}"],
+                capture=[f"mlp_out.{layer}", f"head_out.{layer}"],
+                interventions=items,
+            )
             for kind, index in (("mlp_out", 0), ("head_out", heads)):
                 site = f"{kind}.{layer}"
                 g, h = base.grads[site], base.cache[site]
@@ -285,8 +303,10 @@ def extractive_scores(
         loss = metric(logits, batch)
         grads = torch.autograd.grad(loss, eps)
     info = -torch.stack([g.detach() for g in grads])
-    has_bias = [any(f"{_module_name(model, m)}.bias" in delta for k, m in _layer_modules(model, l).items() if k == "o")
-                for l in range(n_layers)]
+    has_bias = [
+        any(f"{_module_name(model, m)}.bias" in delta for k, m in _layer_modules(model, layer).items() if k == "o")
+        for layer in range(n_layers)
+    ]
     for layer, flag in enumerate(has_bias):
         if not flag:
             info[layer, -1] = nan
@@ -305,6 +325,16 @@ def score_rows(model, scores: dict[str, torch.Tensor], tokens: Sequence[str], ex
                     v = float(values[layer, c, p])
                     if v != v:  # NaN: not defined for this component
                         continue
-                    rows.append({**extra, "score": name, "layer": layer, "component": component, "head": head,
-                                 "position": p, "token": tokens[p], "value": v})
+                    rows.append(
+                        {
+                            **extra,
+                            "score": name,
+                            "layer": layer,
+                            "component": component,
+                            "head": head,
+                            "position": p,
+                            "token": tokens[p],
+                            "value": v,
+                        }
+                    )
     return rows

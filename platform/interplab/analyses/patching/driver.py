@@ -57,8 +57,17 @@ POSITION_BLOCK = 2  # prefix positions sharing a batch (it starts at the block's
 class _Setup:
     """Clean/corrupted runs, the target and source activations, metric inputs and baselines."""
 
-    def __init__(self, model: Backend, pairs: PairSet, sweeps: Sequence[Sweep], direction: str, metric: str,
-                 ablation: str | None, seed: int, need_resid: bool):
+    def __init__(
+        self,
+        model: Backend,
+        pairs: PairSet,
+        sweeps: Sequence[Sweep],
+        direction: str,
+        metric: str,
+        ablation: str | None,
+        seed: int,
+        need_resid: bool,
+    ):
         if direction not in ("denoise", "noise"):
             raise SweepError(f"direction must be 'denoise' or 'noise', got {direction!r}")
         if ablation not in (None, "zero", "mean", "resample"):
@@ -121,8 +130,15 @@ class _Setup:
 
 
 def _row(sweep: Sweep, method: str, patch: Patch, value: float, setup: _Setup) -> dict:
-    return {"sweep": sweep.name, "method": method, "layer": patch.layer, "position": patch.position,
-            "head": patch.head, "value": value, "normalized": setup.normalize(value)}
+    return {
+        "sweep": sweep.name,
+        "method": method,
+        "layer": patch.layer,
+        "position": patch.position,
+        "head": patch.head,
+        "value": value,
+        "normalized": setup.normalize(value),
+    }
 
 
 def _prefix_position(sweep: Sweep, patch: Patch) -> int:
@@ -205,10 +221,17 @@ def _chunk_patches(setup: _Setup, jobs, chunk) -> tuple[TokenBatch, list[Interve
         members_t = torch.tensor(members)
         positions, heads = _patch_axes(sweep, [jobs[chunk[i][0]][3] for i in members])
         value = _source_values(site, setup.source[site], setup.source_rows[prompts[members_t]], positions, heads)
-        interventions.append(Intervention(
-            site, "set", value=value, rows=members_t, heads=heads, paired=True,
-            positions=positions - offset if positions is not None else None,
-        ))
+        interventions.append(
+            Intervention(
+                site,
+                "set",
+                value=value,
+                rows=members_t,
+                heads=heads,
+                paired=True,
+                positions=positions - offset if positions is not None else None,
+            )
+        )
     return batch, interventions, offset
 
 
@@ -227,12 +250,25 @@ def _stage_request(setup: _Setup, jobs, chunk) -> StageRequest:
     if offset > 0:
         if setup.target_kv is None:  # batches start past position 0 only when the target run kept its keys/values
             raise RuntimeError(f"a patching batch starts at position {offset} but the target run kept no keys/values")
-        prefix = KVPrefix(offset, {
-            layer: (k[:, :, :offset][prompts], v[:, :, :offset][prompts])
-            for layer, (k, v) in setup.target_kv.items() if layer >= first
-        })
-    return StageRequest(batch, first, setup.model.n_layers, with_head=True, joins=joins,
-                        interventions=interventions, logits="last", prefix=prefix, vocab=setup.vocab)
+        prefix = KVPrefix(
+            offset,
+            {
+                layer: (k[:, :, :offset][prompts], v[:, :, :offset][prompts])
+                for layer, (k, v) in setup.target_kv.items()
+                if layer >= first
+            },
+        )
+    return StageRequest(
+        batch,
+        first,
+        setup.model.n_layers,
+        with_head=True,
+        joins=joins,
+        interventions=interventions,
+        logits="last",
+        prefix=prefix,
+        vocab=setup.vocab,
+    )
 
 
 def _unchanged(setup: _Setup, jobs) -> torch.Tensor:

@@ -32,12 +32,12 @@ from interplab.analyses.metrics import metric_names
 from interplab.analyses.patching.driver import activation_patching, layer_work
 from interplab.analyses.patching.result import baselines_table
 from interplab.analyses.patching.sweeps import SweepError, parse_sweeps
-from interplab.analyses.tasks import IOI_CORRUPTIONS, PairSet, PromptPair, TaskError, facts_pairs, ioi_pairs, load_pairs
+from interplab.analyses.tasks import PairSet, PromptPair, TaskError, facts_pairs, ioi_pairs, load_pairs
 from interplab.analyses.tasks.pairs import pairs_from_records
+from interplab.engine.work import LayerWork
 from interplab.jobs.errors import SpecError, at_path
 from interplab.jobs.registry import JobSummary
 from interplab.jobs.spec import JobSpec, StrictModel
-from interplab.engine.work import LayerWork
 
 
 class PairPrompt(StrictModel):
@@ -125,7 +125,9 @@ def spec_pairs(spec: PairTaskSpec, tokenizer) -> list[PromptPair]:
         if data.path is not None:
             return load_pairs(data.path)
         if data.name == "ioi":
-            return ioi_pairs(tokenizer, data.n, seed=data.seed, corruption=data.corruption, order=data.order, template=data.template)
+            return ioi_pairs(
+                tokenizer, data.n, seed=data.seed, corruption=data.corruption, order=data.order, template=data.template
+            )
         return facts_pairs(tokenizer, data.n, seed=data.seed)
 
 
@@ -149,14 +151,20 @@ class PatchingRunner:
         try:
             pairs = pair_set(spec, model)
         except TaskError as exc:
-            raise SpecError(where, str(exc), "(see message)", "equal-length clean/corrupted prompts, single-token answers") from None
+            raise SpecError(
+                where, str(exc), "(see message)", "equal-length clean/corrupted prompts, single-token answers"
+            ) from None
         sweeps = parse_sweeps(spec.sweep)
         for sweep in sweeps:
             with at_path("sweep", sweep.name):
                 model.validate_site(sweep.site(0))
         if any("position" in s.by for s in sweeps) and not pairs.same_length:
-            raise SpecError(where, "sweeps by position need every prompt to have the same number of tokens",
-                            sorted(set(pairs.clean.lengths.tolist())), "one IOI template, or sweep by [layer] / [layer, head]")
+            raise SpecError(
+                where,
+                "sweeps by position need every prompt to have the same number of tokens",
+                sorted(set(pairs.clean.lengths.tolist())),
+                "one IOI template, or sweep by [layer] / [layer, head]",
+            )
 
     def chunks(self, spec: PatchingSpec, model) -> list[str]:
         return [sweep.name for sweep in parse_sweeps(spec.sweep)]
@@ -229,10 +237,16 @@ def _run(spec: PatchingSpec, model, sweeps, baselines_only: bool = False):
     pairs = pair_set(spec, model)
     try:
         return activation_patching(
-            model, pairs, sweeps, direction=spec.direction, metric=spec.metric,
+            model,
+            pairs,
+            sweeps,
+            direction=spec.direction,
+            metric=spec.metric,
             method="exact" if baselines_only else spec.method,
-            ablation=spec.ablation, batch_rows=spec.batch_rows, memory_mb=spec.memory_mb, seed=spec.seed,
+            ablation=spec.ablation,
+            batch_rows=spec.batch_rows,
+            memory_mb=spec.memory_mb,
+            seed=spec.seed,
         )
     except SweepError as exc:
         raise SpecError("sweep", str(exc), json.dumps(spec.sweep) if not isinstance(spec.sweep, str) else spec.sweep) from None
-

@@ -21,10 +21,10 @@ def plot_run(store: Store, run_id: str, output: Path, method: str | None = None)
     """Layers x tokens heatmaps of patching run ``run_id`` (one panel per sweep and method)."""
     from interplab.analyses.patching.plot import plot_patching
 
-    rows = store.sql("SELECT sweep, method, layer, position, head, value, normalized FROM patching "
-                     "WHERE run_id = $run_id", {"run_id": run_id}).to_pylist()
-    tokens = store.sql("SELECT tokens FROM prompts WHERE run_id = $run_id AND prompt_id = 0",
-                       {"run_id": run_id}).to_pylist()
+    rows = store.sql(
+        "SELECT sweep, method, layer, position, head, value, normalized FROM patching WHERE run_id = $run_id", {"run_id": run_id}
+    ).to_pylist()
+    tokens = store.sql("SELECT tokens FROM prompts WHERE run_id = $run_id AND prompt_id = 0", {"run_id": run_id}).to_pylist()
     title = f"{run_id} ({store.run(run_id).model})"
     return [plot_patching(rows, tokens[0]["tokens"] if tokens else [], output, title=title)]
 

@@ -53,7 +53,12 @@ def plot_patching(rows: list[dict], tokens: list[str], out: str | Path, title: s
     if not rows:
         raise ValueError("the run has no patching rows to plot")
     panels = heatmap_grids(rows)
-    fig, axes = plt.subplots(1, len(panels), figsize=(max(4.5, 0.45 * panels[0][2].shape[1] + 2.5) * len(panels), 0.22 * panels[0][2].shape[0] + 2.5), squeeze=False)
+    fig, axes = plt.subplots(
+        1,
+        len(panels),
+        figsize=(max(4.5, 0.45 * panels[0][2].shape[1] + 2.5) * len(panels), 0.22 * panels[0][2].shape[0] + 2.5),
+        squeeze=False,
+    )
     for ax, (sweep, method, grid, x_axis) in zip(axes[0], panels):
         limit = np.nanmax(np.abs(grid)) or 1.0
         image = ax.imshow(grid, cmap="RdBu", vmin=-limit, vmax=limit, aspect="auto", interpolation="nearest")

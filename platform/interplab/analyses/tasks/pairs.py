@@ -70,7 +70,8 @@ class PairSet:
                     problems.append(str(exc))
         if problems:
             raise TaskError(
-                "prompt pairs do not fit the tokenizer:\n  " + "\n  ".join(problems)
+                "prompt pairs do not fit the tokenizer:\n  "
+                + "\n  ".join(problems)
                 + "\nfix: clean and corrupted prompts must have the same number of tokens, and answers must be one token"
             )
         return cls(
@@ -93,7 +94,9 @@ def pairs_from_records(records: Sequence[dict], where: str = "prompts") -> list[
         missing = [k for k in _FIELDS if k not in record]
         extra = sorted(set(record) - set(_FIELDS))
         if missing or extra:
-            raise TaskError(f"{where}[{i}]: missing keys {missing}, unknown keys {extra}; each pair needs exactly {', '.join(_FIELDS)}")
+            raise TaskError(
+                f"{where}[{i}]: missing keys {missing}, unknown keys {extra}; each pair needs exactly {', '.join(_FIELDS)}"
+            )
         for key in _FIELDS:
             if not isinstance(record[key], str) or not record[key]:
                 raise TaskError(f"{where}[{i}].{key} must be a non-empty string, got {record[key]!r}")

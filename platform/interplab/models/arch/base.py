@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from torch import nn
     from transformers import PretrainedConfig
 
+
 @dataclass(frozen=True)
 class QKVLayout:
     """Where one layer's query/key/value projections are, for the per-head input sites.
