@@ -127,7 +127,7 @@ class _Interrupts:
     def _handle(self, signum: int, frame) -> None:  # noqa: ARG002
         first = self.reason is None
         if first:
-            self.reason = self._REASONS.get(signum, f"signal {signum}")
+            self.reason = self._REASONS.get(signal.Signals(signum), f"signal {signum}")
         if first and self._armed:
             raise KeyboardInterrupt(self.reason)
 
@@ -158,7 +158,7 @@ class _Workers:
         wanted = {"CPU": spec.resources.num_cpus, "GPU": gpus}
         _check_workers_fit(wanted, spec.workers)
         actor = ray.remote(ChunkWorker).options(num_cpus=spec.resources.num_cpus, num_gpus=gpus, max_restarts=0)
-        self.actors = [actor.remote(job.record, device) for _ in range(spec.workers)]
+        self.actors: list[Any] = [actor.remote(job.record, device) for _ in range(spec.workers)]
         self.device = device
         echo(f"starting {spec.workers} worker(s) ({spec.resources.num_cpus:g} CPU, {gpus:g} GPU, {device}) with {spec.model}")
         try:
@@ -347,8 +347,8 @@ def run_job(
 
     started = time.perf_counter()
     retries = job.spec.retries if retries is None else retries
-    writer = None
-    store = None
+    writer: Any = None
+    store: Any = None
     attempts = 0
     n_computed = 0
     echo(
@@ -371,10 +371,10 @@ def run_job(
                             writer = _open_run(store, job, workers.info, run_id, resume)
                             run_id = writer.run_id
                             echo(f"run_id: {run_id}")
-                        workers.attach(store.uri, run_id)
+                        workers.attach(store.uri, writer.run_id)
                         done = {chunk_key(c) for c in writer.written_chunks(JOB_CHUNKS_TABLE)}
                         todo = [c for c in job.chunk_ids if chunk_key(c) not in done]
-                        bar = _progress(len(job.chunk_ids), len(job.chunk_ids) - len(todo), run_id, progress)
+                        bar = _progress(len(job.chunk_ids), len(job.chunk_ids) - len(todo), writer.run_id, progress)
                         try:
                             n_computed += workers.run(todo, bar, interrupts.check)
                         finally:
@@ -414,7 +414,13 @@ def run_job(
             _fail(writer, f"{type(exc).__name__}: {exc}")
             raise
     return JobResult(
-        run_id, store.uri, summary.for_run(run_id), len(job.chunk_ids), n_computed, attempts, time.perf_counter() - started
+        writer.run_id,
+        store.uri,
+        summary.for_run(writer.run_id),
+        len(job.chunk_ids),
+        n_computed,
+        attempts,
+        time.perf_counter() - started,
     )
 
 

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from interplab.jobs.errors import SpecError
 
 if TYPE_CHECKING:
+    from interplab.engine.backend import Backend
     from interplab.engine.hooked import HookedModel
     from interplab.jobs.spec import JobSpec
 
@@ -60,7 +61,7 @@ def check_stage_split(spec: JobSpec, model: HookedModel) -> None:
         ) from None
 
 
-def build_model(spec: JobSpec, device: str) -> HookedModel:
+def build_model(spec: JobSpec, device: str) -> Backend:
     """The model a worker runs ``run_chunk``/``finalize`` with (the one switch point for backends)."""
     from interplab.jobs.registry import get_kind
     from interplab.runtime import build_backend

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -90,7 +91,12 @@ class DatasetSpec(StrictModel):
     def records(self) -> list[Any]:
         from interplab.jobs import datasets
 
-        rows = datasets.builtin_records(self.builtin) if self.builtin is not None else datasets.file_records(self.path)
+        if self.builtin is not None:
+            rows = datasets.builtin_records(self.builtin)
+        elif self.path is not None:
+            rows = datasets.file_records(self.path)
+        else:  # the model validator requires one of them
+            raise ValueError("dataset: give builtin or path")
         return rows[: self.limit] if self.limit is not None else rows
 
     def texts(self) -> list[str]:
@@ -277,7 +283,7 @@ def describe_type(annotation: Any) -> str:
     return getattr(annotation, "__name__", str(annotation))
 
 
-def _allowed(model: type[BaseModel], loc: tuple, error: dict[str, Any]) -> str:
+def _allowed(model: type[BaseModel], loc: tuple, error: Mapping[str, Any]) -> str:
     kind = error["type"]
     if kind == "extra_forbidden":
         parent = _model_at(model, loc[:-1])
@@ -287,20 +293,19 @@ def _allowed(model: type[BaseModel], loc: tuple, error: dict[str, Any]) -> str:
     parent = _model_at(model, tuple(p for p in loc[:-1]))
     names = [p for p in loc if isinstance(p, str)]
     if parent is not None and names and names[-1] in parent.model_fields:
-        annotation = parent.model_fields[names[-1]].annotation
+        annotation: Any = parent.model_fields[names[-1]].annotation
         metadata = parent.model_fields[names[-1]].metadata
         if metadata:
             annotation = typing.Annotated[(annotation, *metadata)]
         if isinstance(loc[-1], int):  # an item of a list
-            inner = typing.get_args(annotation)
-            inner = [a for a in inner if typing.get_origin(a) in (list, tuple)] or [annotation]
+            inner = [a for a in typing.get_args(annotation) if typing.get_origin(a) in (list, tuple)] or [annotation]
             args = typing.get_args(inner[0])
             return describe_type(args[0]) if args else describe_type(annotation)
         return describe_type(annotation)
     return ""
 
 
-def _problem(error: dict[str, Any]) -> str:
+def _problem(error: Mapping[str, Any]) -> str:
     kind = error["type"]
     if kind == "extra_forbidden":
         return "unknown key"

@@ -35,10 +35,10 @@ class ChunkWorker:
     def __init__(self, spec_record: dict[str, Any], device: str):
         self._record = spec_record
         self._device = device
-        self._spec = None
-        self._kind = None
-        self._model = None
-        self._writer = None
+        self._spec: Any = None  # set by load
+        self._kind: Any = None
+        self._model: Any = None
+        self._writer: Any = None  # set by attach
 
     def load(self) -> tuple[ChunkOutcome, dict[str, str]]:
         """Build the model; returns the outcome and ``{name, weight_hash, device, host}``."""

@@ -40,7 +40,7 @@ def ensure_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, logging_level="warning")
+        ray.init(include_dashboard=False, logging_level=logging.WARNING)
 
 
 @dataclass
