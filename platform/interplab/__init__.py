@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from interplab.serve.client import Session
+
 __version__ = "0.1.0"
 
 
@@ -12,4 +17,11 @@ def load_model(name: str, **options):
     return _load(name, **options)
 
 
-__all__ = ["__version__", "load_model"]
+def connect(url: str, token: str | None = None, **options: Any) -> Session:
+    """A session with a lab's model service (see :func:`interplab.serve.client.connect`, ``docs/serving.md``)."""
+    from interplab.serve.client import connect as _connect
+
+    return _connect(url, token, **options)
+
+
+__all__ = ["__version__", "connect", "load_model"]

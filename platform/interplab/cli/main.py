@@ -16,9 +16,9 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from interplab.cli import engine_cmds, job_cmds, plot_cmds, store_cmds
+    from interplab.cli import engine_cmds, job_cmds, plot_cmds, serve_cmds, store_cmds
 
-    for module in (engine_cmds, job_cmds, store_cmds, plot_cmds):
+    for module in (engine_cmds, job_cmds, store_cmds, plot_cmds, serve_cmds):
         module.register(cli)
 
 

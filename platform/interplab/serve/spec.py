@@ -1,7 +1,7 @@
 """``kind: serve`` specs: what ``interplab serve SPEC.yaml`` deploys, and the arguments of the Serve
 application builder (:func:`interplab.serve.deployment.build_app`, used by KubeRay's ``RayService``).
 
-    # jobs/serve-smollm2.yaml
+    # jobs/serve/smollm2.yaml
     kind: serve
     model: smollm2-135m
     name: smollm2-135m            # the URL path /smollm2-135m (default: from the model)
