@@ -44,6 +44,8 @@ def no_ray(monkeypatch):
         raise AssertionError("ray.init was called: the job reached Ray")
 
     monkeypatch.setattr(ray, "init", refuse)
+    # a Ray session left by an earlier test in this process would be joined without ray.init
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
 
 
 def job_env(**extra: str) -> dict[str, str]:

@@ -142,7 +142,9 @@ def deploy(spec: ServeSpec) -> str:
     name = check_name(spec.name or default_name(spec.model))
     read_tokens(args["tokens"])  # a bad tokens path fails here, not in every replica
     serve.start(http_options={"host": spec.http.host, "port": spec.http.port})
-    options: dict[str, Any] = {"num_cpus": spec.resources.num_cpus}
+    # a runtime_env of its own: replicas start in fresh worker processes, never in a pooled worker
+    # that earlier ran other tasks of this Ray job (their imports and state would be the replica's)
+    options: dict[str, Any] = {"num_cpus": spec.resources.num_cpus, "runtime_env": {"env_vars": {"INTERPLAB_SERVE_APP": name}}}
     if spec.resources.num_gpus:
         options["num_gpus"] = spec.resources.num_gpus
     application = _bind({**args, "name": name}, num_replicas=spec.replicas, ray_actor_options=options)
