@@ -36,7 +36,8 @@ def done_chunks(store: Path, run_id: str) -> int:
 def start_and_kill(spec: Path, store: Path, after_chunks: int = 3) -> tuple[subprocess.Popen, str]:
     """Start ``interplab run`` (embedded Ray, own session); SIGKILL its process group once some chunks are done."""
     proc = subprocess.Popen(
-        [sys.executable, "-m", "interplab.jobs", "run", str(spec), "--store", str(store), "--no-progress"],
+        [sys.executable, "-m", "interplab.jobs", "run", str(spec), "--store", str(store), "--no-progress",
+         "--recompute"],  # the store already holds this job's results (reference): compute them again
         cwd=REPO, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
     deadline = time.time() + 180

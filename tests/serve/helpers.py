@@ -33,6 +33,19 @@ TOL = dict(rtol=1e-6, atol=1e-6)  # remote vs local: the same code on the same w
 BATCH_TOL = dict(rtol=1e-5, atol=1e-5)  # merged vs alone: another batch shape rounds differently
 
 
+def wait_for(condition, what: str, timeout_s: float = 120.0, poll_s: float = 0.005) -> None:
+    """Bounded wait for ``condition()`` to hold (polled; fails the test naming ``what`` after the timeout)."""
+    import time
+
+    import pytest
+
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s:g} s waiting for {what}")
+        time.sleep(poll_s)
+
+
 def write_tokens(directory: Path) -> Path:
     path = directory / "tokens.txt"
     path.write_text(f"# test tokens\n{ALICE} alice\n{BOB} bob\n")

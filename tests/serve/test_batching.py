@@ -143,6 +143,6 @@ def test_the_queue_takes_users_in_turn(local_tiny):
         return batcher.stats
 
     stats = asyncio.run(scenario())
-    assert batches[1] == ["a 0", "b 9"]
+    assert batches[1] == ["b 9", "a 0"]  # b's turn: b's request seeds the batch, a's fills it
     assert [len(b) for b in batches] == [1, 2, 2, 2]
     assert stats.per_user == {"a": 6, "b": 1} and stats.sizes == {1: 1, 2: 3}

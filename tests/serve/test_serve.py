@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import httpx
@@ -12,7 +13,7 @@ from interplab.engine import Intervention
 from interplab.serve import AuthError, LimitError, UnknownModelError, connect
 from interplab.serve.wire import CONTENT_TYPE, Frame
 from tests.serve import checks
-from tests.serve.helpers import ALICE, BATCH_TOL, BOB, CLEAN, malformed_requests
+from tests.serve.helpers import ALICE, BATCH_TOL, BOB, CLEAN, malformed_requests, wait_for
 
 
 def post(served, op, body, token=ALICE, headers=None):
@@ -170,6 +171,21 @@ def test_cli_serve_list_status_stop(serve_cluster, tmp_path):
     connect(proxy_url(), token=ALICE).model("cli-tiny").run(CLEAN, logits="last")
     result = runner.invoke(serve, ["status", "cli-tiny"])
     assert result.exit_code == 0 and "queue 0" in result.output and "'alice': 1" in result.output, result.output
+    assert "stages [[0, 3]]" in result.output and "batches 1 (sizes {'1': 1})" in result.output, result.output
+
+    def ray_metrics():  # Ray exports Serve's metrics every few seconds: wait for info + run to show
+        report = json.loads(runner.invoke(serve, ["status", "cli-tiny", "--json"]).output)["cli-tiny"]
+        metrics = report.get("serve_metrics", {})
+        healthy = any(r["healthy"] for r in metrics.get("replicas", {}).values())
+        return report if metrics.get("requests", 0) >= 2 and healthy else None
+
+    wait_for(ray_metrics, "Ray Serve's request counter of cli-tiny", timeout_s=90, poll_s=1.0)
+    metrics = ray_metrics()["serve_metrics"]
+    assert metrics["requests"] == 2 and metrics["replica_starts"] >= 1 and metrics["nodes_read"] >= 1
+    (replica,) = [r for r in metrics["replicas"].values() if r["healthy"]]
+    assert replica["requests"] == 2 and replica["mean_latency_ms"] > 0
+    result = runner.invoke(serve, ["status", "cli-tiny"])
+    assert "ray serve: requests 2" in result.output and "healthy  requests 2" in result.output, result.output
     assert runner.invoke(serve, ["stop", "cli-tiny"]).exit_code == 0
     assert "cli-tiny" not in runner.invoke(serve, ["list"]).output
     result = runner.invoke(serve, ["stop", "cli-tiny"])

@@ -51,3 +51,62 @@ def cli():
         return runner.invoke(group, list(args), catch_exceptions=False)
 
     return invoke
+
+
+# -- S3 emulator (moto server on loopback), shared by the S3 permission / many-writer tests ------------
+
+
+def start_moto_server(env: dict | None = None, preamble: str = ""):
+    """Start ``moto.server`` on a free loopback port, after running the Python code ``preamble`` in its
+    process; return (process, endpoint URL). Stop it with ``stop_moto_server``."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", f"{preamble}\nfrom moto.server import main\nmain()", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})},
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return proc, url
+        except OSError:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                proc.wait()
+                pytest.fail("moto server did not start")
+            time.sleep(0.2)
+
+
+def stop_moto_server(proc) -> None:
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def moto_endpoint():
+    """A moto S3 server for this module (no IAM enforcement)."""
+    pytest.importorskip("boto3")
+    proc, url = start_moto_server()
+    yield url
+    stop_moto_server(proc)
+
+
+def s3_env(endpoint: str, key: str = "test", secret: str = "test") -> dict[str, str]:
+    """The environment pyarrow and boto3 read to reach ``endpoint`` with these credentials."""
+    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret,
+            "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+# -- the shared local Ray cluster (one per session, also used by tests/runtime) ------------------------
+
+from tests.runtime.conftest import ray_cluster  # noqa: E402, F401

@@ -140,8 +140,17 @@ def validate(spec_path: str, overrides: tuple[str, ...]) -> None:
     "--retries", type=click.IntRange(min=0), default=None, help="Retries of a failed attempt (default: the spec's 'retries')."
 )
 @click.option("--progress/--no-progress", default=True, help="Show a progress bar on stderr.")
+@click.option(
+    "--recompute",
+    is_flag=True,
+    help="Compute even if a committed run with the same content key exists (and reuse no rows); --rerun implies it.",
+)
+@click.option(
+    "--user", "owner", default=None, help="The run's owner (default: $INTERPLAB_USER, the serving token's user, the OS user)."
+)
+@click.option("--team", default=None, help="The run's team (default: $INTERPLAB_TEAM, the team area the store is).")
 @_errors
-def run(spec_path, overrides, store_uri, resume_id, rerun_id, run_id, retries, progress) -> None:
+def run(spec_path, overrides, store_uri, resume_id, rerun_id, run_id, retries, progress, recompute, owner, team) -> None:
     """Run a job spec on Ray (embedded local Ray, or the cluster at $RAY_ADDRESS) into the store.
 
     \b
@@ -177,8 +186,16 @@ def run(spec_path, overrides, store_uri, resume_id, rerun_id, run_id, retries, p
         if rerun_id is not None:
             raw, source = apply_overrides(saved_spec(rerun_id, store_uri), overrides), f"run {rerun_id}"
             store_uri = store_uri or saved_store(rerun_id, store_uri)
+            recompute = True  # a rerun computes again: that is what it is for
         else:
             raw, source = _load(spec_path, overrides), spec_path
+        if not recompute and not run_id:  # results already committed: report them before loading anything
+            from interplab.jobs.reuse import quick_lookup
+
+            found = quick_lookup(raw, store_uri)
+            if found is not None:
+                _print_reused(found)
+                return
         job, uri = prepare(raw, source, store=store_uri)
         info = find_run(uri, run_id) if run_id else None
         if run_id:
@@ -197,11 +214,38 @@ def run(spec_path, overrides, store_uri, resume_id, rerun_id, run_id, retries, p
         return
     if resume:
         click.echo(f"resuming {info.status} run {run_id}")
-    result = run_job(job, uri, run_id=run_id, resume=resume, retries=retries, progress=progress, echo=click.echo)
+    job.owner, job.team = owner, team  # recorded with a new run (interplab.store.provenance resolves the rest)
+    result = run_job(
+        job, uri, run_id=run_id, resume=resume, retries=retries, progress=progress, echo=click.echo, recompute=recompute
+    )
     _print_result(result)
 
 
+def _print_reused(found) -> None:
+    """A committed run with the job's content key (``interplab.jobs.reuse``), reported instead of running."""
+    from interplab.jobs.registry import JobSummary
+
+    run = found.run
+    summary = JobSummary(**(run.metadata.get("summary") or {})).for_run(run.run_id)
+    click.echo(f"run_id: {run.run_id}")
+    click.echo(f"reused {found.describe()}: same content key, nothing recomputed (--recompute to run it again)")
+    for line in summary.lines:
+        click.echo(f"  {line}")
+    click.echo(f"store: {found.store}")
+    for query in summary.sql:
+        click.echo(f'  interplab sql --store {found.store} "{query}"')
+
+
 def _print_result(result) -> None:
+    if result.reused:
+        click.echo(f"run_id: {result.run_id}")
+        click.echo(f"reused {result.reused}: same content key, nothing recomputed (--recompute to run it again)")
+        for line in result.summary.lines:
+            click.echo(f"  {line}")
+        click.echo(f"store: {result.store}")
+        for query in result.summary.sql:
+            click.echo(f'  interplab sql --store {result.store} "{query}"')
+        return
     reused = result.n_chunks - result.n_computed
     click.echo(
         f"committed run {result.run_id}: {result.n_chunks} chunk(s) ({result.n_computed} computed, "

@@ -16,10 +16,11 @@ def cli() -> None:
 
 
 def _register() -> None:
-    from interplab.cli import engine_cmds, job_cmds, plot_cmds, serve_cmds, store_cmds
+    from interplab.cli import engine_cmds, job_cmds, plot_cmds, serve_cmds, store_cmds, ui_cmds
 
-    for module in (engine_cmds, job_cmds, store_cmds, plot_cmds, serve_cmds):
+    for module in (engine_cmds, job_cmds, store_cmds, plot_cmds, serve_cmds, ui_cmds):
         module.register(cli)
+    __import__("interplab.cli.team_cmds", fromlist=["register"]).register(cli)  # interplab team create/list
 
 
 def main() -> None:

@@ -245,6 +245,7 @@ def status_cmd(name, address, as_json) -> None:
     """Each served model (or NAME): replicas, stages, queue depth, requests/s, batch sizes, per-user counts."""
     _join_ray(address, embedded_ok=False)
     from interplab.serve.deployment import served, stats
+    from interplab.serve.status import serve_metrics
 
     apps = served()
     if name is not None and name not in apps:
@@ -254,6 +255,10 @@ def status_cmd(name, address, as_json) -> None:
         if name is not None and app_name != name:
             continue
         entry = dict(info)
+        try:
+            entry["serve_metrics"] = serve_metrics(app_name)
+        except Exception as exc:  # noqa: BLE001 - status still prints the rest
+            entry["serve_metrics_error"] = f"{type(exc).__name__}: {exc}"
         if info["status"] == "RUNNING":
             try:
                 entry["stats"] = stats(app_name)  # one replica's counters
@@ -277,6 +282,20 @@ def status_cmd(name, address, as_json) -> None:
             )
         elif "stats_error" in entry:
             click.echo(f"  (no counters: {entry['stats_error']})")
+        m = entry.get("serve_metrics")
+        if m:
+            click.echo(
+                f"  ray serve: requests {m['requests']}  queued {m['queued']}  ongoing {m['ongoing']}  "
+                f"replica starts {m['replica_starts']}"
+            )
+            for rid, r in m["replicas"].items():
+                state = "healthy" if r["healthy"] else "unhealthy"
+                click.echo(
+                    f"    replica {rid}: {state}  requests {r['requests']}  processing {r['processing']}  "
+                    f"mean latency {r['mean_latency_ms']} ms"
+                )
+        elif "serve_metrics_error" in entry:
+            click.echo(f"  (no Ray Serve metrics: {entry['serve_metrics_error']})")
 
 
 @serve.command("stop")

@@ -11,6 +11,13 @@
 
 Chunk ``i`` holds prompts ``[i*batch_size, (i+1)*batch_size)``; its rows land in ``activations``
 (``prompt_id`` is the index in the dataset) and ``prompts``.
+
+**Reuse.** When the driver found committed capture runs holding some of the needed rows (same
+weights, ``dtype`` and ``store_dtype``; :mod:`interplab.jobs.reuse`), the run records them as its
+``inputs`` and ``provenance.reuse_sources``. Each chunk then looks its prompts up in exactly those
+runs: a prompt whose every site (at every needed position) is there is not run; the chunk references
+the source files (``add_references``) and writes ``reused_rows`` (which source rows, under which of
+its prompt ids) and the prompts' ``prompts`` rows; the other prompts run forward as one batch.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator
 
-from interplab.jobs import datasets
+from interplab.jobs import datasets, reuse
 from interplab.jobs.errors import MISSING, SpecError, at_path
 from interplab.jobs.registry import JobSummary, register_kind
 from interplab.jobs.spec import DatasetSpec, JobSpec
@@ -120,6 +127,13 @@ class CaptureRunner:
     def run_chunk(self, spec: CaptureSpec, model: Backend, chunk_id: str, writer: RunWriter) -> None:
         index = int(chunk_id)
         n_chunks = len(self.chunks(spec, model))
+        sources = _recorded_sources(writer)
+        if sources:
+            computed = _reuse_chunk(spec, model, index, writer, sources)
+            if len(computed) < min(spec.batch_size, len(spec.prompt_texts()) - index * spec.batch_size):
+                if computed:
+                    _capture_prompts(spec, model, index, computed, writer)
+                return
         model.capture(
             spec.prompt_texts(),
             spec.sites,
@@ -143,9 +157,94 @@ class CaptureRunner:
             ],
         )
 
+    def content_fields(self, spec: CaptureSpec) -> dict[str, Any]:
+        """What changes a capture's rows besides the weights and the prompts' token ids (the content
+        key's other parts): the sites, positions, dtype and storage dtype."""
+        return spec.model_dump(mode="json", include={"kind", "sites", "positions", "dtype", "store_dtype"})
+
     def provenance(self, spec: CaptureSpec) -> dict[str, Any]:
         texts = spec.prompt_texts()
         return {"n_prompts": len(texts), "prompts_sha256": datasets.fingerprint(texts)}
+
+
+def _recorded_sources(writer: RunWriter) -> list[str]:
+    """The runs the driver chose to reuse rows from (``provenance.reuse_sources`` of the run)."""
+    sources = writer.store.run(writer.run_id).provenance.get(reuse.SOURCES_FIELD) or []
+    return [str(s) for s in sources]
+
+
+@lru_cache(maxsize=2)
+def _coverage(store_uri: str, sources: tuple[str, ...], weights: str, spec_json: str) -> reuse.CaptureCoverage:
+    from interplab.store import open_store
+
+    spec = CaptureSpec.model_validate_json(spec_json)
+    return reuse.capture_sources(open_store(store_uri, create=False), weights, spec, only=list(sources))
+
+
+def _reuse_chunk(spec: CaptureSpec, model: Backend, index: int, writer: RunWriter, sources: list[str]) -> list[int]:
+    """Reference the rows of chunk ``index`` that ``sources`` hold; return the prompt ids to compute."""
+    import dataclasses
+
+    import pyarrow as pa
+
+    from interplab.engine.tokens import decode, encode
+    from interplab.store import layout
+    from interplab.store.reuse import REUSED_ROWS, REUSED_ROWS_SCHEMA
+
+    coverage = _coverage(writer.store_uri, tuple(sources), model.weight_hash, spec.model_dump_json())
+    first = index * spec.batch_size
+    texts = spec.prompt_texts()[first : first + spec.batch_size]
+    rows: dict[str, list[Any]] = {name: [] for name in REUSED_ROWS_SCHEMA.names}
+    files: dict[str, Any] = {}
+    prompts: dict[str, list[Any]] = {"prompt_id": [], "n_tokens": [], "token_ids": [], "tokens": []}
+    computed = []
+    for offset, text in enumerate(texts):
+        prompt_id = first + offset
+        ids = encode(model.tokenizer, text)
+        found = coverage.lookup(ids, spec.sites, spec.positions)
+        if found is None:
+            computed.append(prompt_id)
+            continue
+        positions = reuse.absolute_positions(spec.positions, len(ids))
+        for site, (run_id, source_prompt) in found.sites.items():
+            kind, layer, _ = reuse.parse_site(site)
+            for position in positions:
+                for name, value in zip(REUSED_ROWS_SCHEMA.names, (run_id, kind, layer, source_prompt, prompt_id, position)):
+                    rows[name].append(value)
+            for entry in coverage.entries(run_id, site):
+                files[entry.path] = dataclasses.replace(entry, source_run=run_id)
+        prompts["prompt_id"].append(prompt_id)
+        prompts["n_tokens"].append(len(ids))
+        prompts["token_ids"].append(ids)
+        prompts["tokens"].append([decode(model.tokenizer, [t]) for t in ids])
+    if prompts["prompt_id"]:
+        writer.write_table(REUSED_ROWS, pa.table(rows, schema=REUSED_ROWS_SCHEMA), chunk=index)
+        writer.write_table(layout.PROMPTS, pa.table(prompts), chunk=f"{layout.chunk_key(index)}-reused")
+        writer.add_references(index, list(files.values()))
+    return computed
+
+
+def _capture_prompts(spec: CaptureSpec, model: Backend, index: int, prompt_ids: list[int], writer: RunWriter) -> None:
+    """Run only ``prompt_ids`` (one batch) and write them as chunk ``index`` of the run."""
+    from interplab.engine.stream import CaptureChunk
+    from interplab.engine.tokens import decode
+
+    texts = spec.prompt_texts()
+    result = model.run([texts[i] for i in prompt_ids], capture=spec.sites, positions=spec.engine_positions(), logits="none")
+    batch = result.batch
+    chunk = CaptureChunk(
+        index=index,
+        prompt_ids=list(prompt_ids),
+        token_ids=batch.input_ids.cpu(),
+        lengths=batch.lengths.tolist(),
+        tokens=[
+            [decode(model.tokenizer, [int(t)]) for t in batch.input_ids[i, : int(batch.lengths[i])]] for i in range(batch.size)
+        ],
+        positions=result.cache.positions,
+        valid=result.cache.valid,
+        acts={site: value.to("cpu") for site, value in result.cache.items()},
+    )
+    writer.write_capture_chunk(chunk, dtype=spec.store_dtype)
 
 
 register_kind("capture", CaptureSpec, CaptureRunner())

@@ -51,6 +51,7 @@ class JobResult:
     attempts: int
     seconds: float
     already_committed: bool = False
+    reused: str | None = None  # a committed run with the job's content key, reported instead of running
 
 
 @contextmanager
@@ -336,36 +337,65 @@ def run_job(
     retries: int | None = None,
     progress: bool = True,
     echo: Echo = print,
+    recompute: bool = False,
 ) -> JobResult:
     """Run ``job`` into the store at ``store_uri`` and commit it (see the module docstring).
 
     ``run_id`` with ``resume=False`` names a new run; with ``resume=True`` it continues that run
     (``running`` or ``failed``). Raises :class:`JobError` (the run is then marked failed) or
     :class:`JobInterrupted`.
+
+    Before Ray starts, a new run looks for a committed run with the job's content key in every
+    readable store (:mod:`interplab.jobs.reuse`) and returns it (``reused``) instead of computing;
+    ``recompute`` computes anyway.
     """
+    from interplab.jobs.model import served_name
+    from interplab.serve.jobrun import ServedWorkers, no_ray
     from interplab.store import open_store
 
     started = time.perf_counter()
+    phases: dict[str, float] = {}  # the driver's per-phase seconds, recorded with the commit (run timings)
+    from interplab.jobs.reuse import ReferenceWorkers, ReuseStep, before_run, references_only
+
+    step = ReuseStep()
+    if not resume:
+        step = before_run(job, store_uri, recompute=recompute, lookup=run_id is None, echo=echo)
+        found = step.found
+        if found is not None:
+            kept = JobSummary(**(found.run.metadata.get("summary") or {})).for_run(found.run.run_id)
+            n = int(found.run.metadata.get("n_chunks") or len(job.chunk_ids))
+            return JobResult(found.run.run_id, found.store, kept, n, 0, 0, time.perf_counter() - started, True, found.describe())
     retries = job.spec.retries if retries is None else retries
     writer: Any = None
     store: Any = None
     attempts = 0
     n_computed = 0
-    echo(
-        f"connecting to Ray at {os.environ['RAY_ADDRESS']}" if os.environ.get("RAY_ADDRESS") else "starting an embedded local Ray"
-    )
+    referenced = step.complete  # every row is in committed runs: references only, here (jobs/reuse.py)
+    if not referenced and served_name(job.spec) is None:  # a served model starts no Ray
+        address = os.environ.get("RAY_ADDRESS")
+        echo(f"connecting to Ray at {address}" if address else "starting an embedded local Ray")
     with _Interrupts() as interrupts:
         try:
-            with ray_session(job.spec.workers * job.spec.resources.num_cpus) as where:
+            served = served_name(job.spec) is not None  # a served model: chunks run here, no Ray (serve/jobrun.py)
+            session = references_only() if referenced else ray_session(job.spec.workers * job.spec.resources.num_cpus)
+            with no_ray() if served else session as where:
                 interrupts.install()  # ray.init put its own SIGTERM handler in place
                 interrupts.check()
+                phases["start_s"] = round(time.perf_counter() - started, 3)
                 echo(f"{job.kind.name} job on {where}: {len(job.chunk_ids)} chunk(s)")
                 summary = None
                 while summary is None:
                     attempts += 1
-                    workers = None
+                    workers: Any = None  # Ray workers, served, or references only
                     try:
-                        workers = _Workers(job, echo, interrupts.check)
+                        loading = time.perf_counter()
+                        if served:
+                            workers = ServedWorkers(job.record, job.spec.model, echo)
+                        elif referenced:
+                            workers = ReferenceWorkers(job, echo)
+                        else:
+                            workers = _Workers(job, echo, interrupts.check)
+                        _add_phase(phases, "model_load_s", loading)
                         if writer is None:
                             store = open_store(store_uri)
                             writer = _open_run(store, job, workers.info, run_id, resume)
@@ -374,12 +404,16 @@ def run_job(
                         workers.attach(store.uri, writer.run_id)
                         done = {chunk_key(c) for c in writer.written_chunks(JOB_CHUNKS_TABLE)}
                         todo = [c for c in job.chunk_ids if chunk_key(c) not in done]
+                        computing = time.perf_counter()
                         bar = _progress(len(job.chunk_ids), len(job.chunk_ids) - len(todo), writer.run_id, progress)
                         try:
                             n_computed += workers.run(todo, bar, interrupts.check)
                         finally:
                             bar.close()
+                        _add_phase(phases, "compute_s", computing)
+                        finalizing = time.perf_counter()
                         summary = workers.finalize()
+                        _add_phase(phases, "finalize_s", finalizing)
                     except JobInterrupted:
                         raise
                     except JobError as exc:
@@ -398,6 +432,7 @@ def run_job(
                         "summary": {"lines": summary.lines, "sql": summary.sql},
                         "n_chunks": len(job.chunk_ids),
                         "attempts": attempts,
+                        "timings": {"wall_s": round(time.perf_counter() - started, 3), "phases": phases},
                     }
                 )
         except KeyboardInterrupt:
@@ -440,6 +475,11 @@ def _fail(writer, reason: str) -> None:
         log.exception("could not mark run %s failed", writer.run_id)
 
 
+def _add_phase(phases: dict[str, float], name: str, since: float) -> None:
+    """Add the seconds since ``since`` to ``phases[name]`` (a retried attempt adds to the first)."""
+    phases[name] = round(phases.get(name, 0.0) + time.perf_counter() - since, 3)
+
+
 def _open_run(store, job: PreparedJob, info: dict[str, str], run_id: str | None, resume: bool):
     """Begin the run, or reopen it for ``resume``."""
     if resume:
@@ -451,4 +491,10 @@ def _open_run(store, job: PreparedJob, info: dict[str, str], run_id: str | None,
         weight_hash=info.get("weight_hash"),
         run_id=run_id,
         provenance={**job.provenance, "chunks": len(job.chunk_ids), "host_device": info.get("device")},
+        # the runs it read, and the runs whose rows it references (jobs/reuse.py)
+        inputs=[*job.inputs, *(job.provenance.get("reuse_sources") or [])],
+        owner=job.owner,
+        team=job.team,
+        git=job.git,
+        dataset_hash=job.dataset_hash,
     )

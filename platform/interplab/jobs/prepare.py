@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from interplab.jobs.errors import SpecError, SpecErrors
-from interplab.jobs.model import check_parallel, check_stage_split, validation_model
+from interplab.jobs.model import check_parallel, check_stage_split, service_provenance, validation_model
 from interplab.jobs.registry import JobKind, get_kind, parse_spec
 from interplab.jobs.spec import JobSpec
 
@@ -31,6 +31,12 @@ class PreparedJob:
     chunk_ids: list[str]
     provenance: dict[str, Any] = field(default_factory=dict)
     source: str = ""
+    # recorded with the run (interplab.store.provenance); owner/team None → resolved by the store
+    owner: str | None = None
+    team: str | None = None
+    inputs: list[str] = field(default_factory=list)
+    git: dict[str, Any] | None = None  # the spec file's repository: commit, dirty, repo
+    dataset_hash: str | None = None
 
     @property
     def record(self) -> dict[str, Any]:
@@ -101,10 +107,29 @@ def prepare(raw_or_spec: dict[str, Any] | JobSpec, source: str = "", *, store: s
         chunk_ids = [str(c) for c in kind.runner.chunks(spec, model)]
         provenance_fn = getattr(kind.runner, "provenance", None)
         provenance = dict(provenance_fn(spec)) if provenance_fn is not None else {}
+        provenance.update(service_provenance(model))  # a served model: which service, weights and user
+        dataset = _dataset_hash(kind, spec, model, provenance)
     except (SpecError, SpecErrors) as exc:
         raise exc.with_source(source) if source and not getattr(exc, "source", "") else exc  # noqa: B904 - re-raised as itself, with its file name
     _check_chunk_ids(kind.name, chunk_ids)
-    return PreparedJob(spec, kind, chunk_ids, provenance, source), uri
+    job = PreparedJob(spec, kind, chunk_ids, provenance, source, git=_git(source), dataset_hash=dataset)
+    return job, uri
+
+
+def _git(source: str) -> dict[str, Any] | None:
+    """The git state of the spec file's repository (None for a spec not read from a file, or outside git)."""
+    from interplab.store.provenance import git_state
+
+    state = git_state(source) if source and os.path.isfile(source) else None
+    return state.to_dict() if state is not None else None
+
+
+def _dataset_hash(kind: JobKind, spec: JobSpec, model, provenance: dict[str, Any]) -> str | None:
+    """sha256 of the job's prompt texts in order; else the data hash its kind recorded."""
+    from interplab.store.provenance import dataset_hash_from, texts_hash
+
+    texts = [text for _, text in job_prompts(kind, spec, model)]
+    return texts_hash(texts) if texts else dataset_hash_from(provenance)
 
 
 def job_prompts(kind: JobKind, spec: JobSpec, model) -> list[tuple[str, str]]:

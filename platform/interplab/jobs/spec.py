@@ -42,6 +42,17 @@ class Resources(StrictModel):
         return float(self.num_gpus)
 
 
+class ServiceRef(StrictModel):
+    """Where a served model (``model: serve://NAME``) is: Serve's HTTP address and the environment
+    variable holding the user's bearer token (the token itself never goes into a spec or the store)."""
+
+    url: str = Field(pattern=r"^https?://\S+$")
+    token_env: str = Field(default="INTERPLAB_TOKEN", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+SERVE_SCHEME = "serve://"
+
+
 class JobSpec(StrictModel):
     """Fields every job kind has. Kinds add their own (and narrow ``kind`` to a ``Literal``)."""
 
@@ -58,6 +69,21 @@ class JobSpec(StrictModel):
     retries: NonNegativeInt = 1
     # The Ray shard runtime's ParallelConfig (interplab.runtime), validated by jobs.model.check_parallel.
     parallel: dict[str, Any] | None = None
+    # A served model: ``model: serve://NAME`` with ``service: {url, token_env}`` (docs/serving.md).
+    service: ServiceRef | None = None
+
+    @model_validator(mode="after")
+    def _served_model(self) -> JobSpec:
+        served = self.model.startswith(SERVE_SCHEME)
+        if served and self.service is None:
+            raise ValueError(
+                f"model {self.model!r} is a served model: add service: {{url: http://HOST:8000, token_env: INTERPLAB_TOKEN}}"
+            )
+        if not served and self.service is not None:
+            raise ValueError(f"service is set but model {self.model!r} is not a served model: use model: serve://NAME")
+        if served and self.parallel is not None:
+            raise ValueError("a served model runs where it is served: remove parallel (the service has its own stages)")
+        return self
 
     @classmethod
     def resolve_paths(cls, raw: dict[str, Any], base_dir: str) -> dict[str, Any]:
@@ -71,7 +97,7 @@ class JobSpec(StrictModel):
 
     def to_record(self) -> dict[str, Any]:
         """The spec as JSON-able data (what the store keeps; :func:`parse_spec` reads it back)."""
-        return self.model_dump(mode="json")
+        return self.model_dump(mode="json", exclude={"service"} if self.service is None else None)
 
 
 class DatasetSpec(StrictModel):

@@ -75,12 +75,12 @@ def _gguf_cache(gguf: Path) -> Path:
 
 def convert_gguf(gguf: Path) -> Path:
     """Convert a GGUF file to a safetensors directory once; later calls return the cached copy."""
+    target = _gguf_cache(gguf)
+    if (target / "config.json").is_file():
+        return target  # without importing torch: a content-key lookup only needs the folder
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target = _gguf_cache(gguf)
-    if (target / "config.json").is_file():
-        return target
     if not gguf.is_file():
         raise ModelLoadError(f"GGUF file not found: {gguf}; check the path")
     tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
@@ -126,16 +126,10 @@ def resolve_source(name: str) -> Path | str:
 
 
 def weight_hash(source: Path | str) -> str:
-    """A short content hash of a model's weight files (for provenance in the store)."""
-    if not isinstance(source, Path):
-        return f"hub:{source}"
-    digest = hashlib.sha256()
-    for file in sorted(source.glob("*.safetensors")):
-        stat = file.stat()
-        digest.update(f"{file.name}|{stat.st_size}".encode())
-        with open(file, "rb") as handle:  # header + first MiB identify the tensors cheaply
-            digest.update(handle.read(1 << 20))
-    return digest.hexdigest()[:16]
+    """A content hash of a model's weight files (provenance and reuse; :mod:`interplab.models.weights`)."""
+    from interplab.models.weights import weight_hash as content_hash
+
+    return content_hash(source)
 
 
 def load_pretrained(

@@ -17,7 +17,8 @@ pass fail anyway, each of its requests runs alone.
 :class:`Batcher` is the queue inside a replica: the first request of a batch waits ``window_ms``
 for others (up to ``max_requests``, ``max_rows``, ``max_tokens``); batches are filled by taking
 users in turn, and each batch starts with the next user's oldest request, so one user's stream of
-requests cannot hold back another user's.
+requests cannot hold back another user's. A request that is alone (the last batch was a single
+request and no other request is being read) does not wait out the window.
 """
 
 from __future__ import annotations
@@ -244,12 +245,20 @@ class Batcher:
     batch in ``executor`` (one thread: the model is used by one pass at a time)."""
 
     def __init__(
-        self, config: BatchingConfig, execute: Callable[[list[RunCall]], list[RunResult | BaseException]], executor: Executor
+        self,
+        config: BatchingConfig,
+        execute: Callable[[list[RunCall]], list[RunResult | BaseException]],
+        executor: Executor,
+        in_flight: Callable[[], int] | None = None,
     ) -> None:
         self.config = config
+        self.in_flight = in_flight  # requests the replica holds (being read, queued, run or answered)
+        self._last_size = 0  # requests in the last batch (0: none yet)
         self.execute = execute
         self.executor = executor
-        self.queues: OrderedDict[str, list[_Item]] = OrderedDict()  # per user, users in turn order
+        self.queues: OrderedDict[str, list[_Item]] = OrderedDict()  # per user, in arrival order
+        self.served_at: dict[str, int] = {}  # user -> the turn in which that user last seeded a batch
+        self._turn = 0
         self.stats = BatchStats()
         self._wake = asyncio.Event()  # bound to the replica's loop when first awaited
         self._task: asyncio.Task[None] | None = None
@@ -284,26 +293,39 @@ class Batcher:
                 # the window runs from the seed's arrival, or from when the model became free: requests
                 # answered by the last batch are often sent again at once, and join this one
                 deadline = max(seed.arrived, self._free_since) + self.config.window_ms / 1000
-                while seed.key is not None and not self._full(seed) and time.monotonic() < deadline:
+                while seed.key is not None and not self._alone() and not self._full(seed) and time.monotonic() < deadline:
                     try:
                         await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, deadline - time.monotonic()))
                     except asyncio.TimeoutError:
                         break
                     self._wake.clear()
                 items = self._take(seed)
+                self._last_size = len(items)
                 await self._run(items)
                 self._free_since = time.monotonic()
 
+    def _alone(self) -> bool:
+        """Nothing suggests company: the last batch was one request and every request the replica
+        holds is already queued (none is being read). A lone client's requests then skip the window;
+        concurrent clients (a batch of several) and a fresh replica keep it."""
+        return self.in_flight is not None and self._last_size == 1 and self.in_flight() <= self.depth
+
     def _seed(self) -> _Item:
-        """The oldest request of the user whose turn it is."""
-        user = next(u for u, q in self.queues.items() if q)
+        """The oldest request of the user whose turn it is: the waiting user who seeded a batch
+        longest ago (never: first), ties by the oldest request. A user whose queue ran empty keeps
+        their place in the turns, so sending again at once does not put them first."""
+        user = min((u for u, q in self.queues.items() if q), key=self._turn_of)
         return self.queues[user][0]
+
+    def _turn_of(self, user: str) -> tuple[int, float]:
+        return self.served_at.get(user, -1), self.queues[user][0].arrived
 
     def _candidates(self, seed: _Item) -> list[_Item]:
         """Requests that may join ``seed``'s batch, taking users in turn (one each per round)."""
         if seed.key is None:
             return [seed]
-        queues = [[i for i in q if i.key == seed.key] for q in self.queues.values()]
+        users = sorted((u for u, q in self.queues.items() if q), key=self._turn_of)  # the seed's user first
+        queues = [[i for i in self.queues[u] if i.key == seed.key] for u in users]
         out: list[_Item] = []
         while any(queues):
             for q in queues:
@@ -324,8 +346,8 @@ class Batcher:
             rows, width = rows + b, max(width, s)
         for item in chosen:
             self.queues[item.call.user].remove(item)
-        user = seed.call.user  # the seed's user goes to the back of the turn order
-        self.queues.move_to_end(user)
+        self._turn += 1  # the seed's user goes to the back of the turns
+        self.served_at[seed.call.user] = self._turn
         for name in [u for u, q in self.queues.items() if not q]:
             del self.queues[name]
         return chosen

@@ -181,6 +181,18 @@ def served() -> dict[str, dict[str, Any]]:
     return out
 
 
+REPLICA_PREFIX = "SERVE_REPLICA::"  # Ray Serve names each replica actor SERVE_REPLICA::APP#DEPLOYMENT#ID
+
+
+def replica_actors(name: str) -> list[str]:
+    """The actor names of application ``name``'s live replicas (namespace ``serve``), e.g. to
+    ``ray.kill`` one: Serve has no public call for them, so they are read from Ray's named actors."""
+    import ray
+
+    prefix = f"{REPLICA_PREFIX}{check_name(name)}#{name}#"
+    return sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix))
+
+
 def stats(name: str, timeout_s: float = 30.0) -> dict[str, Any]:
     """A running application's counters (:meth:`ModelDeployment.stats`), from one of its replicas."""
     handle = serve.get_app_handle(check_name(name))

@@ -241,16 +241,29 @@ class RemoteModel:
         return str(self._call("generate", header, frame)[0]["text"])
 
     def run_stages(self, requests: Iterable[tuple[Key, StageRequest]], on_done: Callable[[Key, torch.Tensor], None]) -> None:
-        """Many mid-model passes, sent ``max_stage_requests`` at a time (the iterable is read lazily)."""
-        per_call = int(self.info["limits"]["max_stage_requests"])
-        it = iter(requests)
+        """Many mid-model passes, sent ``max_stage_requests`` at a time and within the service's
+        request-size limits (tensors shared by passes, like a KV prefix, go once per call); the
+        iterable is read lazily. A single pass over the limits is sent alone (and refused with 413)."""
+        limits = self.info["limits"]
+        per_call = int(limits["max_stage_requests"])
+        budget = int(min(limits["max_tensor_bytes"], limits["max_request_bytes"]) * 0.9)
+        pending = iter(requests)
+        carried: list[tuple[Key, StageRequest]] = []
         while True:
-            part = list(itertools.islice(it, per_call))
+            part = carried + list(itertools.islice(pending, per_call - len(carried)))
             if not part:
                 return
             frame = Frame()
-            header = {"requests": [codec.encode_stage_request(i, req, frame) for i, (_, req) in enumerate(part)]}
-            out, tensors = self._call("run_stages", header, frame)
+            encoded: list[dict[str, Any]] = []
+            for i, (_, req) in enumerate(part):
+                before = len(frame.tensors)
+                item = codec.encode_stage_request(i, req, frame)
+                if encoded and frame.nbytes > budget:  # over the budget: this pass goes in the next call
+                    frame.forget_after(before)
+                    break
+                encoded.append(item)
+            carried = part[len(encoded) :]
+            out, tensors = self._call("run_stages", {"requests": encoded}, frame)
             for item in out["outputs"]:
                 on_done(part[int(item["key"])][0], codec.answer_tensor(item["output"], "output", tensors))
 

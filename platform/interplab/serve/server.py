@@ -57,15 +57,27 @@ class Server:
         self.batching = batching
         self.service = ModelService(backend, name=name, limits=limits, dtype=dtype, source=source, parallel=parallel)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="interplab-model")
-        self.batcher = Batcher(batching, self._run_batch, self.executor)
         self.in_flight: Counter[str] = Counter()
+        self.batcher = Batcher(batching, self._run_batch, self.executor, lambda: sum(self.in_flight.values()))
         self.requests: Counter[str] = Counter()  # answered, by operation
         self.errors: Counter[int] = Counter()  # by status
         self.recent: deque[float] = deque()
         self.started = time.time()
+        self.model_s = 0.0  # time in the model's thread (forward passes), for the overhead benchmark
 
     def _run_batch(self, calls: list[RunCall]) -> list[Any]:
-        return run_together(self.service.backend, calls, self.service.pad_id)
+        started = time.perf_counter()
+        try:
+            return run_together(self.service.backend, calls, self.service.pad_id)
+        finally:
+            self.model_s += time.perf_counter() - started
+
+    def _execute(self, call: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return self.service.execute(call)
+        finally:
+            self.model_s += time.perf_counter() - started
 
     async def answer(self, op: str, authorization: str | None, body: bytes, declared_length: int | None = None) -> Answer:
         try:
@@ -104,7 +116,7 @@ class Server:
             texts_sent = isinstance(prompts, dict) and "input_ids" not in prompts
             out, frame = self.service.encode_run(call, result, texts_sent)
         else:
-            out, frame = await asyncio.get_running_loop().run_in_executor(self.executor, self.service.execute, call)
+            out, frame = await asyncio.get_running_loop().run_in_executor(self.executor, self._execute, call)
         data = await asyncio.to_thread(frame.encode, out)
         self.requests[op] += 1
         self._tick()
@@ -140,10 +152,26 @@ class Server:
             "errors": {str(k): v for k, v in self.errors.items()},
             "requests_per_s": round(len(self.recent) / min(RATE_WINDOW_S, max(uptime, 1e-9)), 3),
             "queue_depth": self.batcher.depth,
+            "model_s": round(self.model_s, 6),
             "in_flight": {u: n for u, n in self.in_flight.items() if n},
             "batching": {**self.batching.model_dump(), **self.batcher.stats.to_json()},
+            "process": _process(),
         }
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.service.backend.close()
+
+
+def _process() -> dict[str, Any]:
+    """The replica process: pid, resident memory (the weights are in it once), torch threads."""
+    import os
+
+    import psutil
+    import torch
+
+    return {
+        "pid": os.getpid(),
+        "rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1),
+        "threads": torch.get_num_threads(),
+    }

@@ -40,12 +40,28 @@ class Frame:
 
     def __init__(self) -> None:
         self.tensors: dict[str, torch.Tensor] = {}
+        self.nbytes = 0
+        self._seen: dict[tuple[Any, ...], tuple[str, torch.Tensor]] = {}
 
     def ref(self, tensor: torch.Tensor) -> dict[str, str]:
+        """A reference to ``tensor`` in this frame. The same tensor (the same memory, shape and
+        strides: e.g. one KV prefix shared by many stage passes) is sent once and referred to again."""
+        key = (tensor.device, tensor.dtype, tensor.data_ptr(), tuple(tensor.shape), tensor.stride(), tensor.storage_offset())
+        seen = self._seen.get(key)
+        if seen is not None and tensor.numel():
+            return {TENSOR: seen[0]}
         name = f"t{len(self.tensors)}"
         # a copy of its own (safetensors refuses tensors that share memory, e.g. views of one capture)
         self.tensors[name] = tensor.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+        self.nbytes += self.tensors[name].nbytes
+        self._seen[key] = (name, tensor)  # the original is kept: its memory cannot be reused meanwhile
         return {TENSOR: name}
+
+    def forget_after(self, count: int) -> None:
+        """Drop every tensor added after the first ``count`` (a part that did not fit is left out)."""
+        for name in list(self.tensors)[count:]:
+            self.nbytes -= self.tensors.pop(name).nbytes
+        self._seen = {k: v for k, v in self._seen.items() if v[0] in self.tensors}
 
     def maybe(self, tensor: torch.Tensor | None) -> dict[str, str] | None:
         return None if tensor is None else self.ref(tensor)

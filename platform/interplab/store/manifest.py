@@ -30,6 +30,9 @@ class FileEntry:
     head: int | None = None
     dtype: str | None = None
     d: int | None = None
+    # set when the file belongs to another committed run that this run reuses (store/reuse.py):
+    # the run shows only the rows its ``reused_rows`` table selects, under its own run and prompt ids
+    source_run: str | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FileEntry:
@@ -57,6 +60,26 @@ class RunInfo:
     provenance: dict[str, Any] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
     files: tuple[FileEntry, ...] = ()
+    # provenance v2 (runs written before it read these as None / empty)
+    owner: str | None = None
+    team: str | None = None
+    git_commit: str | None = None
+    git_dirty: bool | None = None
+    spec_hash: str | None = None
+    dataset_hash: str | None = None
+    inputs: tuple[str, ...] = ()
+    timings: dict[str, Any] = field(default_factory=dict)
+    # annotations written after the run (runs/<id>/annotations/)
+    tags: tuple[str, ...] = ()
+    description: str | None = None
+    pinned: bool = False
+    # where it was read from (a Store fills these; a catalog names its entries)
+    store: str | None = None
+
+    @property
+    def n_bytes(self) -> int:
+        """Bytes of the committed files its manifest lists that are its own (not another run's it reuses)."""
+        return sum(e.bytes for e in self.files if getattr(e, "source_run", None) is None)
 
     @property
     def rows(self) -> dict[str, int]:
@@ -69,6 +92,9 @@ class RunInfo:
         out = asdict(self)
         out["files"] = len(self.files)
         out["rows"] = self.rows
+        out["bytes"] = self.n_bytes
+        out["inputs"] = list(self.inputs)
+        out["tags"] = list(self.tags)
         return out
 
 
@@ -86,8 +112,23 @@ def loads(raw: bytes, what: str) -> dict[str, Any]:
     return data
 
 
-def build_info(record: dict[str, Any], failed: dict[str, Any] | None, commit: dict[str, Any] | None) -> RunInfo:
+def build_info(
+    record: dict[str, Any],
+    failed: dict[str, Any] | None,
+    commit: dict[str, Any] | None,
+    *,
+    tags: tuple[str, ...] = (),
+    description: str | None = None,
+    pinned: bool = False,
+    store: str | None = None,
+    team: str | None = None,
+) -> RunInfo:
+    """A :class:`RunInfo` from a run's records. Fields a record lacks (older runs) are None/empty;
+    ``team`` is used when the run records none (the team area it sits in)."""
     status: RunStatus = "committed" if commit is not None else "failed" if failed is not None else "running"
+    raw_git, raw_inputs = record.get("git"), record.get("inputs")
+    git: dict[str, Any] = raw_git if isinstance(raw_git, dict) else {}
+    inputs: list[Any] = raw_inputs if isinstance(raw_inputs, list) else []
     return RunInfo(
         run_id=record["run_id"],
         kind=record.get("kind", ""),
@@ -105,4 +146,35 @@ def build_info(record: dict[str, Any], failed: dict[str, Any] | None, commit: di
         provenance=record.get("provenance") or {},
         metadata=(commit or {}).get("metadata") or {},
         files=tuple(FileEntry.from_dict(f) for f in (commit or {}).get("files", [])),
+        owner=record.get("owner") or record.get("user"),
+        team=record.get("team") or team,
+        git_commit=git.get("commit"),
+        git_dirty=git.get("dirty"),
+        spec_hash=record.get("spec_hash"),
+        dataset_hash=record.get("dataset_hash"),
+        inputs=tuple(str(i) for i in inputs),
+        timings=run_timings(record, commit),
+        tags=tags,
+        description=description,
+        pinned=pinned,
+        store=store,
     )
+
+
+def run_timings(record: dict[str, Any], commit: dict[str, Any] | None) -> dict[str, Any]:
+    """``created_at``, ``committed_at``, ``wall_s`` (the driver's, else commit − create) and the
+    driver's per-phase seconds (``phases``), from ``run.json`` and the commit's ``metadata.timings``."""
+    created = record.get("created_at")
+    committed = (commit or {}).get("committed_at")
+    given = ((commit or {}).get("metadata") or {}).get("timings")
+    given = given if isinstance(given, dict) else {}
+    wall = given.get("wall_s")
+    if wall is None and created and committed:
+        try:
+            wall = (datetime.fromisoformat(committed) - datetime.fromisoformat(created)).total_seconds()
+        except ValueError:
+            wall = None
+    out: dict[str, Any] = {"created_at": created, "committed_at": committed, "wall_s": wall}
+    if isinstance(given.get("phases"), dict):
+        out["phases"] = given["phases"]
+    return out

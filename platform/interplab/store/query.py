@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import duckdb
@@ -27,7 +28,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 from duckdb import func, sqltypes
 
-from interplab.store import codec, layout
+from interplab.store import codec, layout, reuse
 from interplab.store.errors import StoreError
 from interplab.store.fs import Location
 from interplab.store.manifest import FileEntry, RunInfo
@@ -124,10 +125,26 @@ def _first_line(exc: BaseException) -> str:
 # -- 2. session and views -----------------------------------------------------------------------
 
 
-class Session:
-    """A locked DuckDB connection whose views cover exactly the given committed runs."""
+@dataclass(frozen=True)
+class Source:
+    """One store of a catalog session: its location, its runs, and the ``store``/``team`` values
+    its rows get in every view."""
 
-    def __init__(self, loc: Location, runs: list[RunInfo]):
+    loc: Location
+    runs: list[RunInfo]
+    name: str
+    team: str | None
+
+
+class Session:
+    """A locked DuckDB connection whose views cover exactly the given committed runs.
+
+    With ``sources`` (a catalog) each store's views are built in a schema of their own and every
+    public view is their ``UNION ALL BY NAME``, with ``store`` and ``team`` columns added (the
+    ``runs`` view has them already); the sandbox allows exactly the stores' ``data/`` folders.
+    """
+
+    def __init__(self, loc: Location | None, runs: list[RunInfo], *, sources: Sequence[Source] | None = None):
         self._con = duckdb.connect(
             config={
                 "autoinstall_known_extensions": False,
@@ -139,9 +156,19 @@ class Session:
         self._keep: list[Any] = []  # Arrow objects registered with DuckDB must outlive the views
         self._files: dict[str, ViewFile] = {}
         self.views: list[str] = []
+        self._runs_name = "_interplab_runs"
+        self._mixed_widths = False
+        self._udfs: set[str] = set()
         try:
-            self._create_views(loc, runs)
-            allowed = [loc.path("data") + "/"] if loc.local else []
+            if sources is None:
+                if loc is None:
+                    raise StoreError("a session needs a store location or catalog sources")
+                self._create_views(loc, runs)
+                locations = [loc]
+            else:
+                self._create_catalog_views(sources)
+                locations = [source.loc for source in sources]
+            allowed = [place.path("data") + "/" for place in locations if place.local]
             self._con.execute(f"SET allowed_directories = {_sql_list(allowed)}")
             self._con.execute("SET enable_external_access = false")
             self._con.execute("SET lock_configuration = true")
@@ -169,9 +196,9 @@ class Session:
         for run in committed:
             for entry in run.files:
                 by_table[entry.table].append(entry)
-        self._register("_interplab_runs", _runs_table(runs))
-        self._view("runs", "_interplab_runs")
-        widths = self._activation_views(loc, by_table.pop(layout.ACTIVATIONS, []))
+        self._register(self._runs_name, _runs_table(runs))
+        self._view("runs", self._runs_name)
+        widths = self._activation_views(loc, by_table.pop(layout.ACTIVATIONS, []), [r for r in committed if reuse.referenced(r)])
         self._view("prompts", self._table_relation(loc, "prompts", by_table.pop("prompts", [])))
         for table, entries in sorted(by_table.items()):
             if table not in self.views:  # typed where a view file defines it (interplab.store.views), else every column
@@ -179,6 +206,45 @@ class Session:
         for d, relation in widths.items():
             self._con.execute(f"CREATE VIEW activations_d{d} AS SELECT {_ACT_COLUMNS}, act FROM {relation}")
             self.views.append(f"activations_d{d}")
+
+    def _create_catalog_views(self, sources: Sequence[Source]) -> None:
+        """Each store's views in schema ``s<i>``; the public views union them (see the class doc)."""
+        if not sources:
+            raise StoreError("the catalog lists no stores")
+        widths = {
+            int(e.d or 0)
+            for source in sources
+            for run in source.runs
+            if run.status == "committed"
+            for e in run.files
+            if e.table == layout.ACTIVATIONS
+        }
+        self._mixed_widths = len(widths) > 1
+        per_store: list[list[str]] = []
+        for i, source in enumerate(sources):
+            self._con.execute(f"CREATE SCHEMA s{i}")
+            self._con.execute(f"USE memory.s{i}")
+            self.views = []
+            self._runs_name = f"_interplab_runs_{i}"
+            self._create_views(source.loc, source.runs)
+            per_store.append(list(self.views))
+        self._con.execute("USE memory.main")
+        order = list(dict.fromkeys(name for names in per_store for name in names))
+        self.views = []
+        for name in order:
+            parts = []
+            for i, (source, names) in enumerate(zip(sources, per_store)):
+                if name not in names:
+                    continue
+                columns = set(self._con.sql(f"SELECT * FROM s{i}.{name} LIMIT 0").columns)
+                extra = "".join(
+                    f", {_sql_str(value)}::VARCHAR AS {col}"
+                    for col, value in (("store", source.name), ("team", source.team))
+                    if col not in columns
+                )
+                parts.append(f"SELECT *{extra} FROM s{i}.{name}")
+            self._con.execute(f"CREATE VIEW main.{name} AS " + " UNION ALL BY NAME ".join(parts))
+            self.views.append(name)
 
     def _view(self, name: str, relation: str) -> None:
         file = self._files.get(name)
@@ -199,27 +265,48 @@ class Session:
             self._con.execute(f"CREATE VIEW {name} AS SELECT * FROM {relation}")
         self.views.append(name)
 
-    def _activation_views(self, loc: Location, entries: list[FileEntry]) -> dict[int, str]:
-        """Create the ``activations`` view; return one relation per vector width for ``activations_dN``."""
+    def _activation_views(self, loc: Location, entries: list[FileEntry], reusing: Sequence[RunInfo] = ()) -> dict[int, str]:
+        """Create the ``activations`` view; return one relation per vector width for ``activations_dN``.
+
+        Files a run references (``source_run``, see :mod:`interplab.store.reuse`) are read once per
+        referencing run, joined to its ``reused_rows``, under its own run and prompt ids."""
         groups: dict[tuple[str, int], list[FileEntry]] = defaultdict(list)
         for entry in entries:
-            groups[(entry.dtype or "float16", int(entry.d or 0))].append(entry)
+            if entry.source_run is None:
+                groups[(entry.dtype or "float16", int(entry.d or 0))].append(entry)
+        referenced: dict[tuple[str, int], list[tuple[RunInfo, list[FileEntry]]]] = defaultdict(list)
+        for run in reusing:
+            by_width: dict[tuple[str, int], list[FileEntry]] = defaultdict(list)
+            for entry in reuse.referenced(run):
+                by_width[(entry.dtype or "float16", int(entry.d or 0))].append(entry)
+            for group, files in by_width.items():
+                referenced[group].append((run, files))
+        hive = {"run_id": "VARCHAR", "site": "VARCHAR", "layer": "INTEGER"}
         per_width: dict[int, list[str]] = defaultdict(list)
-        for (dtype, d), files in sorted(groups.items()):
+        for dtype, d in sorted(set(groups) | set(referenced)):
             name = codec.udf_name(dtype, d)
-            self._con.create_function(
-                name,
-                codec.duckdb_decoder(dtype, d),
-                [sqltypes.BLOB],
-                duckdb.array_type(sqltypes.FLOAT, d),
-                type=func.PythonUDFType.ARROW,
-            )
-            source = self._source(loc, layout.ACTIVATIONS, files, {"run_id": "VARCHAR", "site": "VARCHAR", "layer": "INTEGER"})
-            per_width[d].append(f"SELECT {_ACT_COLUMNS}, {name}(act) AS act FROM {source}")
+            if name not in self._udfs:  # a catalog's stores share the connection's functions
+                self._udfs.add(name)
+                self._con.create_function(
+                    name,
+                    codec.duckdb_decoder(dtype, d),
+                    [sqltypes.BLOB],
+                    duckdb.array_type(sqltypes.FLOAT, d),
+                    type=func.PythonUDFType.ARROW,
+                )
+            if groups.get((dtype, d)):
+                source = self._source(loc, layout.ACTIVATIONS, groups[(dtype, d)], hive)
+                per_width[d].append(f"SELECT {_ACT_COLUMNS}, {name}(act) AS act FROM {source}")
+            for run, files in referenced.get((dtype, d), []):
+                mapping = self._table_relation(loc, reuse.REUSED_ROWS, [e for e in run.files if e.table == reuse.REUSED_ROWS])
+                source = self._source(loc, layout.ACTIVATIONS, files, hive)
+                per_width[d].append(
+                    reuse.referenced_select(run.run_id, source, mapping, f"{name}(a.act)", _ACT_COLUMNS.split(", "))
+                )
         widths = {d: "(" + " UNION ALL ".join(parts) + ")" for d, parts in per_width.items()}
         if not widths:
             relation = f"(SELECT {_EMPTY['activations']} WHERE false)"
-        elif len(widths) == 1:
+        elif len(widths) == 1 and not self._mixed_widths:
             relation = next(iter(widths.values()))
         else:  # one column cannot hold FLOAT[576] and FLOAT[64]: fall back to a list, see docs/store.md
             relation = (
@@ -287,8 +374,26 @@ def _runs_table(runs: list[RunInfo]) -> pa.Table:
         "metadata": pa.array([js(r.metadata) for r in rows], pa.string()),
         "n_files": pa.array([len(r.files) for r in rows], pa.int64()),
         "n_activation_rows": pa.array([r.rows.get(layout.ACTIVATIONS, 0) for r in rows], pa.int64()),
+        "owner": pa.array([r.owner for r in rows], pa.string()),
+        "team": pa.array([r.team for r in rows], pa.string()),
+        "git_commit": pa.array([r.git_commit for r in rows], pa.string()),
+        "git_dirty": pa.array([r.git_dirty for r in rows], pa.bool_()),
+        "spec_hash": pa.array([r.spec_hash for r in rows], pa.string()),
+        "dataset_hash": pa.array([r.dataset_hash for r in rows], pa.string()),
+        "inputs": pa.array([list(r.inputs) for r in rows], pa.list_(pa.string())),
+        "timings": pa.array([js(r.timings) for r in rows], pa.string()),
+        "wall_s": pa.array([r.timings.get("wall_s") for r in rows], pa.float64()),
+        "tags": pa.array([list(r.tags) for r in rows], pa.list_(pa.string())),
+        "description": pa.array([r.description for r in rows], pa.string()),
+        "pinned": pa.array([r.pinned for r in rows], pa.bool_()),
+        "n_bytes": pa.array([r.n_bytes for r in rows], pa.int64()),
+        "store": pa.array([r.store for r in rows], pa.string()),
     }
     return pa.table(columns)
+
+
+def _sql_str(value: str | None) -> str:
+    return "NULL" if value is None else "'" + value.replace("'", "''") + "'"
 
 
 def _sql_list(items: Iterable[str]) -> str:

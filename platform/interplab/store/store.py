@@ -2,39 +2,39 @@
 
 from __future__ import annotations
 
-import getpass
 import json
 import os
 import re
 import secrets
 import socket
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
-from interplab.store import codec, fs, layout
+from interplab.store import codec, fs, layout, reuse
+from interplab.store import provenance as pv
 from interplab.store.errors import StoreError
 from interplab.store.manifest import FileEntry, RunInfo, build_info, dumps, loads, now_iso
-from interplab.store.query import Session
+from interplab.store.provenance import GitState
 from interplab.store.sqlfiles import saved_query
 from interplab.store.writer import RunWriter
 
 if TYPE_CHECKING:
     import torch
 
+    from interplab.store.query import Session
+
 _KIND = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
 
-def open_store(uri: str | None = None, *, create: bool = True) -> Store:
+def open_store(uri: str | None = None, *, create: bool = True, team: str | None = None) -> Store:
     """Open the store at ``uri`` (a directory or ``s3://bucket/prefix``; None → ``$INTERPLAB_STORE`` →
-    ``./interplab-store``). With ``create`` a missing or empty location becomes a new store; without it,
-    anything that is not already a store raises :class:`StoreError`.
+    ``./interplab-store``). With ``create`` a missing or empty location becomes a new store (``team``
+    is then recorded in its marker: a team area); without it, anything that is not already a store
+    raises :class:`StoreError`.
     """
     loc = fs.resolve(uri)
     marker = loc.path(layout.MARKER)
@@ -49,19 +49,24 @@ def open_store(uri: str | None = None, *, create: bool = True) -> Store:
         if not empty:
             raise StoreError(f"{loc.uri} is not empty and not an interplab store; refusing to create one there")
         record = {"format": layout.FORMAT_NAME, "version": layout.FORMAT_VERSION, "created_at": now_iso()}
+        if team:
+            record["team"] = team
         fs.create_exclusive(loc, marker, dumps(record))
     else:
         record = loads(raw, marker)
         if record.get("format") != layout.FORMAT_NAME or record.get("version") != layout.FORMAT_VERSION:
             raise StoreError(f"{loc.uri}: unsupported store format {record.get('format')!r} v{record.get('version')}")
-    return Store(loc)
+    return Store(loc, record)
 
 
 class Store:
     """One store. Cheap to create; all state lives in the files."""
 
-    def __init__(self, location: fs.Location):
+    def __init__(self, location: fs.Location, marker: dict[str, Any] | None = None):
         self.location = location
+        self.marker: dict[str, Any] = marker or {}
+        self._team: tuple[str | None] | None = None
+        self._last_event_at: str | None = None
         self._records: dict[str, dict[str, Any]] = {}  # immutable run.json / commit.json, by path
         self._session: Session | None = None
         self._session_key: tuple[tuple[str, str, str | None], ...] | None = None  # (run_id, status, committed_at)
@@ -72,6 +77,27 @@ class Store:
 
     def __repr__(self) -> str:
         return f"Store({self.uri!r})"
+
+    @property
+    def team(self) -> str | None:
+        """The team this store is the area of (``<lab-root>/teams/<team>/`` or its marker's
+        ``team``); None for a lab root or a plain store."""
+        if self._team is None:
+            parts = self.location.root.rstrip("/").split("/")
+            parent = "/".join(parts[:-2])
+            below_store = len(parts) >= 3 and bool(parent) and fs.exists(self.location, f"{parent}/{layout.MARKER}")
+            self._team = (pv.area_team(self.location.root, self.marker, below_store),)
+        return self._team[0]
+
+    def team_areas(self) -> dict[str, str]:
+        """``{team: uri}`` of the team areas below this store (``teams/<team>/`` with a store marker)."""
+        loc = self.location
+        out = {}
+        for name in fs.list_dirs(loc, loc.path(pv.TEAMS_DIR)):
+            if fs.exists(loc, loc.path(pv.TEAMS_DIR, name, layout.MARKER)):
+                root = loc.path(pv.TEAMS_DIR, name)
+                out[name] = root if loc.local else f"s3://{root}"
+        return out
 
     # -- writing -------------------------------------------------------------------------------
 
@@ -84,9 +110,20 @@ class Store:
         weight_hash: str | None = None,
         run_id: str | None = None,
         provenance: dict[str, Any] | None = None,
+        owner: str | None = None,
+        team: str | None = None,
+        inputs: list[str] | tuple[str, ...] | None = None,
+        user: str | None = None,
+        git: GitState | dict[str, Any] | None = None,
+        dataset_hash: str | None = None,
     ) -> RunWriter:
         """Create a run (status ``running``) and return its writer. ``kind`` names what produced it
-        (``capture``, ``patching``, ...); ``spec`` is the job spec, recorded as provenance."""
+        (``capture``, ``patching``, ...); ``spec`` is the job spec, recorded as provenance.
+
+        ``owner`` (``user`` is its older name) and ``team`` are resolved as
+        :mod:`interplab.store.provenance` says when not given; ``inputs`` are the ids of the runs
+        this one read; ``git`` the state of the spec's repository (:func:`provenance.git_state`);
+        ``dataset_hash`` defaults to the hash a job kind recorded in ``provenance``."""
         if not isinstance(kind, str) or not _KIND.match(kind):
             raise StoreError(f"invalid run kind {kind!r}: lower-case letters, digits and '_', e.g. 'capture'")
         if run_id is None:
@@ -95,18 +132,31 @@ class Store:
         layout.check_run_id(run_id)
         from interplab import __version__
 
+        if owner and user and owner != user:
+            raise StoreError(f"begin_run got owner={owner!r} and user={user!r}; give one (user is the older name of owner)")
+        spec_record = _jsonable(spec, "spec")
+        prov = _jsonable(provenance, "provenance") or {}
+        resolved_owner = pv.resolve_owner(owner or user, prov)
+        if isinstance(git, GitState):
+            git = git.to_dict()
         record = {
             "run_id": run_id,
             "kind": kind,
             "model": model,
             "weight_hash": weight_hash,
-            "spec": _jsonable(spec, "spec"),
+            "spec": spec_record,
+            "spec_hash": pv.spec_hash(spec_record),
+            "dataset_hash": dataset_hash or pv.dataset_hash_from(prov),
             "package_version": __version__,
-            "user": _user(),
+            "owner": resolved_owner,
+            "user": resolved_owner,  # the pre-owner name, kept for older readers
+            "team": pv.resolve_team(team, self.team),
+            "inputs": pv.check_inputs(inputs),
+            "git": _jsonable(git, "git"),
             "host": socket.gethostname(),
             "pid": os.getpid(),
             "created_at": now_iso(),
-            "provenance": _jsonable(provenance, "provenance") or {},
+            "provenance": prov,
         }
         path = self.location.path(layout.run_dir(run_id), layout.RUN_FILE)
         if not fs.create_exclusive(self.location, path, dumps(record)):
@@ -128,14 +178,19 @@ class Store:
     # -- runs ----------------------------------------------------------------------------------
 
     def runs(self, status: str | None = None) -> list[RunInfo]:
-        """All runs, oldest first (optionally only those with ``status``)."""
+        """All runs, oldest first (optionally only those with ``status``). One listing of ``runs/``;
+        the immutable records (``run.json``, ``commit.json``, annotation events) are read once per
+        :class:`Store` object, in parallel on S3."""
         loc = self.location
-        files: dict[str, dict[str, pafs.FileInfo]] = {}
+        files: dict[str, dict[str, Any]] = {}
         prefix_len = len(loc.path("runs")) + 1
         for info in fs.list_files(loc, loc.path("runs")):
             parts = info.path[prefix_len:].split("/")
             if len(parts) == 2:
                 files.setdefault(parts[0], {})[parts[1]] = info
+            elif len(parts) == 3 and parts[1] == pv.ANNOTATIONS_DIR and _is_event(parts[2]):
+                files.setdefault(parts[0], {}).setdefault(pv.ANNOTATIONS_DIR, []).append(parts[2])
+        self._prefetch(files)
         out = []
         for run_id, present in files.items():
             info = self._load_run(run_id, present)
@@ -147,11 +202,16 @@ class Store:
         """One run's record; :class:`StoreError` if there is no such run."""
         layout.check_run_id(run_id)
         loc = self.location
-        present = {
+        present: dict[str, Any] = {
             name: None
             for name in (layout.RUN_FILE, layout.FAILED_FILE, layout.COMMIT_FILE)
             if fs.exists(loc, loc.path(layout.run_dir(run_id), name))
         }
+        present[pv.ANNOTATIONS_DIR] = [
+            i.base_name
+            for i in fs.list_files(loc, loc.path(layout.run_dir(run_id), pv.ANNOTATIONS_DIR))
+            if _is_event(i.base_name)
+        ]
         info = self._load_run(run_id, present)
         if info is None:
             raise StoreError(f"unknown run id {run_id!r} in store {self.uri}")
@@ -169,7 +229,22 @@ class Store:
         if layout.FAILED_FILE in present and commit is None:
             raw = fs.read_bytes(self.location, f"{base}/{layout.FAILED_FILE}")
             failed = loads(raw, "failed.json") if raw is not None else None
-        return build_info(record, failed, commit)
+        events = []
+        for name in present.get(pv.ANNOTATIONS_DIR) or ():
+            event = self._immutable(f"{base}/{pv.ANNOTATIONS_DIR}/{name}")
+            if event is not None:
+                events.append((name, event))
+        notes = pv.fold(events)
+        return build_info(
+            record,
+            failed,
+            commit,
+            tags=notes.tags,
+            description=notes.description,
+            pinned=notes.pinned,
+            store=self.uri,
+            team=self.team,
+        )
 
     def _immutable(self, path: str) -> dict[str, Any] | None:
         if path not in self._records:
@@ -178,6 +253,60 @@ class Store:
                 return None
             self._records[path] = loads(raw, path)
         return self._records[path]
+
+    def _prefetch(self, files: dict[str, dict[str, Any]]) -> None:
+        """Read the immutable records not cached yet with a few threads (S3: one request each)."""
+        if self.location.local:
+            return
+        todo = []
+        for run_id, present in files.items():
+            base = self.location.path(layout.run_dir(run_id))
+            names = [n for n in (layout.RUN_FILE, layout.COMMIT_FILE) if n in present]
+            names += [f"{pv.ANNOTATIONS_DIR}/{n}" for n in present.get(pv.ANNOTATIONS_DIR) or ()]
+            todo += [f"{base}/{n}" for n in names if f"{base}/{n}" not in self._records]
+        if len(todo) < 8:
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=16) as pool:
+            for path, raw in zip(todo, pool.map(lambda p: fs.read_bytes(self.location, p), todo)):
+                if raw is not None:
+                    self._records[path] = loads(raw, path)
+
+    # -- annotations ---------------------------------------------------------------------------
+
+    def annotate(self, run_id: str, op: str, value: str | None = None, *, by: str | None = None) -> RunInfo:
+        """Append one annotation event (``tag``/``untag`` TAG, ``describe`` TEXT, ``pin``, ``unpin``)
+        to a run; returns the run as it reads now. Runs stay immutable: each event is its own file."""
+        self.run(run_id)
+        at = now_iso()
+        if self._last_event_at is not None and at <= self._last_event_at:  # keep this writer's events in order
+            at = (datetime.fromisoformat(self._last_event_at) + timedelta(microseconds=1)).isoformat(timespec="microseconds")
+        self._last_event_at = at
+        event = pv.annotation_event(op, value, by or pv.resolve_owner(None), at)
+        stamp = event["at"].replace(":", "").replace("-", "").replace("+", "p")
+        name = f"{stamp}-{secrets.token_hex(4)}.json"
+        path = self.location.path(layout.run_dir(run_id), pv.ANNOTATIONS_DIR, name)
+        if not fs.create_exclusive(self.location, path, dumps(event)):
+            raise StoreError(f"annotation {name} of run {run_id!r} already exists; try again")
+        return self.run(run_id)
+
+    def tag(self, run_id: str, *tags: str) -> RunInfo:
+        for tag in tags:
+            self.annotate(run_id, "tag", tag)
+        return self.run(run_id)
+
+    def untag(self, run_id: str, *tags: str) -> RunInfo:
+        for tag in tags:
+            self.annotate(run_id, "untag", tag)
+        return self.run(run_id)
+
+    def describe(self, run_id: str, text: str) -> RunInfo:
+        return self.annotate(run_id, "describe", text)
+
+    def pin(self, run_id: str, pinned: bool = True) -> RunInfo:
+        """Pin (or unpin) a run: ``interplab runs gc`` never deletes a pinned run."""
+        return self.annotate(run_id, "pin" if pinned else "unpin")
 
     def delete_run(self, run_id: str) -> None:
         """Delete a run and all its data. Committed data disappears atomically (manifest first)."""
@@ -245,6 +374,8 @@ class Store:
         runs = self.runs()
         key = tuple((r.run_id, r.status, r.committed_at) for r in runs)
         if self._session is None or key != self._session_key:
+            from interplab.store.query import Session  # DuckDB only for SQL: listing runs stays light
+
             self.close()
             self._session = Session(self.location, runs)
             self._session_key = key
@@ -306,9 +437,11 @@ class Store:
         acts: list[np.ndarray] = []
         index: dict[str, list[np.ndarray]] = {"prompt_id": [], "position": [], "head": []}
         for entry in entries:
-            with self.location.fs.open_input_file(self.location.path(entry.path)) as f:
-                table = pq.read_table(f, columns=["prompt_id", "position", "head", "act"])
+            # a file another run made is read as this run shows it (store/reuse.py)
+            table = reuse.read_activation_file(self.location, info, entry, ["prompt_id", "position", "head", "act"])
             if head is not None:
+                import pyarrow.compute as pc  # only here: listing and SQL never need it
+
                 table = table.filter(pc.equal(table["head"], head))
             acts.append(codec.decode_act(table["act"], entry.dtype or "float16", _width(entry)))
             for col in index:
@@ -364,8 +497,5 @@ def _jsonable(value: dict[str, Any] | None, what: str) -> dict[str, Any] | None:
         raise StoreError(f"{what} is not JSON-serialisable: {exc}") from None
 
 
-def _user() -> str | None:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return None
+def _is_event(name: str) -> bool:
+    return name.endswith(".json") and fs.TMP_MARK not in name

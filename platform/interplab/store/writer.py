@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from interplab.store import actfile, codec, fs, layout
+from interplab.store import actfile, codec, fs, layout, reuse
 from interplab.store.errors import StoreError
 from interplab.store.manifest import FileEntry, RunInfo, dumps, loads, now_iso
 
@@ -140,10 +140,29 @@ class RunWriter:
         keep = {f.path for f in files}
         if previous is not None:
             for old in loads(previous, marker).get("files", []):
-                if old["path"] not in keep:
+                if old["path"] not in keep and self._owns(old["path"]):  # never another run's file
                     fs.delete_file(self._loc, self._loc.path(old["path"]))
-        record = {"table": table, "chunk": key, "written_at": now_iso(), "files": [vars(f) for f in files]}
+        record = {"table": table, "chunk": key, "written_at": now_iso(), "files": [_record(f) for f in files]}
         fs.write_bytes(self._loc, marker, dumps(record))
+
+    def add_references(self, chunk: str | int, files: Sequence[FileEntry]) -> None:
+        """Record that ``chunk`` reuses ``files`` of other committed runs (each with ``source_run``);
+        ``commit`` lists them in this run's manifest. Which of their rows the run shows is its
+        ``reused_rows`` table (:mod:`interplab.store.reuse`). Rewriting a chunk's references replaces them."""
+        self._check_writable()
+        for entry in files:
+            source = entry.source_run
+            if source is None or source == self.run_id:
+                raise StoreError(f"add_references: {entry.path} names no other run as its source_run")
+            if not entry.path.startswith(layout.table_dir(entry.table, source) + "/"):
+                raise StoreError(f"add_references: {entry.path} is not a file of run {source!r}")
+        key = layout.chunk_key(chunk)
+        marker = self._loc.path(layout.chunk_marker(self.run_id, reuse.REFERENCES, key))
+        record = {"table": reuse.REFERENCES, "chunk": key, "written_at": now_iso(), "files": [_record(f) for f in files]}
+        fs.write_bytes(self._loc, marker, dumps(record))
+
+    def _owns(self, rel: str) -> bool:
+        return rel.startswith("data/") and f"/run_id={self.run_id}/" in rel
 
     def written_chunks(self, table: str = layout.ACTIVATIONS) -> set[int | str]:
         """Chunk keys of ``table`` already finished in this run (ints for numbered chunks)."""
@@ -172,8 +191,9 @@ class RunWriter:
             "run_id": self.run_id,
             "committed_at": now_iso(),
             "metadata": metadata or {},
-            "files": [vars(e) for e in entries],
+            "files": [_record(e) for e in entries],
         }
+        self._index_content_key()
         if not fs.create_exclusive(self._loc, f"{run_path}/{layout.COMMIT_FILE}", dumps(record)):
             raise StoreError(f"run {self.run_id!r} is already committed")
         self._done = True
@@ -206,15 +226,29 @@ class RunWriter:
         if fs.exists(self._loc, self._loc.path(layout.run_dir(self.run_id), layout.COMMIT_FILE)):
             raise StoreError(f"run {self.run_id!r} is committed; committed runs are immutable")
 
+    def _index_content_key(self) -> None:
+        """Before the commit: the run's content-key index record (``store/reuse.py``), if it has a key.
+        Written first, so every committed run with a key is indexed; a record of a run that then
+        fails to commit is ignored by readers."""
+        raw = fs.read_bytes(self._loc, self._loc.path(layout.run_dir(self.run_id), layout.RUN_FILE))
+        record = loads(raw, layout.RUN_FILE) if raw is not None else {}
+        key = (record.get("provenance") or {}).get(reuse.CONTENT_KEY)
+        if isinstance(key, str) and key:
+            info = {"kind": record.get("kind"), "model": record.get("model"), "written_at": now_iso()}
+            reuse.write_index_entry(self._loc, key, self.run_id, info)
+
     def _collect_files(self) -> list[FileEntry]:
         marked: dict[str, FileEntry] = {}
+        references: dict[str, FileEntry] = {}
         prefix = self._loc.path(layout.chunks_dir(self.run_id))
         for info in fs.list_files(self._loc, prefix):
             if info.base_name.endswith(".json") and fs.TMP_MARK not in info.base_name:
-                for f in loads(fs.read_bytes(self._loc, info.path) or b"{}", info.path).get("files", []):
-                    described = FileEntry.from_dict(f)
-                    marked[described.path] = described
-        entries = []
+                for described in reuse.marker_entries(fs.read_bytes(self._loc, info.path) or b"{}", info.path):
+                    if described.source_run is not None:
+                        references[described.path] = described
+                    else:
+                        marked[described.path] = described
+        entries = list(references.values())
         root_len = len(self._loc.root) + 1
         for table in fs.list_dirs(self._loc, self._loc.path("data")):
             for info in fs.list_files(self._loc, self._loc.path(layout.table_dir(table, self.run_id))):
@@ -226,6 +260,14 @@ class RunWriter:
                     entry = _describe(self._loc, table, rel)
                 entries.append(entry)
         return sorted(entries, key=lambda e: e.path)
+
+
+def _record(entry: FileEntry) -> dict[str, Any]:
+    """A file entry as JSON (``source_run`` only where it is set)."""
+    out = dict(vars(entry))
+    if out.get("source_run") is None:
+        out.pop("source_run", None)
+    return out
 
 
 def _describe(loc: fs.Location, table: str, rel: str) -> FileEntry:

@@ -1,0 +1,78 @@
+"""Faults: a replica killed mid-request (``ray.kill`` of its actor). The request fails with a clear
+503 (no retries) or is retried and answered (retries); Ray Serve starts a new replica, and the next
+requests succeed with the right numbers.
+
+The deployment's batching window is longer than the test and a batch is two requests, so a lone
+request is certainly inside the replica (queued) when the replica is killed, and two requests sent
+together run at once: no timing is involved.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import ray
+import torch
+from interplab.engine import Intervention
+from interplab.serve import ServiceUnavailable, connect
+from interplab.serve.deployment import replica_actors, served, stats
+
+from tests.serve.helpers import ALICE, BATCH_TOL, CLEAN, wait_for
+
+NAME = "tiny-faults"
+
+
+def patched(value: float) -> list[Intervention]:
+    return [Intervention("resid_pre.1", "set", value=torch.full((64,), value), positions=[-1])]
+
+
+def kill_replica_mid_request(send) -> tuple[str, dict]:
+    """Start ``send()`` in a thread, wait until its request is queued in the replica, kill the
+    replica's actor; returns the killed actor's name and what ``send`` returned or raised."""
+    (replica,) = replica_actors(NAME)
+    outcome: dict = {}
+
+    def work():
+        try:
+            outcome["result"] = send()
+        except Exception as exc:  # noqa: BLE001 - checked by the caller
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    wait_for(lambda: stats(NAME)["queue_depth"] == 1, "the request to be queued in the replica", poll_s=0.05)
+    ray.kill(ray.get_actor(replica, namespace="serve"), no_restart=True)
+    return replica, {"thread": thread, "outcome": outcome}
+
+
+def replaced(old: str) -> bool:
+    info = served().get(NAME, {})
+    alive = replica_actors(NAME)
+    return info.get("status") == "RUNNING" and len(alive) == 1 and alive[0] != old
+
+
+@pytest.mark.slow
+def test_a_replica_killed_mid_request(serve_cluster, local_tiny):
+    served_model = serve_cluster(NAME, batching={"window_ms": 600_000, "max_requests": 2})
+    fragile = connect(served_model.url, token=ALICE, retries=0).model(NAME)
+    sturdy = connect(served_model.url, token=ALICE, retries=5).model(NAME)
+
+    # no retries: a clear 503
+    old, pending = kill_replica_mid_request(lambda: fragile.run(CLEAN, logits="last"))
+    pending["thread"].join(timeout=120)
+    error = pending["outcome"].get("error")
+    assert isinstance(error, ServiceUnavailable) and error.status == 503, pending["outcome"]
+    assert "replica failed mid-request or is restarting" in str(error) and "HTTP 5" in str(error)
+    wait_for(lambda: replaced(old), "Ray Serve to start a new replica", timeout_s=180, poll_s=0.2)
+
+    # retries: the killed request is sent again and answered by the new replica, with a second one
+    old, pending = kill_replica_mid_request(lambda: sturdy.run(CLEAN, logits="last", interventions=patched(3.0)))
+    other = sturdy.run(["The city of Paris is in"], logits="last", interventions=patched(-2.0))
+    pending["thread"].join(timeout=300)
+    assert "error" not in pending["outcome"], pending["outcome"]
+    first = pending["outcome"]["result"]
+    torch.testing.assert_close(first.logits, local_tiny.run(CLEAN, logits="last", interventions=patched(3.0)).logits, **BATCH_TOL)
+    want = local_tiny.run(["The city of Paris is in"], logits="last", interventions=patched(-2.0))
+    torch.testing.assert_close(other.logits, want.logits, **BATCH_TOL)
+    assert replaced(old)
