@@ -28,6 +28,15 @@ OWNERS = {  # view -> the folder of its SQL file, relative to the repository
     "circuit_summary": "platform/interplab/analyses/circuits/views",
     "grafting": "platform/interplab/analyses/grafting/views",
     "deltas": "platform/interplab/analyses/grafting/views",
+    "dictionaries": "platform/interplab/analyses/partition/views",
+    "exemplars": "platform/interplab/analyses/partition/views",
+    "partition_match": "platform/interplab/analyses/partition/views",
+    "region_members": "platform/interplab/analyses/partition/views",
+    "regions": "platform/interplab/analyses/partition/views",
+    "probes": "platform/interplab/analyses/probes/views",
+    "probe_weights": "platform/interplab/analyses/probes/views",
+    "attributions": "platform/interplab/analyses/attribution/views",
+    "attribution_summary": "platform/interplab/analyses/attribution/views",
 }
 
 
