@@ -6,34 +6,14 @@ Bad input (an invalid team name, a group that does not exist, no right to create
 
 from __future__ import annotations
 
-import functools
-import sys
-from collections.abc import Callable
-from typing import Any
-
 import click
 
-from interplab.store import StoreError
+from interplab.cli.store_cmds import _errors
 
 
 def register(cli: click.Group) -> None:
     """Attach the ``team`` commands to the ``interplab`` group."""
     cli.add_command(team)
-
-
-def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except StoreError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-        except OSError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(1)
-
-    return wrapper
 
 
 @click.group()
