@@ -59,3 +59,11 @@ def tiny64(family):
 
 def real_positions(batch) -> torch.Tensor:
     return batch.attention_mask.bool()
+
+
+@pytest.fixture(autouse=True)
+def _object_stays_clean(request):
+    """nnsight mounts ``save`` on ``object`` when imported; in this process that breaks every later
+    anyio import (Ray Serve replicas, the dashboard). Peer libraries that do that run in a child process."""
+    yield
+    assert not hasattr(object, "save"), f"{request.node.nodeid} left a 'save' attribute on object (import nnsight in a child process)"
