@@ -9,7 +9,11 @@ kinds and tags, a few failed) through the real writer, then times:
 * ``interplab runs`` in a fresh process (``--format json``), against ``python -c "import interplab"``
   in a fresh process (the interpreter's start-up floor).
 
-    python bench/store_runs_list.py [--runs 1000] [--repeats 5] [--store DIR]
+    python bench/store_runs_list.py [--runs 1000] [--repeats 5] [--store DIR] [--baseline-code DIR]
+
+``--baseline-code DIR`` (another checkout's ``platform/`` folder, e.g. from ``git archive``) also runs
+``interplab runs`` with that code first on ``PYTHONPATH``, alternating with this checkout's, so both
+see the same machine load; the ratio is printed.
 """
 
 from __future__ import annotations
@@ -98,6 +102,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=1000)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--store", default=None, help="Directory for the store (default: a temporary one).")
+    ap.add_argument("--baseline-code", default=None, help="A platform/ folder of other code to compare with.")
     args = ap.parse_args()
     uri = args.store or os.path.join(tempfile.mkdtemp(prefix="interplab-bench-"), "store")
 
@@ -141,6 +146,25 @@ def main() -> None:
     print(f"{'CLI imports only (process), CPU s':<44}{imports_cpu:>10.3f}")
     print(f"{'interplab runs (process), CPU s':<44}{cli_cpu:>10.3f}")
     print(f"interplab runs over {args.runs} runs: {cli:.3f} s wall, {cli_cpu:.3f} s CPU (target < 1 s)")
+    if args.baseline_code:
+        other = {**env, "PYTHONPATH": os.pathsep.join([args.baseline_code, env.get("PYTHONPATH", "")])}
+        walls: dict[str, list[float]] = {"this": [], "baseline": []}
+        cpus: dict[str, list[float]] = {"this": [], "baseline": []}
+        for _ in range(args.repeats):  # alternate, so both see the same load
+            for name, run_env in (("baseline", other), ("this", env)):
+                before = resource.getrusage(resource.RUSAGE_CHILDREN)
+                t0 = time.perf_counter()
+                subprocess.run(cli_cmd, check=True, env=run_env, stdout=subprocess.DEVNULL)
+                walls[name].append(time.perf_counter() - t0)
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)
+                cpus[name].append(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+        w = {k: statistics.median(v) for k, v in walls.items()}
+        c = {k: statistics.median(v) for k, v in cpus.items()}
+        print(
+            f"interplab runs, baseline code {args.baseline_code}: {w['baseline']:.3f} s wall, {c['baseline']:.3f} s CPU; "
+            f"this code: {w['this']:.3f} s wall, {c['this']:.3f} s CPU; baseline / this: {w['baseline'] / w['this']:.2f}x wall, "
+            f"{c['baseline'] / c['this']:.2f}x CPU"
+        )
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ a small pool of random arrays), one commit manifest per run. Then measures
 
 * listing the runs (``Store.runs()``, a fresh ``Store`` each time, and ``interplab runs list``);
 * a query filtered by run, site and layer: its time, and the files DuckDB read (from
-  ``EXPLAIN ANALYZE``) against the files in the store; the same selection made from the manifests
+  ``EXPLAIN ANALYZE``) against the files in the store; the same query on one session with views
+  over the runs it reads (the default), over every file, and over every file with
+  ``union_by_name`` (what manifests without schema hashes get); the same selection made from the manifests
   (``selection_files``, what ``to_ray_dataset`` reads); and, as baselines in the same run, DuckDB's
   ``read_parquet`` over all committed files (with and without ``union_by_name``) and over only the
   selected file.
@@ -126,8 +128,7 @@ def main() -> None:
             f"filtered query (run, site, layer): first {first_s:.2f} s (opens the session: views over {n_files} files), "
             f"then median {statistics.median(times) * 1000:.0f} ms; {first['n']} rows"
         )
-        con = store._current_session()._con  # the bench reads DuckDB's profile, which store.sql does not expose
-        plan = "\n".join(row[1] for row in con.execute("EXPLAIN ANALYZE " + query, params).fetchall())
+        plan = store.explain(query, params)
         files_read = re.findall(r"Total Files Read:\s*(\d+)", plan)
         scanned = re.findall(r"Scanning Files:\s*(\d+)/(\d+)", plan)
         print(
@@ -135,6 +136,36 @@ def main() -> None:
         )
         if not files_read and not scanned:
             print(plan)
+
+        # -- the same query on one session (no runs listing): views over the runs it reads (default),
+        # over every file (hashes agree: no union_by_name), over every file with union_by_name (what
+        # manifests without schema hashes get)
+        import dataclasses
+
+        from interplab.store import query as query_module
+        from interplab.store.query import Session
+
+        unhashed = [
+            dataclasses.replace(r, files=tuple(dataclasses.replace(e, schema_hash=None) for e in r.files)) for r in store.runs()
+        ]
+        variants = [
+            ("views over the runs the query reads", store.runs(), query_module.NARROW_MIN_FILES),
+            ("views over every file, one schema", store.runs(), 10**9),
+            ("views over every file, union_by_name", unhashed, 10**9),
+        ]
+        medians = []
+        for label, listed, narrow_min in variants:
+            query_module.NARROW_MIN_FILES = narrow_min
+            session = Session(store.location, listed)
+            session_times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                assert session.execute(query, params).to_pylist()[0] == first
+                session_times.append(time.perf_counter() - t0)
+            session.close()
+            medians.append(statistics.median(session_times))
+            print(f"same query, one session, {label}: median {medians[-1] * 1000:.0f} ms; / first row = {medians[-1] / medians[0]:.1f}")
+        query_module.NARROW_MIN_FILES = variants[0][2]
 
         # -- the same selection as files, from the manifests (what to_ray_dataset reads) --------------
         from interplab.store.ray_data import selection_files

@@ -5,9 +5,10 @@ headless Chromium (goal < 1 s to interactive, Navigation Timing).
     python bench/ui_pages.py [--runs 1000] [--rows 1000000] [--d 64] [--dir /tmp] [--no-browser]
 
 Baselines measured in the same run: the runs page against ``SELECT * FROM runs`` alone (the store's
-own cost), the browser's query against the store's saved query ``top_tokens_neuron`` (the top
-tokens without the histogram and prompt shading), and the patching page against an error page of
-the same dashboard (the browser's fixed cost for a page).
+own cost); the browser (read from the run's files with numpy, ``interplab.store.neurons``) against
+the same page data by SQL alone (``activations.browse_sql``) and against the store's saved query
+``top_tokens_neuron`` (the top tokens without the histogram and prompt shading); and the patching
+page against an error page of the same dashboard (the browser's fixed cost for a page).
 """
 
 from __future__ import annotations
@@ -169,20 +170,24 @@ def main() -> None:
 
         probe = activations.Probe(run_id="acts", site="resid_post", layer=5, neuron=7, k=20)
         t_browse, out = _best(lambda: activations.browse(store, probe), rounds=3)
+        t_sql, by_sql = _best(lambda: activations.browse_sql(store, probe), rounds=3)
         t_saved, top = _best(
             lambda: store.saved("top_tokens_neuron", run_id="acts", site="resid_post", layer=5, neuron=7, k=20), rounds=3
         )
-        assert out["examples"][0]["prompt_id"] == top.to_pylist()[0]["prompt_id"]
+        assert out == by_sql and out["examples"][0]["prompt_id"] == top.to_pylist()[0]["prompt_id"]
         direction = np.random.default_rng(1).standard_normal(args.d).tolist()
         dprobe = activations.Probe(run_id="acts", site="resid_post", layer=5, direction=tuple(direction), k=20)
-        t_dir, _ = _best(lambda: activations.browse(store, dprobe), rounds=3)
+        t_dir, out = _best(lambda: activations.browse(store, dprobe), rounds=3)
+        t_dir_sql, by_sql = _best(lambda: activations.browse_sql(store, dprobe), rounds=3)
+        assert [e["prompt_id"] for e in out["examples"]] == [e["prompt_id"] for e in by_sql["examples"]]
         page_ms = min(
             server_ms(client, "/activations?run_id=acts&site=resid_post&layer=5&mode=neuron&neuron=7&k=20") for _ in range(3)
         )
         print(
             f"activation browser, top 20 over {args.rows:,} x {args.d}: neuron {t_browse:.2f} s, direction {t_dir:.2f} s, "
-            f"whole page {page_ms / 1000:.2f} s (goal < 2 s); saved query top_tokens_neuron {t_saved:.2f} s; "
-            f"ratio {t_browse / t_saved:.2f}x"
+            f"whole page {page_ms / 1000:.2f} s (goal < 2 s); by SQL alone: neuron {t_sql:.2f} s, direction "
+            f"{t_dir_sql:.2f} s (ratios {t_sql / t_browse:.2f}x, {t_dir_sql / t_dir:.2f}x); "
+            f"saved query top_tokens_neuron {t_saved:.2f} s"
         )
 
         if not args.no_browser:

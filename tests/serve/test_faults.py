@@ -1,6 +1,7 @@
 """Faults: a replica killed mid-request (``ray.kill`` of its actor). The request fails with a clear
 503 (no retries) or is retried and answered (retries); Ray Serve starts a new replica, and the next
-requests succeed with the right numbers.
+requests succeed with the right numbers. A stage actor of a pipeline-served model killed (SIGKILL)
+mid-request: the pipeline resubmits to the restarted stage and the requests are answered.
 
 The deployment's batching window is longer than the test and a batch is two requests, so a lone
 request is certainly inside the replica (queued) when the replica is killed, and two requests sent
@@ -9,6 +10,8 @@ together run at once: no timing is involved.
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 
 import pytest
@@ -76,3 +79,34 @@ def test_a_replica_killed_mid_request(serve_cluster, local_tiny):
     want = local_tiny.run(["The city of Paris is in"], logits="last", interventions=patched(-2.0))
     torch.testing.assert_close(other.logits, want.logits, **BATCH_TOL)
     assert replaced(old)
+
+
+@pytest.mark.slow
+def test_a_stage_actor_killed_mid_request(serve_cluster, local_tiny):
+    name = "tiny-pipe-faults"
+    served_model = serve_cluster(name, parallel={"stages": 2, "max_retries": 5},
+                                 batching={"window_ms": 600_000, "max_requests": 2})
+    model = connect(served_model.url, token=ALICE, retries=0).model(name)
+    before = stats(name)["stage_pids"]
+    assert len(before) == 2 and os.getpid() not in before
+    outcome: dict = {}
+
+    def work():
+        try:
+            outcome["result"] = model.run(CLEAN, logits="last", interventions=patched(3.0))
+        except Exception as exc:  # noqa: BLE001 - checked below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    wait_for(lambda: stats(name)["queue_depth"] == 1, "the request to be queued in the replica", poll_s=0.05)
+    os.kill(before[1], signal.SIGKILL)  # the last stage dies while the request waits for its batch
+    other = model.run(["The city of Paris is in"], logits="last", interventions=patched(-2.0))  # completes the batch
+    thread.join(timeout=300)
+    assert "error" not in outcome, outcome
+    want = local_tiny.run(CLEAN, logits="last", interventions=patched(3.0))
+    torch.testing.assert_close(outcome["result"].logits, want.logits, **BATCH_TOL)
+    want = local_tiny.run(["The city of Paris is in"], logits="last", interventions=patched(-2.0))
+    torch.testing.assert_close(other.logits, want.logits, **BATCH_TOL)
+    after = stats(name)["stage_pids"]
+    assert after[0] == before[0] and after[1] != before[1], (before, after)

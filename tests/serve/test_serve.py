@@ -192,3 +192,26 @@ def test_cli_serve_list_status_stop(serve_cluster, tmp_path):
     assert result.exit_code == 2 and "no served model named 'cli-tiny'" in result.output
     result = runner.invoke(serve, ["tiny-llama", "--tokens", str(tmp_path / "missing")])
     assert result.exit_code == 2 and "does not exist" in result.output
+
+
+@pytest.mark.slow
+def test_status_sums_the_counters_of_every_replica(serve_cluster):
+    """Two replicas: the per-user and batch counters in ``serve_metrics`` are the totals over both."""
+    from interplab.serve.status import serve_metrics
+
+    served_two = serve_cluster("tiny-two", replicas=2, batching={"enabled": False})
+    sent = {"alice": 6, "bob": 4}
+    for user, token in (("alice", ALICE), ("bob", BOB)):
+        model = served_two.model(token)
+        for i in range(sent[user]):
+            model.run(CLEAN[i % 2], logits="last")
+
+    def summed():  # Ray exports metrics every few seconds, each replica on its own schedule
+        metrics = serve_metrics("tiny-two")
+        healthy = [r for r in metrics["replicas"].values() if r["healthy"]]
+        done = metrics["per_user"] == sent and metrics["operations"].get("run") == 10 and len(healthy) == 2
+        return metrics if done and sum(int(k) * n for k, n in metrics["batch_sizes"].items()) == 10 else None
+
+    wait_for(summed, "the replicas' counters in Ray's metrics", timeout_s=180, poll_s=1.0)
+    metrics = summed() or serve_metrics("tiny-two")
+    assert metrics["batch_sizes"] == {"1": 10} and metrics["queue_depth"] == 0, metrics

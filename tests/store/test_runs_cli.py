@@ -114,3 +114,26 @@ def test_tag_describe_pin_round_trip(many, cli):
     assert out.exit_code == 2 and "unknown run id 'nope'" in out.stderr
     out = cli("runs", "tag", "r2", "a,b", "--store", uri)
     assert out.exit_code == 2 and "invalid tag" in out.stderr
+
+
+def test_runs_list_imports_no_heavy_library(many):
+    """``interplab runs`` in a fresh interpreter lists the runs without importing torch,
+    transformers, Ray, DuckDB, pandas, pyarrow or numpy (what it imports is its start-up time)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys\n"
+        "from interplab.cli.main import _register, cli\n"
+        "_register()\n"
+        "try:\n"
+        "    cli(['runs', '--store', sys.argv[1], '--format', 'json'])\n"
+        "except SystemExit as exc:\n"
+        "    assert not exc.code, exc.code\n"
+        "heavy = ('torch', 'transformers', 'ray', 'duckdb', 'pandas', 'pyarrow', 'numpy')\n"
+        "print(json.dumps(sorted(m for m in heavy if m in sys.modules)), file=sys.stderr)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, many.uri], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert [r["run_id"] for r in json.loads(proc.stdout)] == ["r1", "r2", "r3", "r4"]
+    assert json.loads(proc.stderr.strip().splitlines()[-1]) == []

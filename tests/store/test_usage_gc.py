@@ -166,3 +166,45 @@ def test_gc_without_selection_only_cleans_staging(filled, cli):
 def test_gc_usage_errors_exit_2(filled, cli):
     out = cli("runs", "gc", "--store", filled.uri, "--older-than", "-1")
     assert out.exit_code == 2 and out.stderr.startswith("error: --older-than")
+
+
+def test_delete_refuses_pinned_and_reused_runs(filled, cli):
+    """``runs delete`` refuses, with exit code 2 and one line naming why and ``--force``, a pinned run,
+    a run whose files a committed manifest lists and a run a running run names as input."""
+    filled.pin("cap-a")
+    commit_reference(filled, "reuser", filled.run("cap-b"), with_field=True)
+    filled.begin_run("capture", run_id="running-1", inputs=["pat-a"])
+    cases = {
+        "cap-a": ["it is pinned", "interplab runs unpin cap-a"],
+        "cap-b": ["its files are used by reuser", "Delete the runs that use it first"],
+        "pat-a": ["it is an input of running-1", "Delete the runs that use it first"],
+    }
+    for run_id, phrases in cases.items():
+        out = cli("runs", "delete", run_id, "--yes", "--store", filled.uri)
+        assert out.exit_code == 2 and out.stdout == ""
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: refused to delete run {run_id}: ") and "--force" in lines[0]
+        assert all(p in lines[0] for p in phrases), lines[0]
+    assert {"cap-a", "cap-b", "pat-a"} <= {r.run_id for r in open_store(filled.uri, create=False).runs()}
+    assert filled.export("cap-b", "resid_pre.0").shape == (8, 8)  # its data is all there
+
+    # a run nothing depends on goes; once reuser is gone cap-b goes too; --force overrides a pin
+    assert cli("runs", "delete", "reuser", "--yes", "--store", filled.uri).exit_code == 0
+    assert cli("runs", "delete", "cap-b", "--yes", "--store", filled.uri).exit_code == 0
+    out = cli("runs", "delete", "cap-a", "--yes", "--force", "--store", filled.uri)
+    assert out.exit_code == 0 and out.stdout.strip() == "deleted cap-a"
+    left = {r.run_id for r in open_store(filled.uri, create=False).runs()}
+    assert left == {"pat-a", "failed-1", "running-1"}
+    assert not os.path.exists(os.path.join(filled.uri, "data", "activations", "run_id=cap-a"))
+
+
+def test_delete_refusal_lists_every_reason(filled):
+    from interplab.store.catalog import deletion_refused
+
+    filled.pin("cap-b")
+    commit_reference(filled, "reuser", filled.run("cap-b"), with_field=True)
+    filled.begin_run("capture", run_id="running-1", inputs=["cap-b"])
+    runs = filled.runs()
+    info = filled.run("cap-b")
+    assert deletion_refused(info, runs) == "it is pinned; its files are used by reuser; it is an input of running-1"
+    assert deletion_refused(filled.run("reuser"), runs) is None

@@ -108,6 +108,80 @@ def capture_acts(seed: int = 0) -> dict[str, np.ndarray]:
     return {"prompt_id": pid, "position": pos, "act": act}
 
 
+PROBE_ACCURACY = [(0, 0.55, 0.61), (1, 0.72, 0.80), (2, 0.91, 0.97)]  # (layer, test, train)
+
+
+def probes_table() -> pa.Table:
+    from interplab.analyses.probes.tables import PROBES_SCHEMA
+
+    rows = [{"site": "resid_post", "layer": layer, "position": -1, "label": "io", "n_classes": 2, "d": D, "n_train": 40,
+             "n_test": 10, "train_accuracy": train, "test_accuracy": test, "train_loss": 0.5, "test_loss": 0.6,
+             "majority": 0.5, "l2": 1e-3, "iterations": 20, "grad_norm": 1e-6} for layer, test, train in PROBE_ACCURACY]
+    return pa.Table.from_pylist(rows, schema=PROBES_SCHEMA)
+
+
+PARTITION_EXEMPLAR_ROWS = (9, 0)  # capture rows (layer 0) that anchor regions 0 and 1
+PARTITION_TOP_K = 3
+
+
+def partition_tables(capture_run: str) -> dict[str, pa.Table]:
+    """A two-region dictionary over the capture run's resid_post.0 rows: cosine distance to two
+    observed rows, each row in the region of its nearest exemplar, the top members per region."""
+    rows = capture_acts()
+    act = rows["act"].astype(np.float64)
+    unit = act / np.linalg.norm(act, axis=1, keepdims=True)
+    exemplars = unit[list(PARTITION_EXEMPLAR_ROWS)]
+    distance = 1.0 - unit @ exemplars.T
+    region = distance.argmin(axis=1)
+    nearest = distance[np.arange(len(region)), region]
+    tokens = [t for toks in CAPTURE_PROMPTS for t in toks]
+    key = {"source_run": [capture_run] * len(region), "prompt_id": rows["prompt_id"], "position": rows["position"],
+           "head": pa.array([None] * len(region), pa.int32()), "token": tokens}
+    regions = pa.table({**key, "region": pa.array(region, pa.int32()), "distance": nearest})
+    ex_rows = list(PARTITION_EXEMPLAR_ROWS)
+    exemplar_table = pa.table({
+        "source_run": [capture_run] * 2, "prompt_id": rows["prompt_id"][ex_rows], "position": rows["position"][ex_rows],
+        "head": pa.array([None, None], pa.int32()), "token": [tokens[i] for i in ex_rows],
+        "region": pa.array([0, 1], pa.int32()), "n_members": [int((region == r).sum()) for r in (0, 1)],
+        "mean_distance": [float(nearest[region == r].mean()) for r in (0, 1)],
+        "max_distance": [float(nearest[region == r].max()) for r in (0, 1)],
+        "vector": pa.array([rows["act"][i].tolist() for i in ex_rows], pa.list_(pa.float32()))})
+    members = []
+    for r in (0, 1):
+        mine = np.flatnonzero(region == r)
+        for rank, i in enumerate(mine[np.argsort(nearest[mine], kind="stable")][:PARTITION_TOP_K]):
+            toks, pos = CAPTURE_PROMPTS[rows["prompt_id"][i]], int(rows["position"][i])
+            members.append({"source_run": capture_run, "prompt_id": int(rows["prompt_id"][i]), "position": pos, "head": None,
+                            "token": tokens[i], "region": r, "rank": rank, "distance": float(nearest[i]),
+                            "context": "".join(toks[max(0, pos - 8):pos]) + f"[{toks[pos]}]" + "".join(toks[pos + 1:pos + 3]),
+                            "prompt": "".join(toks)})
+    dictionary = pa.table({"site": ["resid_post.0"], "metric": ["cosine"], "threshold": [0.5], "threshold_rule": ["0.5"],
+                           "percentile": pa.array([None], pa.float64()), "n_rows": [len(region)], "n_regions": [2], "d": [D],
+                           "inputs": [[capture_run]], "build_seconds": [0.01], "assign_seconds": [0.02]})
+    return {"dictionaries": dictionary, "exemplars": exemplar_table, "regions": regions,
+            "region_members": pa.Table.from_pylist(members)}
+
+
+ATTRIBUTION_TOKENS = ["The", " " + XSS[0], XSS[1], " {{7*7}}", " is"]
+ATTRIBUTION_VALUES = {"itp": [None, 0.25, -0.5, 1.5, 0.0], "hipe": [None, 0.2, -0.4, 1.4, 0.05]}
+
+
+def attribution_tables() -> dict[str, pa.Table]:
+    from interplab.analyses.attribution.job import ATTRIBUTIONS_SCHEMA, SUMMARY_SCHEMA
+
+    rows, summary = [], []
+    for method, values in ATTRIBUTION_VALUES.items():
+        for pos, (token, value) in enumerate(zip(ATTRIBUTION_TOKENS, values)):
+            rows.append({"prompt_id": 0, "method": method, "position": pos, "token_id": pos, "token": token,
+                         "unit": None if value is None else pos - 1, "attribution": value, "window": 1, "level": 0})
+        summary.append({"prompt_id": 0, "method": method, "prompt": "".join(ATTRIBUTION_TOKENS), "target": " Paris",
+                        "perturbation": "mean", "n_tokens": len(ATTRIBUTION_TOKENS), "n_units": len(ATTRIBUTION_TOKENS) - 1,
+                        "base_logprob": -1.25, "forwards": 5 if method == "itp" else 4, "passes": 1 if method == "itp" else 2,
+                        "rounds": 1 if method == "itp" else 2, "seconds": 0.01})
+    return {"attributions": pa.Table.from_pylist(rows, schema=ATTRIBUTIONS_SCHEMA),
+            "attribution_summary": pa.Table.from_pylist(summary, schema=SUMMARY_SCHEMA)}
+
+
 def build_store(path) -> dict[str, str]:
     """The test store at ``path``; returns run ids by kind (and 'failed', 'running')."""
     store = open_store(str(path))
@@ -160,8 +234,21 @@ def build_store(path) -> dict[str, str]:
             "weight": pa.array([PROBE_WEIGHTS[0], PROBE_WEIGHTS[1]], pa.list_(pa.float32())),
             "bias": [0.1, -0.1], "norm": [1.0, 1.0]})
         w.write_table("probe_weights", weights, chunk="resid_post.0")
+        w.write_table("probes", probes_table(), chunk="probes")
         w.commit()
         ids["probe"] = w.run_id
+
+    with store.begin_run("partition", model="tiny-llama", spec={"kind": "partition"}, inputs=[ids["capture"]]) as w:
+        for name, table in partition_tables(ids["capture"]).items():
+            w.write_table(name, table, chunk=name)
+        w.commit()
+        ids["partition"] = w.run_id
+
+    with store.begin_run("attribution", model="tiny-llama", spec={"kind": "attribution"}) as w:
+        for name, table in attribution_tables().items():
+            w.write_table(name, table, chunk=name)
+        w.commit()
+        ids["attribution"] = w.run_id
 
     failed = store.begin_run("capture", model="smollm2-135m", spec={"kind": "capture"})
     failed.fail("<b>boom</b> out of memory")

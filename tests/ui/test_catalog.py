@@ -29,5 +29,9 @@ def test_two_stores_read_as_one(ui_store, tmp_path):
         assert run.status_code == 200 and 'id="heatmaps"' in run.text
         browse = client.get("/activations", params={"run_id": second_ids["capture"], "site": "resid_post", "layer": "0", "mode": "neuron", "neuron": "3"})
         assert browse.status_code == 200 and 'data-prompt-id="3"' in browse.text and "browser-error" not in browse.text
+        from interplab.ui import activations  # the file read path finds the store holding the run: as SQL over the catalog
+
+        probe = activations.Probe(run_id=second_ids["capture"], site="resid_post", layer=1, neuron=5, k=4)
+        assert activations.browse(catalog, probe) == activations.browse_sql(catalog, probe)
     finally:
         catalog.close()

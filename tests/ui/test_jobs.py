@@ -61,7 +61,8 @@ def test_jobs_page_status_logs_and_stop(ray_head, ui_store, tokens_file, tmp_pat
             browser.get(f"{url}/login?next=/jobs")  # log in with the model service's token file
             browser.find_element(By.ID, "token").send_keys(LOGIN_TOKEN)
             browser.find_element(By.ID, "login-submit").click()
-            WebDriverWait(browser, 10).until(lambda d: d.current_url.endswith("/jobs"))
+            # the URL changes before the new page's DOM is there: wait for the page itself
+            WebDriverWait(browser, 60).until(lambda d: d.current_url.endswith("/jobs") and d.find_elements(By.ID, "user"))
             assert browser.find_element(By.ID, "user").text == "alice"
             not_blank(screenshot(browser, "jobs-running"))
 

@@ -82,6 +82,11 @@ def test_the_command_is_what_interplab_ui_accepts_and_the_ports_agree():
     assert env["RAY_AUTH_MODE"]["value"] == "token"
     assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": cluster["metadata"]["name"], "key": "auth_token"}
     assert params["jobs_address"] == "http://interplab-head-svc:8265" and params["ray_address"] == "interplab-head-svc:6379"
+    # KubeRay creates that Secret (named after the cluster, key auth_token) and the head Service
+    # (<cluster>-head-svc) in the RayCluster's namespace: the dashboard must live in the same one
+    base = yaml.safe_load((K8S / "base" / "kustomization.yaml").read_text())
+    assert yaml.safe_load((UI / "kustomization.yaml").read_text())["namespace"] == base["namespace"]
+    assert params["ray_address"].split(":")[0] == f"{cluster['metadata']['name']}-head-svc"
     assert {"configMapRef": {"name": "interplab-store"}} in container["envFrom"]
 
 

@@ -15,9 +15,14 @@ from .builders import CIRCUIT_EDGES, PATCH_TOKENS
 from .conftest import console_errors, screenshot
 
 
+def loaded(driver) -> bool:
+    """The current document has finished loading (a changed URL alone does not mean its DOM is there)."""
+    return bool(driver.execute_script("return document.readyState") == "complete")
+
+
 def open_page(browser, server, path: str) -> None:
     browser.get(server.url + path)
-    WebDriverWait(browser, 30).until(lambda d: d.execute_script("return document.readyState") == "complete")
+    WebDriverWait(browser, 60).until(loaded)
 
 
 def no_errors(browser) -> None:
@@ -27,7 +32,7 @@ def no_errors(browser) -> None:
 
 def tooltip(browser) -> dict[str, str]:
     tip = browser.find_element(By.ID, "tooltip")
-    WebDriverWait(browser, 10).until(lambda d: tip.is_displayed())
+    WebDriverWait(browser, 60).until(lambda d: tip.is_displayed())
     return {e.get_attribute("data-label"): e.text for e in tip.find_elements(By.CLASS_NAME, "tip-value")}
 
 
@@ -64,22 +69,25 @@ def not_blank(path) -> None:
 def test_runs_filter_sort_paginate(browser, server):
     open_page(browser, server, "/runs")
     every = sql(server, "SELECT run_id FROM runs")
-    assert int(browser.find_element(By.ID, "runs-total").text) == len(every) == 7
+    assert int(browser.find_element(By.ID, "runs-total").text) == len(every) == 9
     assert len(browser.find_elements(By.CSS_SELECTOR, "tr.run-row")) == 4  # page_size 4
     browser.find_element(By.ID, "page-next").click()
-    WebDriverWait(browser, 10).until(lambda d: "page=2" in d.current_url)
-    assert len(browser.find_elements(By.CSS_SELECTOR, "tr.run-row")) == 3
+    WebDriverWait(browser, 60).until(lambda d: "page=2" in d.current_url and loaded(d))
+    assert len(browser.find_elements(By.CSS_SELECTOR, "tr.run-row")) == 4
+    browser.find_element(By.ID, "page-next").click()
+    WebDriverWait(browser, 60).until(lambda d: "page=3" in d.current_url and loaded(d))
+    assert len(browser.find_elements(By.CSS_SELECTOR, "tr.run-row")) == 1
 
     open_page(browser, server, "/runs")
     Select(browser.find_element(By.ID, "filter-kind")).select_by_value("capture")
     browser.find_element(By.ID, "apply-filters").click()
-    WebDriverWait(browser, 10).until(lambda d: "kind=capture" in d.current_url)
+    WebDriverWait(browser, 60).until(lambda d: "kind=capture" in d.current_url and loaded(d))
     shown = [a.text for a in browser.find_elements(By.CSS_SELECTOR, "a.run-link")]
     assert sorted(shown) == sorted(r["run_id"] for r in sql(server, "SELECT run_id FROM runs WHERE kind = 'capture'"))
 
     Select(browser.find_element(By.ID, "filter-status")).select_by_value("failed")
     browser.find_element(By.ID, "apply-filters").click()
-    WebDriverWait(browser, 10).until(lambda d: "status=failed" in d.current_url)
+    WebDriverWait(browser, 60).until(lambda d: "status=failed" in d.current_url and loaded(d))
     shown = [a.text for a in browser.find_elements(By.CSS_SELECTOR, "a.run-link")]
     assert shown == [server.ids["failed"]]
 
@@ -87,13 +95,13 @@ def test_runs_filter_sort_paginate(browser, server):
     open_page(browser, server, "/runs?sort=run_id&order=desc")
     Select(browser.find_element(By.ID, "filter-owner")).select_by_value(owner)
     browser.find_element(By.ID, "apply-filters").click()
-    WebDriverWait(browser, 10).until(lambda d: "owner=" in d.current_url)
+    WebDriverWait(browser, 60).until(lambda d: "owner=" in d.current_url and loaded(d))
     browser.find_element(By.ID, "sort-run_id").click()  # toggles to ascending
-    WebDriverWait(browser, 10).until(lambda d: "order=asc" in d.current_url)
+    WebDriverWait(browser, 60).until(lambda d: "order=asc" in d.current_url and loaded(d))
     shown = [a.text for a in browser.find_elements(By.CSS_SELECTOR, "a.run-link")]
     assert shown == sorted(r["run_id"] for r in every)[:4]
     browser.find_element(By.CSS_SELECTOR, "a.run-link").click()
-    WebDriverWait(browser, 10).until(lambda d: "/runs/" in d.current_url)
+    WebDriverWait(browser, 60).until(lambda d: "/runs/" in d.current_url and loaded(d))
     assert browser.find_element(By.ID, "run-id").text == shown[0]
     no_errors(browser)
 
@@ -217,7 +225,7 @@ def test_activation_browser_top_prompt_is_the_sqls(browser, server):
     browser.find_element(By.ID, "mode-stored").click()
     Select(browser.find_element(By.ID, "stored")).select_by_value(f"directions|{run_id}|probe-neuron5")
     browser.find_element(By.ID, "browse").click()
-    WebDriverWait(browser, 30).until(lambda d: "mode=stored" in d.current_url)
+    WebDriverWait(browser, 30).until(lambda d: "mode=stored" in d.current_url and loaded(d))
     vector = sql(server, "SELECT vector FROM directions WHERE name = 'probe-neuron5'")[0]["vector"]
     want = server.store.saved("top_tokens_direction", run_id=run_id, site="resid_post", layer=0, direction=vector, k=1).to_pylist()[0]
     first = browser.find_element(By.CSS_SELECTOR, "li.example")
@@ -260,7 +268,7 @@ def test_sql_console_grid_downloads_and_sandbox(browser, server):
     for name, value in (("run_id", run_id), ("site", "resid_post"), ("layer", "0"), ("neuron", "3"), ("k", "5")):
         form.find_element(By.NAME, f"p_{name}").send_keys(value)
     form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-    WebDriverWait(browser, 30).until(lambda d: "saved=top_tokens_neuron" in d.current_url)
+    WebDriverWait(browser, 30).until(lambda d: "saved=top_tokens_neuron" in d.current_url and loaded(d))
     first = [td.text for td in browser.find_elements(By.CSS_SELECTOR, "#result tbody tr")[0].find_elements(By.TAG_NAME, "td")]
     top = server.store.saved("top_tokens_neuron", run_id=run_id, site="resid_post", layer=0, neuron=3, k=5).to_pylist()[0]
     assert int(first[0]) == top["prompt_id"] and int(first[1]) == top["position"]
@@ -332,6 +340,6 @@ def test_every_page_opens_without_console_errors(browser, server):
     assert len(logged) == 1 and "404" in logged[0]["message"], logged
     for nav in ("activations", "sql", "jobs", "served", "runs"):  # click through the navigation
         browser.find_element(By.ID, f"nav-{nav}").click()
-        WebDriverWait(browser, 10).until(lambda d, n=nav: d.current_url.endswith(f"/{n}"))
+        WebDriverWait(browser, 60).until(lambda d, n=nav: d.current_url.endswith(f"/{n}") and loaded(d))
         assert "active" in browser.find_element(By.ID, f"nav-{nav}").get_attribute("class")
     no_errors(browser)

@@ -5,6 +5,7 @@ pages against plain Python; per-kind page data against the rows written."""
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from interplab.ui import activations, results, runs
@@ -35,10 +36,12 @@ def reference_top(scores: np.ndarray, pid: np.ndarray, pos: np.ndarray, k: int) 
     return [(p, q, s) for p, (s, q) in ranked]
 
 
+@pytest.mark.parametrize("path", ["files", "sql"])
 @pytest.mark.parametrize("rows_per_prompt", [10, 1], ids=["top-rows", "by-prompt"])
 @pytest.mark.parametrize("mode", ["neuron", "direction"])
-def test_browser_matches_numpy(snap, monkeypatch, rows_per_prompt, mode):
+def test_browser_matches_numpy(snap, monkeypatch, rows_per_prompt, mode, path):
     store, ids = snap
+    browse = activations.browse if path == "files" else activations.browse_sql
     monkeypatch.setattr(activations, "TOP_ROWS_PER_PROMPT", rows_per_prompt)  # 1: forces the by-prompt query
     ref = capture_acts()
     vector = np.linspace(-1, 1, D).astype(np.float32)
@@ -48,7 +51,7 @@ def test_browser_matches_numpy(snap, monkeypatch, rows_per_prompt, mode):
     else:
         probe = activations.Probe(run_id=ids["capture"], site="resid_post", layer=0, direction=tuple(vector.tolist()), k=4, bins=7)
         scores = ref["act"].astype(np.float64) @ vector.astype(np.float64)
-    out = activations.browse(store, probe)
+    out = browse(store, probe)
     want = reference_top(scores, ref["prompt_id"], ref["position"], 4)
     got = [(e["prompt_id"], e["position"], e["activation"]) for e in out["examples"]]
     assert [g[:2] for g in got] == [w[:2] for w in want]
@@ -126,3 +129,42 @@ def test_stored_directions_probe_weights_and_directions_table(snap):
     assert [(e["prompt_id"], e["position"]) for e in activations.browse(store, probe)["examples"]] == [w[:2] for w in want]
     with pytest.raises(activations.BrowserError, match="not found"):
         activations.stored_direction(store, f"directions|{ids['capture']}|nope")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_file_read_path_equals_sql_path(tmp_path, dtype):
+    """The same page data from the run's files (numpy) and from SQL alone: every example, token and
+    shade, and the histogram; a neuron exactly, a direction to float32 rounding. Rows without a
+    ``prompts`` row show the captured tokens."""
+    from interplab.store import open_store
+
+    rng = np.random.default_rng(3)
+    n_prompts, n_pos, d = 50, 7, 16
+    pid = np.repeat(np.arange(n_prompts, dtype=np.int64), n_pos)
+    pos = np.tile(np.arange(n_pos, dtype=np.int32), n_prompts)
+    act = rng.standard_normal((len(pid), d)).astype(np.float32)
+    act[::13, 4] = 9.0  # tied maxima
+    tokens = [f"<b>{p}.{q}</b>" for p, q in zip(pid, pos)]
+    with open_store(str(tmp_path / "store")) as store:
+        w = store.begin_run("capture", model="tiny", spec={})
+        w.write_activations(0, "resid_post", 2, None, pid, pos, np.zeros(len(pid), np.int32), tokens, act, dtype=dtype)
+        half = n_prompts // 2  # the other half has no prompts row
+        w.write_table("prompts", pa.table({"prompt_id": pa.array(range(half), pa.int64()), "n_tokens": pa.array([n_pos] * half, pa.int32()),
+                                           "token_ids": [list(range(n_pos))] * half,
+                                           "tokens": [[f"p{p}.{q}" for q in range(n_pos)] for p in range(half)]}))
+        w.commit()
+        vector = tuple(rng.standard_normal(d).tolist())
+        for probe in (activations.Probe(run_id=w.run_id, site="resid_post", layer=2, neuron=4, k=30, bins=9),
+                      activations.Probe(run_id=w.run_id, site="resid_post", layer=2, direction=vector, k=30, bins=9)):
+            fast, slow = activations.browse(store, probe), activations.browse_sql(store, probe)
+            if probe.neuron is not None:
+                assert fast == slow
+                assert fast["examples"][0]["activation"] == 9.0 and fast["examples"][0]["prompt_id"] == 0
+            else:
+                assert [(e["prompt_id"], e["position"]) for e in fast["examples"]] == [(e["prompt_id"], e["position"]) for e in slow["examples"]]
+                assert [[t["token"] for t in e["tokens"]] for e in fast["examples"]] == [[t["token"] for t in e["tokens"]] for e in slow["examples"]]
+                assert [t["activation"] for e in fast["examples"] for t in e["tokens"]] == pytest.approx(
+                    [t["activation"] for e in slow["examples"] for t in e["tokens"]], rel=1e-5, abs=1e-6)
+                assert fast["histogram"]["n"] == slow["histogram"]["n"] == len(pid)
+            shown = {t["token"] for e in fast["examples"] for t in e["tokens"]}
+            assert any(t.startswith("<b>") for t in shown) and any(t.startswith("p") for t in shown)

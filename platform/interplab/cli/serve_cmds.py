@@ -273,7 +273,7 @@ def status_cmd(name, address, as_json) -> None:
         s = entry.get("stats")
         if s:
             b = s["batching"]
-            click.echo(f"  model {s['model']} weights {s['weight_hash']} stages {s['stage_ranges']}")
+            click.echo(f"  model {s['model']} weights {s['weight_hash']} stages {s['stage_ranges']} (pids {s.get('stage_pids')})")
             click.echo(
                 f"  queue {s['queue_depth']}  requests/s {s['requests_per_s']}  requests {s['requests']}  errors {s['errors']}"
             )
@@ -287,6 +287,10 @@ def status_cmd(name, address, as_json) -> None:
             click.echo(
                 f"  ray serve: requests {m['requests']}  queued {m['queued']}  ongoing {m['ongoing']}  "
                 f"replica starts {m['replica_starts']}"
+            )
+            click.echo(
+                f"  all replicas: operations {m['operations']}  per user {m['per_user']}  "
+                f"batch sizes {m['batch_sizes']}  queue {m['queue_depth']}"
             )
             for rid, r in m["replicas"].items():
                 state = "healthy" if r["healthy"] else "unhealthy"

@@ -17,7 +17,7 @@ from typing import Any
 import click
 
 from interplab.store import Catalog, RunInfo, StoreError
-from interplab.store.catalog import USAGE_DIMENSIONS, gc_plan, open_for_cli, usage
+from interplab.store.catalog import USAGE_DIMENSIONS, deletion_refused, gc_plan, open_for_cli, usage
 from interplab.store.cli_options import stores_options
 from interplab.store.sqlfiles import saved_queries, saved_query
 
@@ -294,12 +294,29 @@ runs_unpin = _pin_command("unpin", False)
 @runs.command("delete")
 @click.argument("run_id")
 @click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--force", is_flag=True, help="Delete even a pinned run, or one other runs use as input or read files of.")
 @stores_options
 @click.pass_context
 @_errors
-def runs_delete(ctx: click.Context, run_id: str, yes: bool, store_uris: tuple[str, ...], catalog_file: str | None) -> None:
-    """Delete a run and all its data."""
-    entry, info = _open(ctx, store_uris, catalog_file).find(run_id)
+def runs_delete(
+    ctx: click.Context, run_id: str, yes: bool, force: bool, store_uris: tuple[str, ...], catalog_file: str | None
+) -> None:
+    """Delete a run and all its data.
+
+    Refused (exit code 2) for a pinned run and for a run another run in the stores read depends on
+    (names it in its inputs, or lists its files in its commit manifest), unless --force."""
+    stores = _open(ctx, store_uris, catalog_file)
+    entry, info = stores.find(run_id)
+    refused = None if force else deletion_refused(info, stores.runs())
+    if refused is not None:
+        fixes = [f"unpin it (interplab runs unpin {run_id})"] if info.pinned else []
+        if refused != "it is pinned":
+            fixes.append("delete the runs that use it first")
+        fix = " and ".join(fixes)
+        raise StoreError(
+            f"refused to delete run {run_id}: {refused}. {fix[0].upper()}{fix[1:]}, or pass --force "
+            "to delete it anyway (runs that use it then lose that data)"
+        )
     if not yes:
         click.confirm(f"delete {info.status} run {run_id} ({sum(info.rows.values())} rows)?", abort=True)
     entry.store.delete_run(run_id)

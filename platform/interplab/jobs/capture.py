@@ -12,6 +12,13 @@
 Chunk ``i`` holds prompts ``[i*batch_size, (i+1)*batch_size)``; its rows land in ``activations``
 (``prompt_id`` is the index in the dataset) and ``prompts``.
 
+**Interventions.** ``interventions: [{direction: {run_id, region | probe}, op: ablate | steer, ...}]``
+(:mod:`interplab.analyses.directions`) apply stored directions in every forward pass, so the
+captured activations are those of the intervened model (a site at or after an intervention shows
+its effect; the intervened site itself is captured after it). The direction runs become the run's
+``inputs``. Such a run reuses no rows, and the driver does not lend its rows to other captures
+(:func:`interplab.jobs.execute.run_job`).
+
 **Reuse.** When the driver found committed capture runs holding some of the needed rows (same
 weights, ``dtype`` and ``store_dtype``; :mod:`interplab.jobs.reuse`), the run records them as its
 ``inputs`` and ``provenance.reuse_sources``. Each chunk then looks its prompts up in exactly those
@@ -28,13 +35,17 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator
 
+from interplab.analyses.directions import DirectionIntervention
 from interplab.jobs import datasets, reuse
 from interplab.jobs.errors import MISSING, SpecError, at_path
 from interplab.jobs.registry import JobSummary, register_kind
 from interplab.jobs.spec import DatasetSpec, JobSpec
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from interplab.engine.backend import Backend
+    from interplab.engine.interventions import Intervention
     from interplab.store.writer import RunWriter
 
 
@@ -45,6 +56,7 @@ class CaptureSpec(JobSpec):
     sites: list[str] = Field(min_length=1)
     positions: list[int] | Literal["all"] = Field(default="all", union_mode="left_to_right")
     store_dtype: Literal["float16", "float32"] = "float16"
+    interventions: list[DirectionIntervention] = Field(default_factory=list)
 
     @field_validator("positions", mode="before")
     @classmethod
@@ -127,6 +139,13 @@ class CaptureRunner:
     def run_chunk(self, spec: CaptureSpec, model: Backend, chunk_id: str, writer: RunWriter) -> None:
         index = int(chunk_id)
         n_chunks = len(self.chunks(spec, model))
+        if spec.interventions:  # every prompt runs, with the stored directions applied
+            from interplab.analyses.directions import spec_interventions
+
+            first = index * spec.batch_size
+            ids = list(range(first, min(first + spec.batch_size, len(spec.prompt_texts()))))
+            _capture_prompts(spec, model, index, ids, writer, spec_interventions(spec, writer.store))
+            return
         sources = _recorded_sources(writer)
         if sources:
             computed = _reuse_chunk(spec, model, index, writer, sources)
@@ -159,8 +178,11 @@ class CaptureRunner:
 
     def content_fields(self, spec: CaptureSpec) -> dict[str, Any]:
         """What changes a capture's rows besides the weights and the prompts' token ids (the content
-        key's other parts): the sites, positions, dtype and storage dtype."""
-        return spec.model_dump(mode="json", include={"kind", "sites", "positions", "dtype", "store_dtype"})
+        key's other parts): the sites, positions, dtype and storage dtype, and any interventions."""
+        fields = spec.model_dump(mode="json", include={"kind", "sites", "positions", "dtype", "store_dtype", "interventions"})
+        if not fields["interventions"]:  # keys of captures without interventions stay as they were
+            del fields["interventions"]
+        return fields
 
     def provenance(self, spec: CaptureSpec) -> dict[str, Any]:
         texts = spec.prompt_texts()
@@ -224,13 +246,26 @@ def _reuse_chunk(spec: CaptureSpec, model: Backend, index: int, writer: RunWrite
     return computed
 
 
-def _capture_prompts(spec: CaptureSpec, model: Backend, index: int, prompt_ids: list[int], writer: RunWriter) -> None:
-    """Run only ``prompt_ids`` (one batch) and write them as chunk ``index`` of the run."""
+def _capture_prompts(
+    spec: CaptureSpec,
+    model: Backend,
+    index: int,
+    prompt_ids: list[int],
+    writer: RunWriter,
+    interventions: Sequence[Intervention] = (),
+) -> None:
+    """Run only ``prompt_ids`` (one batch, with ``interventions``) and write them as chunk ``index`` of the run."""
     from interplab.engine.stream import CaptureChunk
     from interplab.engine.tokens import decode
 
     texts = spec.prompt_texts()
-    result = model.run([texts[i] for i in prompt_ids], capture=spec.sites, positions=spec.engine_positions(), logits="none")
+    result = model.run(
+        [texts[i] for i in prompt_ids],
+        capture=spec.sites,
+        positions=spec.engine_positions(),
+        interventions=interventions,
+        logits="none",
+    )
     batch = result.batch
     chunk = CaptureChunk(
         index=index,

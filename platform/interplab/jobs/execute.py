@@ -360,6 +360,7 @@ def run_job(
     step = ReuseStep()
     if not resume:
         step = before_run(job, store_uri, recompute=recompute, lookup=run_id is None, echo=echo)
+        step = without_intervened_rows(job, step, store_uri, echo)
         found = step.found
         if found is not None:
             kept = JobSummary(**(found.run.metadata.get("summary") or {})).for_run(found.run.run_id)
@@ -398,7 +399,7 @@ def run_job(
                         _add_phase(phases, "model_load_s", loading)
                         if writer is None:
                             store = open_store(store_uri)
-                            writer = _open_run(store, job, workers.info, run_id, resume)
+                            writer = open_run(store, job, workers.info, run_id, resume)
                             run_id = writer.run_id
                             echo(f"run_id: {run_id}")
                         workers.attach(store.uri, writer.run_id)
@@ -459,6 +460,26 @@ def run_job(
     )
 
 
+def without_intervened_rows(job: PreparedJob, step: Any, store_uri: str, echo: Echo) -> Any:
+    """Drop a capture plan that would mix rows of intervened and plain forward passes: a capture with
+    ``interventions`` computes its own rows, and rows captured under interventions are not lent to
+    a capture without them (or with others). A whole run with the same content key is still reused."""
+    from interplab.jobs.reuse import SOURCES_FIELD, ReuseStep
+
+    plan = step.plan
+    if plan is None or not plan.sources:
+        return step
+    from interplab.store import open_store
+
+    store = open_store(store_uri, create=False)
+    own = job.record.get("interventions")
+    if not own and all(not (store.run(r).spec or {}).get("interventions") for r in plan.sources):
+        return step
+    job.provenance.pop(SOURCES_FIELD, None)
+    echo("not reusing rows: they were captured with other interventions; computing every prompt")
+    return ReuseStep(found=step.found)
+
+
 def _located(exc: JobError, writer, store) -> JobError:
     """Attach the run id and store to a job error (the CLI prints how to resume)."""
     exc.run_id = writer.run_id if writer is not None else None
@@ -480,7 +501,7 @@ def _add_phase(phases: dict[str, float], name: str, since: float) -> None:
     phases[name] = round(phases.get(name, 0.0) + time.perf_counter() - since, 3)
 
 
-def _open_run(store, job: PreparedJob, info: dict[str, str], run_id: str | None, resume: bool):
+def open_run(store, job: PreparedJob, info: dict[str, str], run_id: str | None, resume: bool):
     """Begin the run, or reopen it for ``resume``."""
     if resume:
         return store.resume_run(run_id)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from interplab.jobs.errors import SpecError, SpecErrors
-from interplab.jobs.model import check_parallel, check_stage_split, service_provenance, validation_model
+from interplab.jobs.model import check_parallel, check_stage_split, served_name, service_provenance, validation_model
 from interplab.jobs.registry import JobKind, get_kind, parse_spec
 from interplab.jobs.spec import JobSpec
 
@@ -100,8 +100,13 @@ def prepare(raw_or_spec: dict[str, Any] | JobSpec, source: str = "", *, store: s
         uri, where = resolve_store(store, spec)
         uri = check_store(uri, where)
         check_parallel(spec)
+        directions = _resolve_directions(spec, uri)  # stored directions of ``interventions``: before any model work
         model = validation_model(spec)
         check_stage_split(spec, model)
+        if directions:
+            from interplab.analyses.directions import check_direction_sites
+
+            check_direction_sites(directions, model, served=served_name(spec) is not None)
         kind.runner.validate(spec, model)
         check_context(kind, spec, model)
         chunk_ids = [str(c) for c in kind.runner.chunks(spec, model)]
@@ -112,8 +117,28 @@ def prepare(raw_or_spec: dict[str, Any] | JobSpec, source: str = "", *, store: s
     except (SpecError, SpecErrors) as exc:
         raise exc.with_source(source) if source and not getattr(exc, "source", "") else exc  # noqa: B904 - re-raised as itself, with its file name
     _check_chunk_ids(kind.name, chunk_ids)
-    job = PreparedJob(spec, kind, chunk_ids, provenance, source, git=_git(source), dataset_hash=dataset)
+    inputs = input_runs(provenance, [d.direction.run_id for d in directions])
+    job = PreparedJob(spec, kind, chunk_ids, provenance, source, inputs=inputs, git=_git(source), dataset_hash=dataset)
     return job, uri
+
+
+def _resolve_directions(spec: JobSpec, uri: str) -> list:
+    """The spec's ``interventions`` resolved against its store (none for kinds without the field)."""
+    if not getattr(spec, "interventions", None):
+        return []
+    from interplab.analyses.directions import resolve_spec_directions
+
+    return resolve_spec_directions(spec, uri)
+
+
+def input_runs(provenance: dict[str, Any], direction_runs: list[str]) -> list[str]:
+    """The runs a job reads, recorded as its run's ``inputs`` (a retention sweep keeps them): the
+    kind's ``provenance["inputs"]`` (e.g. a probe's ``activations_run``, a partition's
+    ``capture_run``) and the runs the spec's ``interventions`` take directions from."""
+    declared = provenance.get("inputs") or []
+    if isinstance(declared, str) or not isinstance(declared, list | tuple):
+        declared = [declared]
+    return list(dict.fromkeys([*(str(r) for r in declared if r), *direction_runs]))
 
 
 def _git(source: str) -> dict[str, Any] | None:

@@ -97,7 +97,9 @@ class JobSpec(StrictModel):
 
     def to_record(self) -> dict[str, Any]:
         """The spec as JSON-able data (what the store keeps; :func:`parse_spec` reads it back)."""
-        return self.model_dump(mode="json", exclude={"service"} if self.service is None else None)
+        # unset optional sections are left out, so records (and content keys) of specs without them stay as they were
+        exclude = {name for name in ("service", "interventions") if getattr(self, name, None) in (None, [])}
+        return self.model_dump(mode="json", exclude=exclude or None)
 
 
 class DatasetSpec(StrictModel):

@@ -63,6 +63,12 @@ class ModelDeployment:
             source=model,
             parallel=parallel,
         )
+        from ray import serve as ray_serve
+
+        from interplab.serve.export import CounterExport
+
+        self.replica = ray_serve.get_replica_context().replica_id.unique_id
+        self.export = CounterExport(name)
 
     @app.post("/{op}")
     async def handle(self, op: str, request: Request) -> Response:
@@ -71,6 +77,7 @@ class ModelDeployment:
         limit = self.server.limits.max_request_bytes
         body = b"" if length is not None and length > limit else await request.body()  # too big: not read at all
         answer = await self.server.answer(op, request.headers.get("authorization"), body, length)
+        self.export.update(self.server.stats(), self.replica)  # before answering: counted once answered
         return Response(content=answer.body, status_code=answer.status, media_type=answer.content_type)
 
     @app.get("/healthz")
@@ -194,7 +201,8 @@ def replica_actors(name: str) -> list[str]:
 
 
 def stats(name: str, timeout_s: float = 30.0) -> dict[str, Any]:
-    """A running application's counters (:meth:`ModelDeployment.stats`), from one of its replicas."""
+    """A running application's counters (:meth:`ModelDeployment.stats`), from one of its replicas
+    (``serve_metrics`` has them summed over every replica, from Ray's metrics)."""
     handle = serve.get_app_handle(check_name(name))
     counters: dict[str, Any] = handle.stats.remote().result(timeout_s=timeout_s)
     return counters

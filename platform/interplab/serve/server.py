@@ -156,7 +156,15 @@ class Server:
             "in_flight": {u: n for u, n in self.in_flight.items() if n},
             "batching": {**self.batching.model_dump(), **self.batcher.stats.to_json()},
             "process": _process(),
+            "stage_pids": self._stage_pids(),
         }
+
+    def _stage_pids(self) -> list[int]:
+        """The process of each stage: the stage actors of a pipeline, else this replica's own."""
+        import os
+
+        pids = getattr(self.service.backend, "stage_pids", None)  # a pipeline's monitoring call
+        return list(pids()) if callable(pids) else [os.getpid()]
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)

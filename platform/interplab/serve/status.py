@@ -5,8 +5,9 @@ Ray exports Serve's metrics in Prometheus format on every node (``MetricsExportP
 one application: per replica, the HTTP requests answered, their mean processing latency, the requests being
 processed and whether it is healthy; for the application, the requests queued in the proxies' and
 handles' routers and the replicas started so far. Ray exports every few seconds, so the numbers lag
-by up to that much. What Serve does not measure (the queue inside a replica, batch sizes, per-user
-counts) comes from the replica's own counters (:meth:`interplab.serve.server.Server.stats`).
+by up to that much. What Serve does not measure (operations, per-user requests, batch sizes, the
+queue inside each replica) every replica exports as ``interplab_serve_*`` metrics
+(:mod:`interplab.serve.export`); they are summed over replicas here too.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections import defaultdict
 from typing import Any
 
 PREFIX = "ray_serve_"
+OWN = "interplab_serve_"  # the replicas' own counters (interplab.serve.export)
 
 
 def _scrape(url: str, timeout_s: float) -> str:
@@ -30,6 +32,7 @@ def serve_metrics(app: str, timeout_s: float = 5.0) -> dict[str, Any]:
 
     replicas: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))
     totals: dict[str, float] = defaultdict(float)
+    own: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))  # interplab_serve_* by what, tag
     read, unreachable = 0, []
     for node in ray.nodes():
         if not node.get("Alive") or not node.get("MetricsExportPort"):
@@ -44,7 +47,17 @@ def serve_metrics(app: str, timeout_s: float = 5.0) -> dict[str, Any]:
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 labels = sample.labels
-                if labels.get("application") != app or not sample.name.startswith(PREFIX):
+                if labels.get("application") != app:
+                    continue
+                if OWN in sample.name and sample.name.endswith("_total"):  # our counters (any exporter prefix)
+                    what = sample.name.split(OWN, 1)[1].removesuffix("_total")
+                    tag = labels.get({"requests": "op", "user_requests": "user", "batches": "size"}.get(what, ""), "")
+                    own[what][tag] += float(sample.value)
+                    continue
+                if OWN + "queue_depth" in sample.name:
+                    own["queue_depth"][labels.get("replica", "")] = float(sample.value)
+                    continue
+                if not sample.name.startswith(PREFIX):
                     continue
                 name, value, replica = sample.name[len(PREFIX) :], float(sample.value), labels.get("replica")
                 http = str(labels.get("route", "")).startswith("/")  # not a handle call (status's own counters)
@@ -82,4 +95,8 @@ def serve_metrics(app: str, timeout_s: float = 5.0) -> dict[str, Any]:
         "ongoing": int(totals["ongoing"]),
         "replica_starts": int(totals["replica_starts"]),
         "replicas": per_replica,
+        "operations": {k: int(v) for k, v in sorted(own["requests"].items())},
+        "per_user": {k: int(v) for k, v in sorted(own["user_requests"].items())},
+        "batch_sizes": {k: int(v) for k, v in sorted(own["batches"].items(), key=lambda kv: int(kv[0] or 0))},
+        "queue_depth": int(sum(own["queue_depth"].values())),
     }

@@ -253,6 +253,22 @@ def activation_file(keys: KeyColumns, head: Column, act: np.ndarray, dtype: str)
     return encode_file([*keys.columns, head, fixed_column("act", stored)], group_rows, meta)
 
 
+def activation_schema(dtype: str, d: int) -> pa.Schema:
+    """The Arrow schema a reader sees in every file :func:`activation_file` writes with ``dtype`` and
+    width ``d`` (the columns above, in that order; ``act`` holds ``d`` values of ``dtype`` per row)."""
+    width = np.dtype(codec.check_dtype(dtype)).itemsize * d
+    return pa.schema(
+        [
+            ("prompt_id", pa.int64()),
+            ("position", pa.int32()),
+            ("token_id", pa.int32()),
+            ("token", pa.string()),
+            ("head", pa.int32()),
+            ("act", pa.binary(width)),
+        ]
+    )
+
+
 def _ints(name: str, values: Any, n: int, dtype: str) -> np.ndarray:
     arr = np.asarray(values)
     if arr.shape != (n,):

@@ -30,8 +30,6 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
-import pyarrow as pa
-
 from interplab.store import layout
 from interplab.store.errors import StoreError
 from interplab.store.manifest import FileEntry, RunInfo
@@ -43,6 +41,8 @@ else:  # Python 3.10: the same parser, as the tomli package
     import tomli as tomllib
 
 if TYPE_CHECKING:
+    import pyarrow as pa
+
     from interplab.store.query import Session
 
 CATALOG_ENV = "INTERPLAB_CATALOG"
@@ -334,16 +334,7 @@ def gc_plan(
     if older_than_days is not None and older_than_days < 0:
         raise StoreError(f"--older-than must be a number of days >= 0, got {older_than_days}")
     now = now or datetime.now(timezone.utc)
-    used_by: dict[str, str] = {}
-    for run in runs:
-        if run.status == "running" or run.status == "committed":
-            for source in run.inputs:
-                used_by.setdefault(source, f"an input of {run.run_id}")
-        if run.status == "committed":
-            for entry in run.files:
-                origin = file_origin(entry, run.run_id)
-                if origin != run.run_id:
-                    used_by.setdefault(origin, f"its files are used by {run.run_id}")
+    used_by = {run_id: uses[0] for run_id, uses in reuses(runs).items()}
     out = []
     for run in runs:
         if kinds and run.kind not in kinds:
@@ -363,6 +354,36 @@ def gc_plan(
             kept = used_by[run.run_id]
         out.append(GcDecision(run, kept))
     return out
+
+
+def reuses(runs: Sequence[RunInfo]) -> dict[str, list[str]]:
+    """For each run another run depends on, how, in ``runs`` order: ``an input of R`` (R, committed or
+    running, names it in its ``inputs``) or ``its files are used by R`` (R's commit manifest lists
+    them). Deleting such a run would take data from R."""
+    used_by: dict[str, list[str]] = defaultdict(list)
+    for run in runs:
+        uses: dict[str, str] = {}
+        if run.status == "running" or run.status == "committed":
+            for source in run.inputs:
+                uses.setdefault(source, f"an input of {run.run_id}")
+        if run.status == "committed":
+            for entry in run.files:
+                origin = file_origin(entry, run.run_id)
+                if origin != run.run_id:
+                    uses.setdefault(origin, f"its files are used by {run.run_id}")
+        for source, how in uses.items():
+            used_by[source].append(how)
+    return dict(used_by)
+
+
+def deletion_refused(run: RunInfo, runs: Sequence[RunInfo]) -> str | None:
+    """Why ``run`` must not be deleted (pinned, or other runs of ``runs`` depend on it), or None."""
+    reasons = []
+    if run.pinned:
+        reasons.append("it is pinned")
+    for how in reuses(runs).get(run.run_id, []):
+        reasons.append(how if how.startswith("its ") else f"it is {how}")
+    return "; ".join(reasons) or None
 
 
 def _parse_time(text: str | None) -> datetime | None:

@@ -26,14 +26,15 @@ import pwd
 import stat
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any
-
-import pyarrow as pa
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
 
 from interplab.store.errors import StoreError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import pyarrow.fs as pafs
 
 DEFAULT_STORE = "./interplab-store"
 STORE_ENV = "INTERPLAB_STORE"
@@ -43,15 +44,40 @@ _IOV_MAX = 1024  # buffers per writev(2) call (Linux's and macOS's IOV_MAX)
 
 @dataclass(frozen=True)
 class Location:
-    """A resolved store URI: the filesystem, the root path inside it, and whether it is local."""
+    """A resolved store URI: the root path inside its filesystem, and whether it is local.
+
+    A local store is read and written with ``os`` calls; :attr:`fs` (a ``pyarrow.fs`` filesystem, for
+    readers that take one) is made on first use, so listing runs never imports pyarrow."""
 
     uri: str
-    fs: pafs.FileSystem
     root: str
     local: bool
+    remote: Any = field(default=None, compare=False, repr=False)  # the S3 filesystem; None locally
+
+    @functools.cached_property
+    def fs(self) -> pafs.FileSystem:
+        if self.remote is not None:
+            remote: pafs.FileSystem = self.remote
+            return remote
+        import pyarrow.fs as pafs
+
+        return pafs.LocalFileSystem()
 
     def path(self, *parts: str) -> str:
         return "/".join((self.root, *parts))
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    """One listed file: its path in the store's filesystem, its size and modification time."""
+
+    path: str
+    size: int
+    mtime: datetime
+
+    @property
+    def base_name(self) -> str:
+        return self.path.rsplit("/", 1)[-1]
 
 
 def resolve(uri: str | None) -> Location:
@@ -66,10 +92,12 @@ def resolve(uri: str | None) -> Location:
         scheme = uri.split("://", 1)[0]
         raise StoreError(f"store URI {uri!r}: unsupported scheme {scheme!r}; use a directory or s3://bucket/prefix")
     root = os.path.abspath(os.path.expanduser(uri))
-    return Location(uri=root, fs=pafs.LocalFileSystem(), root=root, local=True)
+    return Location(uri=root, root=root, local=True)
 
 
 def _resolve_s3(uri: str) -> Location:
+    import pyarrow.fs as pafs
+
     rest = uri[len("s3://") :].strip("/")
     if not rest or rest.startswith("/"):
         raise StoreError(f"store URI {uri!r}: expected s3://bucket/prefix")
@@ -84,12 +112,14 @@ def _resolve_s3(uri: str) -> Location:
         fs = pafs.S3FileSystem(**kwargs)
     except (OSError, ValueError) as exc:
         raise StoreError(f"cannot open S3 store {uri!r}: {exc}") from None
-    return Location(uri=f"s3://{rest}", fs=fs, root=rest, local=False)
+    return Location(uri=f"s3://{rest}", root=rest, local=False, remote=fs)
 
 
 def exists(loc: Location, path: str) -> bool:
     if loc.local:
         return os.path.exists(path)
+    import pyarrow.fs as pafs
+
     return bool(loc.fs.get_file_info(path).type != pafs.FileType.NotFound)
 
 
@@ -193,7 +223,7 @@ def write_bytes(loc: Location, path: str, data: bytes | pa.Buffer) -> int:
             return _replace_local(path, write)
         with loc.fs.open_output_stream(path) as f:
             f.write(data)
-        return len(data) if not isinstance(data, pa.Buffer) else data.size
+        return memoryview(data).nbytes
 
 
 def create_exclusive(loc: Location, path: str, data: bytes) -> bool:
@@ -225,6 +255,9 @@ def create_exclusive(loc: Location, path: str, data: bytes) -> bool:
 def write_parquet(loc: Location, path: str, table: pa.Table, **options: object) -> int:
     """Atomically write ``table`` as one Parquet object; return its size in bytes (``options`` go
     to ``pyarrow.parquet.write_table``)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     if loc.local:
         with _writing(loc, path):
             return _replace_local(path, lambda tmp: pq.write_table(table, tmp, **options))
@@ -272,14 +305,48 @@ def _writev_all(fd: int, parts: Sequence[bytes | memoryview]) -> int:
     return size
 
 
-def list_files(loc: Location, prefix: str) -> list[pafs.FileInfo]:
+def list_files(loc: Location, prefix: str) -> list[FileInfo]:
     """All files (not directories) under ``prefix``, recursively; empty if it does not exist."""
+    if loc.local:
+        out: list[FileInfo] = []
+        _walk_local(prefix, out)
+        return out
+    import pyarrow.fs as pafs
+
     selector = pafs.FileSelector(prefix, recursive=True, allow_not_found=True)
-    return [info for info in loc.fs.get_file_info(selector) if info.type == pafs.FileType.File]
+    return [
+        FileInfo(info.path, info.size, info.mtime) for info in loc.fs.get_file_info(selector) if info.type == pafs.FileType.File
+    ]
+
+
+def _walk_local(folder: str, out: list[FileInfo]) -> None:
+    try:
+        entries = os.scandir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    with entries:
+        for entry in entries:
+            path = f"{folder}/{entry.name}"
+            try:
+                if entry.is_dir():
+                    _walk_local(path, out)
+                elif entry.is_file():
+                    st = entry.stat()
+                    out.append(FileInfo(path, st.st_size, datetime.fromtimestamp(st.st_mtime, timezone.utc)))
+            except FileNotFoundError:  # removed while listing (a temporary file renamed into place)
+                continue
 
 
 def list_dirs(loc: Location, prefix: str) -> list[str]:
     """Names of the immediate sub-directories of ``prefix``."""
+    if loc.local:
+        try:
+            with os.scandir(prefix) as entries:
+                return sorted(entry.name for entry in entries if entry.is_dir())
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+    import pyarrow.fs as pafs
+
     selector = pafs.FileSelector(prefix, recursive=False, allow_not_found=True)
     return sorted(info.base_name for info in loc.fs.get_file_info(selector) if info.type == pafs.FileType.Directory)
 

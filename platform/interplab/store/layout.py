@@ -13,9 +13,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
-
-import pyarrow as pa
+from typing import TYPE_CHECKING, Any
 
 from interplab.store.errors import StoreError
 
@@ -33,30 +33,49 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 _TABLE = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
 _SITE_KIND = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
-# Result tables whose schema other components rely on. ``run_id`` is added by the store (from the
-# partition path), so it is not part of the written schema.
-KNOWN_SCHEMAS: dict[str, pa.Schema] = {
-    "patching": pa.schema(
-        [
-            ("sweep", pa.string()),
-            ("method", pa.string()),
-            ("layer", pa.int32()),
-            ("position", pa.int32()),
-            ("head", pa.int32()),
-            ("value", pa.float64()),
-            ("normalized", pa.float64()),
-        ]
-    ),
-    "baselines": pa.schema([("sweep", pa.string()), ("name", pa.string()), ("value", pa.float64())]),
-    PROMPTS: pa.schema(
-        [
-            ("prompt_id", pa.int64()),
-            ("n_tokens", pa.int32()),
-            ("token_ids", pa.list_(pa.int32())),
-            ("tokens", pa.list_(pa.string())),
-        ]
-    ),
-}
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    # Result tables whose schema other components rely on (built on first use, see ``_known_schemas``).
+    KNOWN_SCHEMAS: dict[str, pa.Schema]
+
+
+def _known_schemas() -> dict[str, pa.Schema]:
+    """Result tables whose schema other components rely on. ``run_id`` is added by the store (from
+    the partition path), so it is not part of the written schema."""
+    import pyarrow as pa
+
+    return {
+        "patching": pa.schema(
+            [
+                ("sweep", pa.string()),
+                ("method", pa.string()),
+                ("layer", pa.int32()),
+                ("position", pa.int32()),
+                ("head", pa.int32()),
+                ("value", pa.float64()),
+                ("normalized", pa.float64()),
+            ]
+        ),
+        "baselines": pa.schema([("sweep", pa.string()), ("name", pa.string()), ("value", pa.float64())]),
+        PROMPTS: pa.schema(
+            [
+                ("prompt_id", pa.int64()),
+                ("n_tokens", pa.int32()),
+                ("token_ids", pa.list_(pa.int32())),
+                ("tokens", pa.list_(pa.string())),
+            ]
+        ),
+    }
+
+
+def __getattr__(name: str) -> Any:
+    """``KNOWN_SCHEMAS`` is made on first use: the names and paths above need no pyarrow."""
+    if name == "KNOWN_SCHEMAS":
+        schemas = _known_schemas()
+        globals()["KNOWN_SCHEMAS"] = schemas
+        return schemas
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def check_run_id(run_id: str) -> str:
@@ -129,6 +148,15 @@ def file_chunk_key(relpath: str) -> str | None:
         return None
     stem = base[len("chunk-") : -len(".parquet")]
     return re.sub(r"-h\d+$", "", stem)
+
+
+def schema_hash(schema: pa.Schema) -> str:
+    """A short fingerprint of a data file's columns: their names, order and Arrow types (no metadata).
+
+    Recorded per file in the commit manifest (``FileEntry.schema_hash``); two files with the same hash
+    have the same columns of the same types, so a reader can take one file's schema for both."""
+    text = ";".join(f"{field.name}:{field.type}" for field in schema)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def parse_partitions(relpath: str) -> dict[str, str]:

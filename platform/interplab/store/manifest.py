@@ -33,6 +33,10 @@ class FileEntry:
     # set when the file belongs to another committed run that this run reuses (store/reuse.py):
     # the run shows only the rows its ``reused_rows`` table selects, under its own run and prompt ids
     source_run: str | None = None
+    # ``layout.schema_hash`` of the file's columns (names and Arrow types); files of one view that all
+    # carry the same hash are read without reconciling their schemas (store/query.py). None: unknown
+    # (manifests written before the field existed), read as if every file could differ
+    schema_hash: str | None = None
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FileEntry:

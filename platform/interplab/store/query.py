@@ -28,13 +28,17 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 from duckdb import func, sqltypes
 
-from interplab.store import codec, layout, reuse
+from interplab.store import codec, layout, reuse, runfilter
 from interplab.store.errors import StoreError
 from interplab.store.fs import Location
 from interplab.store.manifest import FileEntry, RunInfo
 from interplab.store.views import ViewFile, view_files
 
 ALLOWED_TABLE_FUNCTIONS = frozenset({"range", "generate_series", "unnest"})
+# With at least this many committed activation files, a query that reads only some runs'
+# activations (interplab.store.runfilter) runs on views over those runs' files alone.
+NARROW_MIN_FILES = 256
+_NARROW_CACHE = 4  # such narrowed sessions kept per session
 BASE_VIEWS = ("runs", "prompts", "activations")  # always present, typed; a kind's views exist once it wrote rows
 _ACT_COLUMNS = "run_id, prompt_id, position, token_id, token, site, layer, head"
 
@@ -50,8 +54,9 @@ _EMPTY = {
 # -- 1. statement check --------------------------------------------------------------------------
 
 
-def check_query(query: str, views: Iterable[str]) -> None:
-    """Raise :class:`StoreError` unless ``query`` is one read-only SELECT over the store's views."""
+def check_query(query: str, views: Iterable[str]) -> dict[str, Any]:
+    """Raise :class:`StoreError` unless ``query`` is one read-only SELECT over the store's views;
+    return its parse tree (DuckDB's ``json_serialize_sql``)."""
     if not isinstance(query, str) or not query.strip():
         raise StoreError("empty SQL query")
     try:
@@ -71,7 +76,7 @@ def check_query(query: str, views: Iterable[str]) -> None:
     if row is None:  # json_serialize_sql returns one row
         raise StoreError("refused: query could not be checked (no parse tree)")
     (raw,) = row
-    tree = json.loads(raw)
+    tree: dict[str, Any] = json.loads(raw)
     if tree.get("error"):
         raise StoreError(f"refused: query could not be checked ({tree.get('error_message')})")
     allowed = {v.lower() for v in views}
@@ -80,6 +85,7 @@ def check_query(query: str, views: Iterable[str]) -> None:
     _walk(tree["statements"], ctes, refs)
     for ref in refs:
         _check_ref(ref, allowed | ctes, sorted(allowed))
+    return tree
 
 
 def _walk(node: Any, ctes: set[str], refs: list[dict[str, Any]]) -> None:
@@ -144,7 +150,23 @@ class Session:
     ``runs`` view has them already); the sandbox allows exactly the stores' ``data/`` folders.
     """
 
-    def __init__(self, loc: Location | None, runs: list[RunInfo], *, sources: Sequence[Source] | None = None):
+    def __init__(
+        self,
+        loc: Location | None,
+        runs: list[RunInfo],
+        *,
+        sources: Sequence[Source] | None = None,
+        only_runs: frozenset[str] | None = None,
+        view_defs: dict[str, ViewFile] | None = None,
+    ):
+        """``only_runs``: only the ``runs`` and activation views, these holding only rows of these
+        runs (same columns and types); the session :meth:`execute` uses for a query that reads no
+        other rows. ``view_defs``: the view files, when already found."""
+        self._loc = loc
+        self._runs = runs
+        self._only_runs = only_runs
+        self._narrowed: dict[frozenset[str], Session] = {}
+        self._n_activation_files = 0
         self._con = duckdb.connect(
             config={
                 "autoinstall_known_extensions": False,
@@ -154,7 +176,7 @@ class Session:
             }
         )
         self._keep: list[Any] = []  # Arrow objects registered with DuckDB must outlive the views
-        self._files: dict[str, ViewFile] = {}
+        self._files: dict[str, ViewFile] = view_defs or {}
         self.views: list[str] = []
         self._runs_name = "_interplab_runs"
         self._mixed_widths = False
@@ -177,20 +199,52 @@ class Session:
             raise
 
     def execute(self, query: str, params: dict[str, Any] | None = None) -> pa.Table:
-        check_query(query, self.views)
+        con = self._connection_for(check_query(query, self.views), params)
         try:
-            return self._con.sql(query, params=params or None).to_arrow_table()
+            return con.sql(query, params=params or None).to_arrow_table()
         except duckdb.Error as exc:
             raise StoreError(f"query failed: {_first_line(exc)}") from None
 
+    def explain(self, query: str, params: dict[str, Any] | None = None) -> str:
+        """Run ``query`` (checked as :meth:`execute` checks it) under ``EXPLAIN ANALYZE`` and return
+        DuckDB's profile: its time per operator and, for each Parquet scan, the files it read."""
+        con = self._connection_for(check_query(query, self.views), params)
+        try:
+            rows = con.sql("EXPLAIN ANALYZE " + query, params=params or None).fetchall()
+        except duckdb.Error as exc:
+            raise StoreError(f"query failed: {_first_line(exc)}") from None
+        return "\n".join(str(row[-1]) for row in rows)
+
+    def _connection_for(self, tree: dict[str, Any], params: dict[str, Any] | None) -> duckdb.DuckDBPyConnection:
+        """This session's connection, or, for a query that reads the activations of only some runs
+        of a large local store, a session's whose activation views list only those runs' files
+        (DuckDB binds a view's whole file list at every query)."""
+        if self._loc is None or not self._loc.local or self._only_runs is not None:
+            return self._con
+        if self._n_activation_files < NARROW_MIN_FILES:
+            return self._con
+        runs = runfilter.runs_read(tree, params)
+        if runs is None:
+            return self._con
+        session = self._narrowed.pop(runs, None)
+        if session is None:
+            session = Session(self._loc, self._runs, only_runs=runs, view_defs=self._files)
+            if len(self._narrowed) >= _NARROW_CACHE:
+                self._narrowed.pop(next(iter(self._narrowed))).close()
+        self._narrowed[runs] = session  # most recently used last
+        return session._con
+
     def close(self) -> None:
+        for session in self._narrowed.values():
+            session.close()
+        self._narrowed.clear()
         self._con.close()
         self._keep.clear()
 
     # views ------------------------------------------------------------------------------------
 
     def _create_views(self, loc: Location, runs: list[RunInfo]) -> None:
-        self._files = view_files()
+        self._files = self._files or view_files()
         committed = [r for r in runs if r.status == "committed"]
         by_table: dict[str, list[FileEntry]] = defaultdict(list)
         for run in committed:
@@ -198,7 +252,18 @@ class Session:
                 by_table[entry.table].append(entry)
         self._register(self._runs_name, _runs_table(runs))
         self._view("runs", self._runs_name)
-        widths = self._activation_views(loc, by_table.pop(layout.ACTIVATIONS, []), [r for r in committed if reuse.referenced(r)])
+        activations = by_table.pop(layout.ACTIVATIONS, [])
+        reusing = [r for r in committed if reuse.referenced(r)]
+        self._n_activation_files += len(activations)
+        all_widths = list(dict.fromkeys(d for _, d in sorted({(e.dtype or "float16", int(e.d or 0)) for e in activations})))
+        only = self._only_runs
+        if only is not None:  # rows of other runs: their run_id (partition, or the reusing run) is not in only
+            activations = [e for e in activations if e.source_run is not None or _partition_run(e) in only]
+            reusing = [r for r in reusing if r.run_id in only]
+        widths = self._activation_views(loc, activations, reusing, all_widths)
+        if only is not None:  # the query reads no other view (interplab.store.runfilter)
+            by_table.clear()
+            by_table["prompts"] = []
         self._view("prompts", self._table_relation(loc, "prompts", by_table.pop("prompts", [])))
         for table, entries in sorted(by_table.items()):
             if table not in self.views:  # typed where a view file defines it (interplab.store.views), else every column
@@ -265,8 +330,11 @@ class Session:
             self._con.execute(f"CREATE VIEW {name} AS SELECT * FROM {relation}")
         self.views.append(name)
 
-    def _activation_views(self, loc: Location, entries: list[FileEntry], reusing: Sequence[RunInfo] = ()) -> dict[int, str]:
-        """Create the ``activations`` view; return one relation per vector width for ``activations_dN``.
+    def _activation_views(
+        self, loc: Location, entries: list[FileEntry], reusing: Sequence[RunInfo] = (), all_widths: Iterable[int] = ()
+    ) -> dict[int, str]:
+        """Create the ``activations`` view; return one relation per vector width for ``activations_dN``
+        (an empty one, of the same type, for each of ``all_widths`` that ``entries`` lack).
 
         Files a run references (``source_run``, see :mod:`interplab.store.reuse`) are read once per
         referencing run, joined to its ``reused_rows``, under its own run and prompt ids."""
@@ -303,7 +371,11 @@ class Session:
                 per_width[d].append(
                     reuse.referenced_select(run.run_id, source, mapping, f"{name}(a.act)", _ACT_COLUMNS.split(", "))
                 )
-        widths = {d: "(" + " UNION ALL ".join(parts) + ")" for d, parts in per_width.items()}
+        for d in all_widths:
+            if d not in per_width:
+                per_width[d].append(f"SELECT {_EMPTY['activations'].replace('FLOAT[]', f'FLOAT[{d}]')} WHERE false")
+        order = list(dict.fromkeys([*all_widths, *per_width]))
+        widths = {d: "(" + " UNION ALL ".join(per_width[d]) + ")" for d in order}
         if not widths:
             relation = f"(SELECT {_EMPTY['activations']} WHERE false)"
         elif len(widths) == 1 and not self._mixed_widths:
@@ -325,11 +397,17 @@ class Session:
         return "(SELECT * FROM " + self._source(loc, table, entries, {"run_id": "VARCHAR"}) + ")"
 
     def _source(self, loc: Location, table: str, entries: list[FileEntry], hive: dict[str, str]) -> str:
-        """A FROM-able relation over ``entries``: DuckDB's Parquet reader locally, a pyarrow dataset on S3."""
+        """A FROM-able relation over ``entries``: DuckDB's Parquet reader locally, a pyarrow dataset on S3.
+
+        Locally, when the manifests say every file has the same columns (:func:`one_schema`), DuckDB
+        takes the first file's schema for all of them; a query that filters the partition columns
+        (run_id, site, layer) then opens only the files it selects. Otherwise ``union_by_name``
+        reconciles the schemas, which reads every file's footer each time a query uses the view."""
         if loc.local:
             files = _sql_list(loc.path(e.path) for e in entries)
             types = "{" + ", ".join(f"'{k}': {v}" for k, v in hive.items()) + "}"
-            return f"read_parquet({files}, hive_partitioning = true, hive_types = {types}, union_by_name = true)"
+            union = "false" if one_schema(entries) else "true"
+            return f"read_parquet({files}, hive_partitioning = true, hive_types = {types}, union_by_name = {union})"
         arrow_types = {"VARCHAR": pa.string(), "INTEGER": pa.int32()}
         partitioning = ds.HivePartitioning(
             pa.schema([(k, arrow_types[v]) for k, v in hive.items()]), null_fallback=layout.NULL_PARTITION
@@ -348,6 +426,17 @@ class Session:
     def _register(self, name: str, obj: Any) -> None:
         self._keep.append(obj)
         self._con.register(name, obj)
+
+
+def _partition_run(entry: FileEntry) -> str | None:
+    """The ``run_id=`` folder of a data file: the run_id its rows have in the views."""
+    return layout.parse_partitions(entry.path).get("run_id")
+
+
+def one_schema(entries: Sequence[FileEntry]) -> bool:
+    """Whether the manifests record one and the same column schema for every file of ``entries``."""
+    hashes = {e.schema_hash for e in entries}
+    return len(hashes) == 1 and None not in hashes
 
 
 def _runs_table(runs: list[RunInfo]) -> pa.Table:

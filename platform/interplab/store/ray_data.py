@@ -21,7 +21,7 @@ wrote it. Each file is read by one Ray task (pyarrow, on the store's own filesys
 workers' AWS variables), which adds ``run_id``, ``site`` and ``layer`` from the manifest and, with
 ``decode=True`` (the default), turns ``act`` into ``float32`` vectors (Arrow ``FixedSizeList<float>[d]``);
 :func:`act_matrix` gives a batch's vectors as a numpy ``[n, d]`` array in any batch format.
-Needs Ray Data (``ray[data]``: pandas).
+Needs Ray Data (``ray[data]``: pandas; a dependency of the package).
 """
 
 from __future__ import annotations

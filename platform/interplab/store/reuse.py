@@ -26,7 +26,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from interplab.store import fs, layout
@@ -128,6 +127,8 @@ def remap(table: pa.Table, mapping: pa.Table, entry: FileEntry) -> pa.Table:
     """The rows of ``table`` (read from ``entry``, a file of ``entry.source_run``) that ``mapping``
     selects, with ``prompt_id`` replaced by the referencing run's. A source prompt mapped to several
     prompts (a dataset with duplicates) yields its rows once per prompt."""
+    import pyarrow.compute as pc  # only when reading reused rows: listing runs never needs it
+
     layer_match = pc.is_null(mapping["layer"]) if entry.layer is None else pc.equal(mapping["layer"], entry.layer)
     mine = mapping.filter(
         pc.and_(pc.and_(pc.equal(mapping["source_run"], entry.source_run), pc.equal(mapping["site"], entry.site)), layer_match)

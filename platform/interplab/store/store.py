@@ -11,21 +11,23 @@ import time
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Literal, overload
 
-import numpy as np
-import pyarrow as pa
-
-from interplab.store import codec, fs, layout, reuse
+from interplab.store import fs, layout
 from interplab.store import provenance as pv
 from interplab.store.errors import StoreError
 from interplab.store.manifest import FileEntry, RunInfo, build_info, dumps, loads, now_iso
 from interplab.store.provenance import GitState
 from interplab.store.sqlfiles import saved_query
-from interplab.store.writer import RunWriter
 
 if TYPE_CHECKING:
+    import numpy as np
+    import pyarrow as pa
     import torch
 
     from interplab.store.query import Session
+    from interplab.store.writer import RunWriter
+
+# Opening a store and listing its runs import neither numpy nor pyarrow (``interplab runs`` stays
+# light): the writer, the codec and the reuse reader are imported where they are used.
 
 _KIND = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
 
@@ -161,6 +163,8 @@ class Store:
         path = self.location.path(layout.run_dir(run_id), layout.RUN_FILE)
         if not fs.create_exclusive(self.location, path, dumps(record)):
             raise StoreError(f"run {run_id!r} already exists; use resume_run({run_id!r}) to add chunks to it")
+        from interplab.store.writer import RunWriter
+
         return RunWriter(self, run_id)
 
     def resume_run(self, run_id: str) -> RunWriter:
@@ -173,6 +177,8 @@ class Store:
             raise StoreError(f"run {run_id!r} is committed; committed runs are immutable")
         if info.status == "failed":
             fs.delete_file(self.location, self.location.path(layout.run_dir(run_id), layout.FAILED_FILE))
+        from interplab.store.writer import RunWriter
+
         return RunWriter(self, run_id)
 
     # -- runs ----------------------------------------------------------------------------------
@@ -184,10 +190,10 @@ class Store:
         loc = self.location
         files: dict[str, dict[str, Any]] = {}
         prefix_len = len(loc.path("runs")) + 1
-        for info in fs.list_files(loc, loc.path("runs")):
-            parts = info.path[prefix_len:].split("/")
+        for listed in fs.list_files(loc, loc.path("runs")):
+            parts = listed.path[prefix_len:].split("/")
             if len(parts) == 2:
-                files.setdefault(parts[0], {})[parts[1]] = info
+                files.setdefault(parts[0], {})[parts[1]] = listed
             elif len(parts) == 3 and parts[1] == pv.ANNOTATIONS_DIR and _is_event(parts[2]):
                 files.setdefault(parts[0], {}).setdefault(pv.ANNOTATIONS_DIR, []).append(parts[2])
         self._prefetch(files)
@@ -329,6 +335,8 @@ class Store:
             if info.status == "running" and older_than_hours is not None:
                 created = datetime.fromisoformat(info.created_at)
                 if (now - created).total_seconds() > older_than_hours * 3600:
+                    from interplab.store.writer import RunWriter
+
                     RunWriter(self, info.run_id).fail(f"abandoned: still running after {older_than_hours} h (gc)")
                     report["abandoned_runs_failed"] += 1
                     info = self.run(info.run_id)
@@ -337,9 +345,9 @@ class Store:
                     report["failed_runs_cleaned"] += 1
         if self.location.local:
             cutoff = time.time() - 3600
-            for info in fs.list_files(self.location, self.location.root):
-                if fs.TMP_MARK in info.base_name and info.mtime.timestamp() < cutoff:
-                    fs.delete_file(self.location, info.path)
+            for listed in fs.list_files(self.location, self.location.root):
+                if fs.TMP_MARK in listed.base_name and listed.mtime.timestamp() < cutoff:
+                    fs.delete_file(self.location, listed.path)
                     report["temp_files_removed"] += 1
         return report
 
@@ -361,6 +369,11 @@ class Store:
     def sql(self, query: str, params: dict[str, Any] | None = None) -> pa.Table:
         """Run one read-only SELECT over the committed data (views: see ``storage/README.md``)."""
         return self._current_session().execute(query, params)
+
+    def explain(self, query: str, params: dict[str, Any] | None = None) -> str:
+        """Run one read-only SELECT under DuckDB's ``EXPLAIN ANALYZE`` and return the profile text
+        (time per operator; for each Parquet scan, the files it read out of those in the view)."""
+        return self._current_session().explain(query, params)
 
     def saved(self, name: str, **params: Any) -> pa.Table:
         """Run the saved query ``storage/queries/<name>.sql`` with its parameters."""
@@ -419,6 +432,10 @@ class Store:
         """A committed run's activations of one site as ``float32[n, d]``, rows ordered by
         (prompt_id, position, head). ``site`` is a kind (``resid_pre``) with ``layer``/``head``, or the
         canonical form ``resid_pre.3`` / ``z.5.2``. With ``with_index`` also returns the row index."""
+        import numpy as np
+
+        from interplab.store import codec, reuse
+
         kind, layer, head = _parse_site(site, layer, head)
         info = self.run(run_id)
         if info.status != "committed":

@@ -104,7 +104,9 @@ class RunWriter:
         layer = None if layer is None else int(layer)
         rel = layout.activation_file(self.run_id, site, layer, file_head, key)
         size = fs.write_parts(self._loc, self._loc.path(rel), parts)
-        return FileEntry(layout.ACTIVATIONS, rel, key, keys.n, size, site, layer, file_head, dtype, int(act.shape[1]))
+        d = int(act.shape[1])
+        schema = layout.schema_hash(actfile.activation_schema(dtype, d))
+        return FileEntry(layout.ACTIVATIONS, rel, key, keys.n, size, site, layer, file_head, dtype, d, schema_hash=schema)
 
     def write_table(self, name: str, table: pa.Table, chunk: str | int = 0) -> FileEntry:
         """Write one chunk of an analysis result table (``patching``, ``baselines``, ``edges``, ...).
@@ -176,7 +178,7 @@ class RunWriter:
     def _write_table_file(self, name: str, table: pa.Table, key: str) -> FileEntry:
         rel = layout.table_file(name, self.run_id, key)
         size = fs.write_parquet(self._loc, self._loc.path(rel), table, compression="zstd")
-        return FileEntry(name, rel, key, table.num_rows, size)
+        return FileEntry(name, rel, key, table.num_rows, size, schema_hash=layout.schema_hash(table.schema))
 
     # -- status --------------------------------------------------------------------------------
 
@@ -263,10 +265,11 @@ class RunWriter:
 
 
 def _record(entry: FileEntry) -> dict[str, Any]:
-    """A file entry as JSON (``source_run`` only where it is set)."""
+    """A file entry as JSON (``source_run`` and ``schema_hash`` only where they are set)."""
     out = dict(vars(entry))
-    if out.get("source_run") is None:
-        out.pop("source_run", None)
+    for optional in ("source_run", "schema_hash"):
+        if out.get(optional) is None:
+            out.pop(optional, None)
     return out
 
 
@@ -276,8 +279,9 @@ def _describe(loc: fs.Location, table: str, rel: str) -> FileEntry:
         meta = pq.read_metadata(f)
     key = layout.file_chunk_key(rel) or ""
     size = loc.fs.get_file_info(loc.path(rel)).size
+    schema = layout.schema_hash(meta.schema.to_arrow_schema())
     if table != layout.ACTIVATIONS:
-        return FileEntry(table, rel, key, meta.num_rows, size)
+        return FileEntry(table, rel, key, meta.num_rows, size, schema_hash=schema)
     kv = meta.metadata or {}
     parts = layout.parse_partitions(rel)
     layer = None if parts.get("layer", layout.NULL_PARTITION) == layout.NULL_PARTITION else int(parts["layer"])
@@ -294,6 +298,7 @@ def _describe(loc: fs.Location, table: str, rel: str) -> FileEntry:
         head,
         kv.get(codec.META_DTYPE, b"float16").decode(),
         int(kv.get(codec.META_DIM, b"0")),
+        schema_hash=schema,
     )
 
 

@@ -1,11 +1,13 @@
 """The activation browser: for a site and layer, a neuron or a direction; the top prompts with every
-token shaded by its activation, and the histogram of all activations. All of it is SQL over the
-store's ``activations`` and ``prompts`` views, through the store's read-only sandbox.
+token shaded by its activation, and the histogram of all activations.
 
-One statement scores every row once (a materialised CTE) and returns both the top prompts (each
-ranked by its largest activation) and the histogram's bins; a second one reads the activations of
-just those prompts' tokens (a filter on ``prompt_id`` is pushed into the Parquet scan, so only their
-rows are decoded).
+The scores are read by :mod:`interplab.store.neurons`: only the run's files of that site and layer
+(as its commit manifest lists them), the ``act`` column viewed in place with numpy, one column of it
+for a neuron or a matrix-vector product for a direction; the top prompts by a partial sort, and the
+prompts' tokens from the ``prompts`` view (SQL, for just those prompts). The same answer by SQL alone
+(:func:`browse_sql`: one statement scores every row of the ``activations`` view and returns the top
+rows and the histogram, a second reads the top prompts' rows) serves store-like objects that have no
+files to read, and is what the tests compare against.
 
 A **stored direction** is a vector some run stored: a probe run's weights (``probe_weights``), a
 partition run's exemplars (``exemplars``), or a row of a ``directions`` table any run may write
@@ -20,6 +22,13 @@ import math
 import re
 from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
+
+from interplab.store import neurons
+from interplab.store.errors import StoreError
+from interplab.store.fs import Location
+from interplab.store.manifest import RunInfo
 
 _SITE = re.compile(r"^[a-z][a-z0-9_]*$")
 MAX_K = 200
@@ -176,7 +185,96 @@ def width(store: Any, probe: Probe) -> int:
 
 
 def browse(store: Any, probe: Probe) -> dict[str, Any]:
-    """Top prompts (their tokens, each with its activation where one was captured) and the histogram."""
+    """Top prompts (their tokens, each with its activation where one was captured) and the histogram.
+
+    Read with :mod:`interplab.store.neurons` (the run's files of that site, scored with numpy) where
+    the store has files to read; otherwise (a store-like object with SQL only) by SQL."""
+    located = _locate(store, probe.run_id)
+    if located is None:
+        return browse_sql(store, probe)
+    location, info = located
+    try:
+        scores = neurons.score_rows(
+            location, info, probe.site, probe.layer, probe.head, neuron=probe.neuron, direction=probe.direction
+        )
+    except StoreError as exc:
+        raise BrowserError(str(exc)) from None
+    best = neurons.top_prompts(scores, probe.k, probe.k * TOP_ROWS_PER_PROMPT)
+    histogram = _histogram(scores.score, probe.bins)
+    ids = [int(scores.prompt_id[i]) for i in best.tolist()]
+    top: list[dict[str, Any]] = [
+        {"prompt_id": pid, "position": int(scores.position[i]), "activation": float(scores.score[i])}
+        for pid, i in zip(ids, best.tolist())
+    ]
+    rows = np.flatnonzero(np.isin(scores.prompt_id, np.asarray(ids, np.int64))) if ids else np.zeros(0, np.int64)
+    captured: dict[int, dict[int, dict[str, Any]]] = {}
+    order = rows[np.lexsort((-scores.score[rows], scores.position[rows], scores.prompt_id[rows]))]
+    for i in order.tolist():  # the largest over heads first: the first row of each position is kept
+        captured.setdefault(int(scores.prompt_id[i]), {}).setdefault(
+            int(scores.position[i]), {"row": i, "activation": float(scores.score[i])}
+        )
+    texts = _prompt_texts(store, probe.run_id, ids)
+    missing = [p for p in ids if p not in texts]
+    if missing:  # no prompts row: the captured tokens only
+        wanted = np.asarray([c["row"] for p in missing for c in captured.get(p, {}).values()], np.int64)
+        names = iter(neurons.tokens(location, scores, wanted))
+        for p in missing:
+            for c in captured.get(p, {}).values():
+                c["token"] = next(names)
+    prompts = {pid: _shaded(texts.get(pid), captured.get(pid, {})) for pid in ids}
+    examples = [{**r, "tokens": prompts.get(r["prompt_id"], [])} for r in top]
+    return {"d": scores.d, "examples": examples, "histogram": histogram}
+
+
+def _locate(store: Any, run_id: str) -> tuple[Location, RunInfo] | None:
+    """Where the run's files are and its record: a :class:`Store` (or a page's snapshot of one), or
+    the catalog store that holds it; None for store-like objects without files."""
+    try:
+        if hasattr(store, "find"):  # a catalog: the store that holds the run, as its views read it
+            entry, info = store.find(run_id)
+            return entry.store.location, info
+        if hasattr(store, "location") and hasattr(store, "run"):
+            return store.location, store.run(run_id)
+    except StoreError as exc:
+        raise BrowserError(str(exc)) from None
+    return None
+
+
+def _histogram(score: np.ndarray, bins: int) -> dict[str, Any]:
+    """Counts of ``bins`` equal bins from min to max (the last bin holds the max), as the SQL does."""
+    if not len(score):
+        return {"lo": None, "hi": None, "counts": [0] * bins, "n": 0}
+    values = score.astype(np.float64)
+    lo, hi = float(values.min()), float(values.max())
+    index = np.minimum(np.floor((values - lo) / max(hi - lo, 1e-30) * bins).astype(np.int64), bins - 1)
+    counts = np.bincount(index, minlength=bins).tolist()
+    return {"lo": lo, "hi": hi, "counts": counts, "n": int(sum(counts))}
+
+
+def _prompt_texts(store: Any, run_id: str, prompt_ids: list[int]) -> dict[int, list[str]]:
+    if not prompt_ids:
+        return {}
+    known = store.sql(
+        "SELECT prompt_id, tokens FROM prompts WHERE run_id = $run_id AND prompt_id IN (SELECT unnest($ids))",
+        {"run_id": run_id, "ids": prompt_ids},
+    ).to_pylist()
+    return {r["prompt_id"]: r["tokens"] for r in known}
+
+
+def _shaded(tokens: list[str] | None, captured: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """A prompt's tokens with the activation of each captured position (``tokens`` None: the captured
+    positions only, with their own tokens)."""
+    shown: list[str | None]
+    if tokens is None:
+        positions = sorted(captured)
+        shown = [captured[p].get("token") for p in positions]
+    else:
+        positions, shown = list(range(len(tokens))), list(tokens)
+    return [{"position": p, "token": t, "activation": captured.get(p, {}).get("activation")} for p, t in zip(positions, shown)]
+
+
+def browse_sql(store: Any, probe: Probe) -> dict[str, Any]:
+    """:func:`browse` by SQL over the ``activations`` and ``prompts`` views alone."""
     d = width(store, probe)
     if probe.neuron is not None and probe.neuron >= d:
         raise BrowserError(f"neuron={probe.neuron}: this site has {d} neurons (0..{d - 1})")

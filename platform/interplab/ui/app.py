@@ -21,7 +21,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Resp
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 
-from interplab.ui import activations, jobs, results, runs, sqlconsole
+from interplab.ui import activations, analyses, jobs, results, runs, sqlconsole
 from interplab.ui.config import UIConfig
 from interplab.ui.security import SESSION_COOKIE, AuthRequired, CsrfRejected, Session, Sessions, check_csrf
 from interplab.ui.served import ServedModels
@@ -37,6 +37,9 @@ KIND_PAGES = {
     "circuit": "run_circuit.html",
     "grafting": "run_grafting.html",
     "capture": "run_capture.html",
+    "partition": "run_partition.html",
+    "probe": "run_probe.html",
+    "attribution": "run_attribution.html",
 }
 
 
@@ -402,6 +405,12 @@ def _run_page_data(
         data = results.grafting(s, run_id)
     elif template == "run_capture.html":
         data = results.capture(s, run_id)
+    elif template == "run_partition.html":
+        data = analyses.partition(s, run_id)
+    elif template == "run_probe.html":
+        data = analyses.probe(s, run_id)
+    elif template == "run_attribution.html":
+        data = analyses.attribution(s, run_id)
     return run, template, data, results.run_tables(s, run_id) if committed else []
 
 

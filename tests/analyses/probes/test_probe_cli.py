@@ -1,6 +1,7 @@
 """``interplab run`` end to end on an embedded Ray (tiny-llama): a capture job, then a probe job that
 reads it (``activations_run``), its views, its provenance, and ``interplab plot``."""
 
+import json
 import os
 import subprocess
 import sys
@@ -41,6 +42,15 @@ def test_capture_then_probe_through_the_cli(tmp_path):
     opened = open_store(store)
     info = opened.run(probe)
     assert info.kind == "probe" and info.status == "committed" and info.provenance["inputs"] == [capture]
+    # the capture run is the probe run's input: the runs view lists it, and retention keeps it
+    listed = opened.sql("SELECT inputs FROM runs WHERE run_id = $r", {"r": probe}).to_pylist()
+    assert [list(r["inputs"]) for r in listed] == [[capture]]
+    gc = interplab("runs", "gc", "--kind", "capture", "--older-than", "0", "--format", "json", "--store", store, cwd=tmp_path)
+    assert gc.returncode == 0, gc.stdout + gc.stderr
+    actions = {
+        r["run_id"]: r["action"] for r in json.loads(next(line for line in gc.stdout.splitlines() if line.startswith("[")))
+    }
+    assert actions == {capture: f"keep (an input of {probe})"}
     rows = opened.sql(
         "SELECT layer, n_classes, n_train + n_test AS n FROM probes WHERE run_id = $r ORDER BY layer", {"r": probe}
     ).to_pylist()

@@ -12,6 +12,13 @@ patched positions/heads' activation dimensions.
 Directions: ``denoise`` patches clean activations into the corrupted run; ``noise`` corrupted into
 clean. Ablations (``zero``, ``mean`` over the dataset's target run, ``resample`` from a seeded
 derangement of prompts) replace the clean run's activations.
+
+Background interventions (``background``: e.g. a stored direction ablated or steered, from a spec's
+``interventions``) apply in every forward pass of the analysis: the clean and corrupted runs, every
+patched run and AtP's backward pass. The baselines and the source activations are then those of the
+intervened model, and at a site with both, a patch comes after the background intervention, so it
+writes the (intervened) source value. With a background, patched runs run the whole model instead of
+starting mid-model, since the cached ``resid_pre`` a mid-model start joins at is fixed per layer.
 """
 
 from __future__ import annotations
@@ -67,6 +74,7 @@ class _Setup:
         ablation: str | None,
         seed: int,
         need_resid: bool,
+        background: Sequence[Intervention] = (),
     ):
         if direction not in ("denoise", "noise"):
             raise SweepError(f"direction must be 'denoise' or 'noise', got {direction!r}")
@@ -78,6 +86,7 @@ class _Setup:
                 f"{sorted(set(pairs.clean.lengths.tolist()))}. Use one template, or sweep by [layer] / [layer, head]"
             )
         self.model, self.pairs, self.sweeps = model, pairs, list(sweeps)
+        self.background = list(background)
         self.metric = get_metric(metric)
         self.metric_name = metric
         n_layers = model.n_layers
@@ -86,8 +95,8 @@ class _Setup:
         capture = list(dict.fromkeys(self.sites + extra))
         self.can_skip = need_resid  # every backend can start a pass mid-model (run_stages)
         prefix_ok = self.can_skip and pairs.same_length and not pairs.clean.padded
-        clean = model.run(pairs.clean, capture=capture, logits="last", keep_kv=prefix_ok)
-        corrupted = model.run(pairs.corrupted, capture=capture, logits="last", keep_kv=prefix_ok)
+        clean = model.run(pairs.clean, capture=capture, interventions=self.background, logits="last", keep_kv=prefix_ok)
+        corrupted = model.run(pairs.corrupted, capture=capture, interventions=self.background, logits="last", keep_kv=prefix_ok)
         clean_logprobs = run_logits(clean).float().log_softmax(-1)
         self.inputs = MetricInputs(pairs.answer, pairs.wrong, clean_logprobs)
         # patched passes unembed only the columns the metric reads (logit_diff: answer and wrong)
@@ -193,7 +202,8 @@ def _exact(setup: _Setup, result: PatchingResult, batch_rows: int, progress: boo
     else:
         for i, chunk in enumerate(chunks):
             batch, interventions, _ = _chunk_patches(setup, jobs, chunk)
-            record(i, run_logits(model.run(batch, interventions=interventions, logits="last")), setup.inputs)
+            patched = model.run(batch, interventions=[*setup.background, *interventions], logits="last")
+            record(i, run_logits(patched), setup.inputs)
     bar.close()
     for i, chunk in enumerate(chunks):  # summed in chunk order whatever order they finished in
         totals.index_add_(0, torch.tensor([j for j, _ in chunk]), values[i])
@@ -312,7 +322,7 @@ def _atp(setup: _Setup) -> list[dict]:
     def total_metric(logits, batch):
         return setup.metric(logits, inputs).sum()
 
-    grads = model.gradients(setup.target_batch, total_metric, setup.sites, logits="last").grads
+    grads = model.gradients(setup.target_batch, total_metric, setup.sites, interventions=setup.background, logits="last").grads
     rows = []
     for sweep in setup.sweeps:
         for layer in range(model.n_layers):
@@ -363,8 +373,10 @@ def activation_patching(
     memory_mb: int = 1024,
     seed: int = 0,
     progress: bool = False,
+    background: Sequence[Intervention] = (),
 ) -> PatchingResult:
-    """Run ``sweeps`` over ``pairs`` on ``model`` (any :class:`~interplab.engine.backend.Backend`)."""
+    """Run ``sweeps`` over ``pairs`` on ``model`` (any :class:`~interplab.engine.backend.Backend`),
+    with ``background`` interventions in every forward pass (see the module docstring)."""
     if method not in ("exact", "atp", "both"):
         raise SweepError(f"method must be exact, atp or both, got {method!r}")
     if batch_rows is not None and batch_rows < 1:
@@ -372,7 +384,8 @@ def activation_patching(
     for sweep in sweeps:
         if sweep.kind == SiteKind.RESID_MID:
             model.validate_site(sweep.site(0))
-    setup = _Setup(model, pairs, sweeps, direction, metric, ablation, seed, need_resid=method != "atp")
+    need_resid = method != "atp" and not background  # a background rules out mid-model starts
+    setup = _Setup(model, pairs, sweeps, direction, metric, ablation, seed, need_resid=need_resid, background=background)
     rows = batch_rows or default_batch_rows(model, setup.target_batch.seq_len, memory_mb)
     result = PatchingResult(baselines=dict(setup.baselines))
     tok = model.tokenizer

@@ -14,6 +14,10 @@
     method: exact             # exact | atp | both
     metric: logit_diff        # logit_diff | prob | logprob | kl | registered custom metrics
 
+``interventions: [{direction: {run_id, region | probe}, op: ablate | steer, ...}]`` apply stored
+directions (:mod:`interplab.analyses.directions`) as background interventions in every forward pass:
+clean, corrupted and patched runs alike (:mod:`.driver`). The direction runs become the run's ``inputs``.
+
 ``dataset: {name: ioi, n: 64, seed: 0, corruption: abc}`` (or ``{name: facts, n: 16}``, or
 ``{path: pairs.jsonl}``) replaces ``prompts``. One chunk per sweep: its rows land in ``patching``;
 clean/corrupted baselines and exact-vs-AtP correlations in ``baselines``; the clean prompts'
@@ -28,6 +32,7 @@ from typing import Literal
 
 from pydantic import Field, PositiveInt, field_validator, model_validator
 
+from interplab.analyses.directions import DirectionIntervention, spec_interventions
 from interplab.analyses.metrics import metric_names
 from interplab.analyses.patching.driver import activation_patching, layer_work
 from interplab.analyses.patching.result import baselines_table
@@ -107,6 +112,7 @@ class PatchingSpec(PairTaskSpec):
     ablation: Literal["zero", "mean", "resample"] | None = None
     batch_rows: PositiveInt | None = None
     memory_mb: PositiveInt = 1024
+    interventions: list[DirectionIntervention] = Field(default_factory=list)
 
     @field_validator("sweep")
     @classmethod
@@ -171,7 +177,7 @@ class PatchingRunner:
 
     def run_chunk(self, spec: PatchingSpec, model, chunk_id: str, writer) -> None:
         sweep = next(s for s in parse_sweeps(spec.sweep) if s.name == chunk_id)
-        result = _run(spec, model, [sweep])
+        result = _run(spec, model, [sweep], writer.store)
         writer.write_table("patching", result.to_arrow(), chunk=_key(chunk_id))
         if result.correlation:
             rows = [{"sweep": k, "name": "exact_atp_correlation", "value": v} for k, v in result.correlation.items()]
@@ -181,7 +187,7 @@ class PatchingRunner:
         import pyarrow as pa
 
         pairs = pair_set(spec, model)
-        result = _run(spec, model, [], baselines_only=True)
+        result = _run(spec, model, [], writer.store, baselines_only=True)
         writer.write_table("baselines", result.baselines_arrow(), chunk="baselines")
         tok = model.tokenizer
         rows = []
@@ -233,8 +239,9 @@ def _key(chunk_id: str) -> str:
     return chunk_id.replace(":", "_").replace(",", "-")
 
 
-def _run(spec: PatchingSpec, model, sweeps, baselines_only: bool = False):
+def _run(spec: PatchingSpec, model, sweeps, store, baselines_only: bool = False):
     pairs = pair_set(spec, model)
+    background = spec_interventions(spec, store) if spec.interventions else []
     try:
         return activation_patching(
             model,
@@ -247,6 +254,7 @@ def _run(spec: PatchingSpec, model, sweeps, baselines_only: bool = False):
             batch_rows=spec.batch_rows,
             memory_mb=spec.memory_mb,
             seed=spec.seed,
+            background=background,
         )
     except SweepError as exc:
         raise SpecError("sweep", str(exc), json.dumps(spec.sweep) if not isinstance(spec.sweep, str) else spec.sweep) from None
