@@ -262,7 +262,7 @@ def test_direction_and_capture_runs_are_inputs_that_retention_keeps(stored, tiny
     decisions = {d.run.run_id: d.kept for d in gc_plan(store.runs(), kinds=["capture", "partition"], older_than_days=0)}
     assert decisions[capture_id] == f"an input of {probe_id}"
     assert (decisions[stored["partition"]] or "").startswith("an input of ")  # of the steered capture, or an earlier test's run
-    assert decisions[capture_run_id(stored["partition"])] is None  # read by nothing recorded: selected for deletion
+    assert decisions[capture_run_id(stored["partition"])] == f"part of {stored['partition']}"  # its own capture
 
 
 def _spec_error(raw, uri) -> SpecError:

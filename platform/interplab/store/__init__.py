@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from interplab.store.catalog import Catalog, open_catalog
+from interplab.store.catalog import PART_OF, Catalog, open_catalog
 from interplab.store.errors import StoreError
 from interplab.store.manifest import FileEntry, RunInfo
 from interplab.store.store import Store, open_store
@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from interplab.store.ray_data import act_matrix, to_ray_dataset
     from interplab.store.writer import RunWriter
 
-__all__ = ["Catalog", "FileEntry", "RunInfo", "RunWriter", "Store", "StoreError", "open_catalog", "open_store"]
+__all__ = ["PART_OF", "Catalog", "FileEntry", "RunInfo", "RunWriter", "Store", "StoreError", "open_catalog", "open_store"]
 __all__ += ["act_matrix", "to_ray_dataset"]
 
 # Imported on first use: they need numpy and pyarrow, which opening a store and listing runs do not.

@@ -356,12 +356,20 @@ def gc_plan(
     return out
 
 
+PART_OF = "part_of"  # provenance key: the run this run was made for (kept while that run is)
+
+
 def reuses(runs: Sequence[RunInfo]) -> dict[str, list[str]]:
     """For each run another run depends on, how, in ``runs`` order: ``an input of R`` (R, committed or
-    running, names it in its ``inputs``) or ``its files are used by R`` (R's commit manifest lists
-    them). Deleting such a run would take data from R."""
+    running, names it in its ``inputs``), ``its files are used by R`` (R's commit manifest lists
+    them) or ``part of R`` (its provenance's ``part_of`` names R, committed or running: a run a job
+    makes for another, e.g. a partition's own capture). Deleting such a run would take data from R."""
     used_by: dict[str, list[str]] = defaultdict(list)
+    live = {run.run_id for run in runs if run.status in ("running", "committed")}
     for run in runs:
+        parent = run.provenance.get(PART_OF)
+        if isinstance(parent, str) and parent in live and parent != run.run_id:
+            used_by[run.run_id].append(f"part of {parent}")
         uses: dict[str, str] = {}
         if run.status == "running" or run.status == "committed":
             for source in run.inputs:

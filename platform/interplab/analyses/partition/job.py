@@ -47,6 +47,7 @@ from interplab.engine.sites import Site
 from interplab.jobs.errors import SpecError, at_path
 from interplab.jobs.registry import JobSummary
 from interplab.jobs.spec import DatasetSpec, JobSpec
+from interplab.store import PART_OF
 
 if TYPE_CHECKING:
     from interplab.store import Store
@@ -243,7 +244,7 @@ def capture_into(spec: PartitionSpec, model, store: Store, run_id: str, for_run:
             spec=cap.to_record(),
             weight_hash=model.weight_hash,
             run_id=run_id,
-            provenance={**runner.provenance(cap), **({"partition_run": for_run} if for_run else {})},
+            provenance={**runner.provenance(cap), **({PART_OF: for_run} if for_run else {})},  # kept while for_run is
         )
     else:
         writer = store.resume_run(run_id)
