@@ -360,7 +360,6 @@ def run_job(
     step = ReuseStep()
     if not resume:
         step = before_run(job, store_uri, recompute=recompute, lookup=run_id is None, echo=echo)
-        step = without_intervened_rows(job, step, store_uri, echo)
         found = step.found
         if found is not None:
             kept = JobSummary(**(found.run.metadata.get("summary") or {})).for_run(found.run.run_id)
@@ -458,26 +457,6 @@ def run_job(
         attempts,
         time.perf_counter() - started,
     )
-
-
-def without_intervened_rows(job: PreparedJob, step: Any, store_uri: str, echo: Echo) -> Any:
-    """Drop a capture plan that would mix rows of intervened and plain forward passes: a capture with
-    ``interventions`` computes its own rows, and rows captured under interventions are not lent to
-    a capture without them (or with others). A whole run with the same content key is still reused."""
-    from interplab.jobs.reuse import SOURCES_FIELD, ReuseStep
-
-    plan = step.plan
-    if plan is None or not plan.sources:
-        return step
-    from interplab.store import open_store
-
-    store = open_store(store_uri, create=False)
-    own = job.record.get("interventions")
-    if not own and all(not (store.run(r).spec or {}).get("interventions") for r in plan.sources):
-        return step
-    job.provenance.pop(SOURCES_FIELD, None)
-    echo("not reusing rows: they were captured with other interventions; computing every prompt")
-    return ReuseStep(found=step.found)
 
 
 def _located(exc: JobError, writer, store) -> JobError:

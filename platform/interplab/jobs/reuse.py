@@ -270,7 +270,8 @@ def capture_sources(
     only: Sequence[str] | None = None,
 ) -> CaptureCoverage:
     """The committed capture runs of ``store`` whose rows ``spec`` (a capture spec) could reuse:
-    same weights hash, ``dtype`` and ``store_dtype``, at least one of its sites. ``only`` restricts
+    same weights hash, ``dtype`` and ``store_dtype``, at least one of its sites, and neither captured
+    under ``interventions`` (an intervened model's rows are lent to no other capture). ``only`` restricts
     them to those run ids, in that order (what a run recorded as its sources); otherwise newest first."""
     runs = {r.run_id: r for r in store.runs("committed") if r.kind == "capture"}
     if only is not None:
@@ -278,10 +279,12 @@ def capture_sources(
     else:
         ordered = sorted(runs.values(), key=lambda r: (r.committed_at or "", r.run_id), reverse=True)
     wanted = set(spec.sites)
-    sources = []
+    sources: list[_Source] = []
+    if getattr(spec, "interventions", None):  # rows of an intervened model are its own (whole runs: content key)
+        return CaptureCoverage(sources)
     for run in ordered:
         other = run.spec or {}
-        if run.weight_hash != weights or other.get("dtype") != spec.dtype:
+        if run.weight_hash != weights or other.get("dtype") != spec.dtype or other.get("interventions"):
             continue
         if other.get("store_dtype", "float16") != spec.store_dtype or not wanted & set(other.get("sites") or []):
             continue
