@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.serve.fixtures import remote_tiny, serve_cluster, served_tiny  # noqa: F401 - fixtures
+from tests.serve.fixtures import remote_tiny, serve_app, serve_cluster, served_tiny  # noqa: F401 - fixtures
 from tests.serve.helpers import InProcess, write_tokens
 
 

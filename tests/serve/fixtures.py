@@ -77,6 +77,27 @@ def serve_cluster(tmp_path_factory):
         ray.shutdown()
 
 
+@pytest.fixture
+def serve_app(serve_cluster):
+    """Deploy applications for one test only: deleted when it ends, so their replicas and stage
+    actors give their CPU shares back (the test cluster has 2 CPUs; a replica waiting for a share
+    would wait forever)."""
+    from ray import serve
+
+    names: list[str] = []
+
+    def deploy(name: str, **fields) -> Served:
+        names.append(name)
+        return serve_cluster(name, **fields)
+
+    yield deploy
+    for name in names:
+        try:
+            serve.delete(name)  # blocks until its replicas are gone
+        except Exception:  # noqa: BLE001 - a test may have stopped it already
+            pass
+
+
 @pytest.fixture(scope="session")
 def served_tiny(serve_cluster) -> Served:
     """tiny-llama with the default limits and batching."""

@@ -56,8 +56,8 @@ def replaced(old: str) -> bool:
 
 
 @pytest.mark.slow
-def test_a_replica_killed_mid_request(serve_cluster, local_tiny):
-    served_model = serve_cluster(NAME, batching={"window_ms": 600_000, "max_requests": 2})
+def test_a_replica_killed_mid_request(serve_app, local_tiny):
+    served_model = serve_app(NAME, batching={"window_ms": 600_000, "max_requests": 2})
     fragile = connect(served_model.url, token=ALICE, retries=0).model(NAME)
     sturdy = connect(served_model.url, token=ALICE, retries=5).model(NAME)
 
@@ -82,9 +82,9 @@ def test_a_replica_killed_mid_request(serve_cluster, local_tiny):
 
 
 @pytest.mark.slow
-def test_a_stage_actor_killed_mid_request(serve_cluster, local_tiny):
+def test_a_stage_actor_killed_mid_request(serve_app, local_tiny):
     name = "tiny-pipe-faults"
-    served_model = serve_cluster(name, parallel={"stages": 2, "max_retries": 5},
+    served_model = serve_app(name, parallel={"stages": 2, "max_retries": 5},
                                  batching={"window_ms": 600_000, "max_requests": 2})
     model = connect(served_model.url, token=ALICE, retries=0).model(name)
     before = stats(name)["stage_pids"]

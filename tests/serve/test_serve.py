@@ -86,8 +86,8 @@ def test_body_over_the_limit_is_refused_before_it_is_read(served_tiny):
 
 
 @pytest.mark.slow
-def test_limits_over_http(serve_cluster, local_tiny):
-    served = serve_cluster("tiny-limits", limits={"max_rows": 2, "max_new_tokens": 2, "max_tensor_bytes": 1024})
+def test_limits_over_http(serve_app, local_tiny):
+    served = serve_app("tiny-limits", limits={"max_rows": 2, "max_new_tokens": 2, "max_tensor_bytes": 1024})
     remote = served.model()
     for limit, case in {
         "max_rows": lambda: remote.run(CLEAN + CLEAN[:1]),
@@ -103,12 +103,12 @@ def test_limits_over_http(serve_cluster, local_tiny):
 
 
 @pytest.mark.slow
-def test_two_clients_patching_the_same_site_at_once_each_get_their_own(serve_cluster, local_tiny):
+def test_two_clients_patching_the_same_site_at_once_each_get_their_own(serve_app, local_tiny):
     """Two users, released together by a barrier, patch resid_pre.1 with different values. The
     deployment waits for both (max_requests=2, a window far longer than the test): one merged pass."""
     from interplab.serve.deployment import stats
 
-    served = serve_cluster("tiny-pair", batching={"window_ms": 120_000, "max_requests": 2})
+    served = serve_app("tiny-pair", batching={"window_ms": 120_000, "max_requests": 2})
     clients = [served.model(ALICE), served.model(BOB)]
     values = [torch.full((64,), 3.0), torch.full((64,), -2.0)]
     prompts = [CLEAN, ["The city of Paris is in"]]
@@ -144,8 +144,8 @@ def test_two_clients_patching_the_same_site_at_once_each_get_their_own(serve_clu
 
 
 @pytest.mark.slow
-def test_a_pipeline_served_model_equals_local(serve_cluster, local_tiny):
-    served = serve_cluster("tiny-pipe", parallel={"stages": 2, "micro_batches": 2})
+def test_a_pipeline_served_model_equals_local(serve_app, local_tiny):
+    served = serve_app("tiny-pipe", parallel={"stages": 2, "micro_batches": 2})
     remote = served.model()
     assert len(remote.stage_ranges) == 2 and remote.stage_ranges[0][0] == 0 and remote.stage_ranges[-1][1] == local_tiny.n_layers
     checks.check_runs(remote, local_tiny)
@@ -195,11 +195,11 @@ def test_cli_serve_list_status_stop(serve_cluster, tmp_path):
 
 
 @pytest.mark.slow
-def test_status_sums_the_counters_of_every_replica(serve_cluster):
+def test_status_sums_the_counters_of_every_replica(serve_app):
     """Two replicas: the per-user and batch counters in ``serve_metrics`` are the totals over both."""
     from interplab.serve.status import serve_metrics
 
-    served_two = serve_cluster("tiny-two", replicas=2, batching={"enabled": False})
+    served_two = serve_app("tiny-two", replicas=2, batching={"enabled": False})
     sent = {"alice": 6, "bob": 4}
     for user, token in (("alice", ALICE), ("bob", BOB)):
         model = served_two.model(token)
