@@ -453,20 +453,9 @@ def _fast_tokenizer(model: str) -> Any:
 def _tiny_backend() -> Any:
     """The backend of :func:`interplab.models.tiny.tiny_tokenizer` (same vocabulary and pre-tokenizer,
     no post-processor: no special tokens are added), built without transformers."""
-    from importlib import resources
+    from interplab.models.tiny import word_level_tokenizer
 
-    from tokenizers import Tokenizer, models, pre_tokenizers
-
-    from interplab.models.tiny import EOS, UNK
-
-    words = resources.files("interplab.data").joinpath("tiny_vocab.txt").read_text().split("\n")
-    vocab = {UNK: 0, EOS: 1}
-    for word in words:
-        if word and word not in vocab:
-            vocab[word] = len(vocab)
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    return tok
+    return word_level_tokenizer()
 
 
 # -- a job whose every row is reused: references only, here ---------------------------------------

@@ -15,10 +15,10 @@ UNK, EOS = "<unk>", "<|endoftext|>"
 
 
 @lru_cache(maxsize=1)
-def tiny_tokenizer():
-    """A deterministic word-level tokenizer (unknown words map to ``<unk>``)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+def word_level_tokenizer():
+    """The ``tokenizers`` backend of the tiny tokenizer: the shipped vocabulary, byte-level
+    pre-tokenisation, no post-processor (no special tokens added); built without transformers."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
 
     words = resources.files("interplab.data").joinpath("tiny_vocab.txt").read_text().split("\n")
     vocab = {UNK: 0, EOS: 1}
@@ -27,6 +27,15 @@ def tiny_tokenizer():
             vocab[word] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    return tok
+
+
+def tiny_tokenizer():
+    """A deterministic word-level tokenizer (unknown words map to ``<unk>``)."""
+    from tokenizers import decoders
+    from transformers import PreTrainedTokenizerFast
+
+    tok = word_level_tokenizer()
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=UNK, eos_token=EOS, pad_token=EOS, bos_token=EOS)
 
