@@ -77,7 +77,7 @@ class ModelDeployment:
         limit = self.server.limits.max_request_bytes
         body = b"" if length is not None and length > limit else await request.body()  # too big: not read at all
         answer = await self.server.answer(op, request.headers.get("authorization"), body, length)
-        self.export.update(self.server.stats(), self.replica)  # before answering: counted once answered
+        self.export.update(self.server.counters(), self.replica)  # before answering: counted once answered
         return Response(content=answer.body, status_code=answer.status, media_type=answer.content_type)
 
     @app.get("/healthz")

@@ -16,7 +16,7 @@ METRIC_PREFIX = "interplab_serve_"
 
 
 class CounterExport:
-    """Ray counters fed with the increments of one replica's :meth:`Server.stats`."""
+    """Ray counters fed with the increments of one replica's :meth:`Server.counters`."""
 
     def __init__(self, application: str) -> None:
         from ray.util.metrics import Counter, Gauge

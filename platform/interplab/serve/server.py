@@ -138,6 +138,11 @@ class Server:
         while self.recent and self.recent[0] < start:
             self.recent.popleft()
 
+    def counters(self) -> dict[str, Any]:
+        """The cheap part of :meth:`stats` (no model info, no process or stage calls): what the replica
+        exports after every answer (:mod:`interplab.serve.export`)."""
+        return {"requests": dict(self.requests), "queue_depth": self.batcher.depth, "batching": self.batcher.stats.to_json()}
+
     def stats(self) -> dict[str, Any]:
         """Counters for ``interplab serve status``."""
         self._trim()
