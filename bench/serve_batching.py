@@ -63,10 +63,13 @@ def main() -> None:
         model = session.model("smol-batched")
         model.run(requests[0][0], interventions=requests[0][1], logits="last")
         rss_one = stats("smol-batched")["process"]["rss_mb"]  # one client connected
+        busy = {}
         for name in ("smol-alone", "smol-batched"):
             model = session.model(name)
             drive(model, requests[: args.clients], args.clients)  # warm-up: one request per client
+            before = stats(name)["model_s"]
             results[name] = drive(model, requests, args.clients)
+            busy[name] = stats(name)["model_s"] - before
         rss_many = stats("smol-batched")["process"]["rss_mb"]  # after 16 clients' requests
         weights_mb = sum(p.numel() * p.element_size() for p in local.model.parameters()) / 2**20
         sizes = stats("smol-batched")["batching"]["batch_sizes"]
@@ -84,8 +87,11 @@ def main() -> None:
             f"SmolLM2-135M served, {args.clients} clients x {args.requests} single-patch run requests "
             f"(one IOI prompt, seq {requests[0][0].seq_len}, logits=last), replica {args.replica_cpus:g} CPUs / {threads} torch threads"
         )
-        print(f"batching off     {alone:7.2f} s  {n / alone:7.1f} requests/s")
-        print(f"batching on      {batched:7.2f} s  {n / batched:7.1f} requests/s  (window {args.window_ms:g} ms)")
+        print(f"batching off     {alone:7.2f} s  {n / alone:7.1f} requests/s  model thread busy {busy['smol-alone']:.2f} s")
+        print(
+            f"batching on      {batched:7.2f} s  {n / batched:7.1f} requests/s  model thread busy {busy['smol-batched']:.2f} s"
+            f"  (window {args.window_ms:g} ms)"
+        )
         print(f"throughput ratio {alone / batched:7.2f}x")
         print(f"batch sizes (requests per forward: count, warm-up included): {sizes}")
         print(

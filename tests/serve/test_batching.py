@@ -146,3 +146,136 @@ def test_the_queue_takes_users_in_turn(local_tiny):
     assert batches[1] == ["b 9", "a 0"]  # b's turn: b's request seeds the batch, a's fills it
     assert [len(b) for b in batches] == [1, 2, 2, 2]
     assert stats.per_user == {"a": 6, "b": 1} and stats.sizes == {1: 1, 2: 3}
+
+
+# --------------------------------------------------------------------------- shared prompts
+def _patches(m, prompts, layers_positions, *, kind="resid_pre", logits="last"):
+    """One request per (layer, position): the clean run's ``kind`` there, patched into ``prompts``."""
+    sites = [f"{kind}.{layer}" for layer, _ in layers_positions]
+    clean = m.run(CLEAN[: len(prompts)], capture=sorted(set(sites)), logits="none").cache
+    return [
+        call(m, prompts, interventions=[patch(site, clean[site], positions=[pos])], logits=logits, user=f"u{i % 3}")
+        for i, (site, (_, pos)) in enumerate(zip(sites, layers_positions))
+    ]
+
+
+SHARED = {
+    "resid_pre sweep": lambda m: _patches(m, CORRUPT[:1], [(layer, pos) for layer in (0, 1, 2) for pos in (0, 5, 9, 12)]),
+    "two prompts, two rows each": lambda m: _patches(m, CORRUPT, [(1, 3), (1, 7), (2, 0), (2, 11), (0, -1)]),
+    "attn_out and mlp_out": lambda m: [
+        *_patches(m, CORRUPT[:1], [(1, 4), (1, 6), (2, 8), (2, 9)], kind="attn_out"),
+        *_patches(m, CORRUPT[:1], [(0, 12), (1, 10), (2, 10)], kind="mlp_out"),
+    ],
+    "all logits": lambda m: _patches(m, CORRUPT[:1], [(2, 4), (2, 6), (1, 1), (2, 0), (2, 9)], logits="all"),
+    "mixed with unshared": lambda m: [
+        *_patches(m, CORRUPT[:1], [(2, 5), (2, 6), (2, 7), (1, 9)]),
+        call(
+            m,
+            ["The city of Paris is in"],
+            interventions=[steer("resid_post.1", direction(7, 64), 2.0, positions=[-2, 1])],
+            logits="last",
+        ),
+        call(m, CORRUPT, interventions=[Intervention("mlp_post.2", "scale", value=0.0, rows=[1], positions=[4])], logits="last"),
+        call(m, CORRUPT[:1], logits="last"),  # no interventions: the base run itself
+        call(
+            m,
+            CORRUPT[:1],
+            interventions=[
+                Intervention("resid_pre.1", "add", value=direction(8, 2, 64), rows=[0], positions=torch.tensor([3, 8]))
+            ],
+            logits="last",
+        ),
+    ],
+}
+
+
+def _spy(monkeypatch, m):
+    """Record the joins of every run_stage call on ``m``."""
+    seen = []
+    real = m.run_stage
+
+    def run_stage(batch, **kw):
+        seen.append((batch, kw))
+        return real(batch, **kw)
+
+    monkeypatch.setattr(m, "run_stage", run_stage, raising=False)
+    return seen
+
+
+@pytest.mark.parametrize("case", list(SHARED))
+def test_requests_sharing_a_prompt_compute_it_once_and_equal_each_alone(local_tiny, case, monkeypatch):
+    """Rows that share a prompt fork from one base row at their first patched layer
+    (interplab.serve.sharing); each request still gets exactly its own run's logits."""
+    from interplab.engine.plan import Fork
+    from interplab.serve.sharing import shared_pass
+
+    m = local_tiny
+    calls = SHARED[case](m)
+    assert len({plan_key(c) for c in calls}) == 1
+    seen = _spy(monkeypatch, m)
+    merged, _ = merge(calls, pad_id=1)
+    assert shared_pass(m, merged) is not None, "the shared path should apply"
+    ((batch, kw),) = seen  # one pass
+    forks = kw["joins"]
+    assert forks and all(isinstance(f, Fork) and f.size for f in forks.values())
+    assert batch.size - sum(f.size for f in forks.values()) < merged.batch.size  # fewer rows start at the embedding
+    seen.clear()
+    for c, got in zip(calls, run_together(m, calls, pad_id=1)):
+        assert_same(got, c.run_alone(m))
+
+
+def test_forked_rows_join_at_their_first_patched_layer(local_tiny, monkeypatch):
+    m = local_tiny
+    calls = _patches(m, CORRUPT[:1], [(2, 9), (2, 10), (2, 11), (1, 12)])
+    calls.append(call(m, CORRUPT[:1], logits="last"))  # unpatched: it is the base row itself
+    seen = _spy(monkeypatch, m)
+    from interplab.serve.sharing import shared_pass
+
+    result = shared_pass(m, merge(calls, pad_id=1)[0])
+    ((batch, kw),) = seen
+    assert batch.size == 5 and kw["start"] == 0  # no extra row: the unpatched request is the base
+    assert {layer: f.rows.tolist() for layer, f in kw["joins"].items()} == {1: [0], 2: [0, 0, 0]}
+    for i, c in enumerate(calls):
+        torch.testing.assert_close(result.logits[i : i + 1], c.run_alone(m).logits, **BATCH_TOL)
+
+
+def test_a_fork_copies_the_rows_it_names(local_tiny):
+    """Engine level: a Fork at layer L equals joining the same rows' resid_pre there as tensors."""
+    from interplab.engine.plan import Fork
+
+    m = local_tiny
+    batch = m.tokenize([*CLEAN, CLEAN[1], CLEAN[0]])
+    pre = m.run(m.tokenize(CLEAN), capture=["resid_pre.2"], logits="none").cache["resid_pre.2"]
+    value = direction(11, 64)
+    items = [steer("resid_pre.2", value, rows=[2], positions=[4]), steer("resid_post.2", value, rows=[3])]
+    forked, _ = m.run_stage(
+        batch, start=0, stop=m.n_layers, with_head=True, interventions=items, logits="last", joins={2: Fork(torch.tensor([1, 0]))}
+    )
+    want = m.run(batch, interventions=items, logits="last").logits
+    torch.testing.assert_close(forked, want, **BATCH_TOL)
+    joined, _ = m.run_stage(
+        batch.select([2, 3]),
+        start=2,
+        stop=m.n_layers,
+        with_head=True,
+        logits="last",
+        interventions=[steer("resid_pre.2", value, rows=[0], positions=[4]), steer("resid_post.2", value, rows=[1])],
+        joins={2: pre[[1, 0]]},
+    )
+    torch.testing.assert_close(forked[2:], joined, **BATCH_TOL)
+    with pytest.raises(ValueError, match=r"fork at layer 2 copies rows \[1, 5\], but rows 0..1 are there"):
+        m.run_stage(batch, start=0, stop=m.n_layers, with_head=True, joins={2: Fork(torch.tensor([1, 5]))})
+
+
+def test_captures_unshared_prompts_and_low_layers_take_the_plain_merged_pass(local_tiny):
+    from interplab.serve.sharing import shared_pass
+
+    m = local_tiny
+    captured = [
+        call(m, CORRUPT[:1], capture=["resid_pre.1"], interventions=[steer("resid_pre.2", direction(9, 64))], logits="last")
+    ] * 3
+    unshared = [call(m, [p], interventions=[steer("resid_pre.2", direction(9, 64))], logits="last") for p in CLEAN]
+    attention = [call(m, CORRUPT[:1], interventions=[Intervention("z.1", "set", value=0.0)], logits="last")] * 3
+    at_layer_0 = _patches(m, CORRUPT[:1], [(0, 3), (0, 4), (1, 5)])  # skips 1 layer, the base row costs 3
+    for calls in (captured, unshared, attention, at_layer_0):
+        assert shared_pass(m, merge(calls, pad_id=1)[0]) is None

@@ -23,7 +23,7 @@ from interplab.engine.arena import CaptureArena
 from interplab.engine.backend import CaptureSink
 from interplab.engine.cache import ActivationCache
 from interplab.engine.interventions import Intervention
-from interplab.engine.plan import HookPlan, KVPrefix, Positions
+from interplab.engine.plan import Fork, HookPlan, KVPrefix, Positions
 from interplab.engine.results import GradResult, LogitsMode, Metric, Prompts, RunResult, StageRequest
 from interplab.engine.sites import Site, SiteError, SiteKind, parse_sites
 from interplab.engine.stream import CaptureChunk
@@ -34,6 +34,10 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 Key = TypeVar("Key")
+
+
+def _join_rows(join: torch.Tensor | Fork) -> int:
+    return join.size if isinstance(join, Fork) else int(join.shape[0])
 
 
 @dataclass
@@ -187,19 +191,23 @@ class HookedModel:
         hidden: torch.Tensor | None,
         with_head: bool,
         logits: LogitsMode,
-        joins: Mapping[int, torch.Tensor] | None = None,
+        joins: Mapping[int, torch.Tensor | Fork] | None = None,
         vocab: torch.Tensor | None = None,
     ) -> torch.Tensor:
         batch = batch.to(self.device)
         token = attention.activate(plan, self._attn_layer)
         try:
             with hooks.installed(self, plan, range(start, stop)):
+                starting = batch.size - sum(_join_rows(j) for j in joins.values()) if joins else batch.size
                 if hidden is not None:
                     like = hidden
-                elif joins:
-                    like = joins[min(joins)]
+                elif starting and start == 0:  # the rows that start at layer 0 start at the embedding
+                    hidden = like = runner.embed(self, batch.input_ids[:starting], plan)
                 else:
-                    hidden = like = runner.embed(self, batch.input_ids, plan)
+                    first = next((j for _, j in sorted((joins or {}).items()) if isinstance(j, torch.Tensor)), None)
+                    if first is None:
+                        raise ValueError(f"run_stage: no rows at layer {start}: pass hidden or joins[{start}]")
+                    like = first
                 offset = plan.prefix.length if plan.prefix is not None else 0
                 ctx = runner.build_context(self, batch.attention_mask, like, start, stop, offset)
                 hidden = runner.run_layers(self, hidden, ctx, plan, start, stop, joins)
@@ -216,7 +224,7 @@ class HookedModel:
         start: int,
         stop: int,
         hidden: torch.Tensor | None,
-        joins: Mapping[int, torch.Tensor],
+        joins: Mapping[int, torch.Tensor | Fork],
         capturing: bool,
     ) -> None:
         """One clear error for ``run_stage`` joins that cannot run (shared with the pipeline backend)."""
@@ -225,11 +233,22 @@ class HookedModel:
         outside = sorted(layer for layer in joins if not start <= layer < stop)
         if outside:
             raise ValueError(f"run_stage: joins at layers {outside} lie outside the stage's layers [{start}, {stop})")
-        if hidden is None and start not in joins:
+        joined = sum(_join_rows(j) for j in joins.values())
+        first = 0 if hidden is None else int(hidden.shape[0])
+        if hidden is None and start == 0:
+            first = batch.input_ids.shape[0] - joined  # the rest start at the embedding
+        elif hidden is None and not isinstance(joins.get(start), torch.Tensor):
             raise ValueError(f"run_stage: no rows at layer {start}: pass hidden or joins[{start}]")
-        rows = (0 if hidden is None else hidden.shape[0]) + sum(int(t.shape[0]) for t in joins.values())
-        if rows != batch.input_ids.shape[0]:
-            raise ValueError(f"run_stage: hidden and joins hold {rows} rows, the batch has {batch.input_ids.shape[0]}")
+        if first + joined != batch.input_ids.shape[0]:
+            raise ValueError(f"run_stage: hidden and joins hold {first + joined} rows, the batch has {batch.input_ids.shape[0]}")
+        present = first
+        for layer in sorted(joins):
+            join = joins[layer]
+            if isinstance(join, Fork) and join.size and (int(join.rows.min()) < 0 or int(join.rows.max()) >= present):
+                raise ValueError(
+                    f"run_stage: the fork at layer {layer} copies rows {join.rows.tolist()}, but rows 0..{present - 1} are there"
+                )
+            present += _join_rows(join)
 
     def check_vocab(self, vocab: torch.Tensor, with_head: bool) -> torch.Tensor:
         """``vocab`` as ``Long[k]`` token ids of this model, or one clear error."""
@@ -285,8 +304,8 @@ class HookedModel:
         stop, with_head = self.n_layers, True
         if logits == "none":
             last_layer = self._last_needed_layer(plan)
-            if last_layer is not None:
-                stop, with_head = last_layer + 1, False
+            if last_layer is not None:  # keep_kv: every layer's keys/values, still without the head
+                stop, with_head = (self.n_layers if keep_kv else last_layer + 1), False
         with torch.set_grad_enabled(grad):
             out = self._execute(batch, plan, start=0, stop=stop, hidden=None, with_head=with_head, logits=logits)
         result_logits = out if with_head and logits != "none" else None
@@ -308,7 +327,7 @@ class HookedModel:
         logits: LogitsMode = "all",
         grad: bool = False,
         prefix: KVPrefix | None = None,
-        joins: Mapping[int, torch.Tensor] | None = None,
+        joins: Mapping[int, torch.Tensor | Fork] | None = None,
         vocab: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ActivationCache]:
         """Run layers ``[start, stop)`` (embedding first when ``hidden`` is None, head when ``with_head``).
@@ -323,6 +342,9 @@ class HookedModel:
         rows running from ``start`` (None if none do), and the batch's rows are in that order: first
         ``hidden``'s, then each join's in layer order. Interventions on a layer may only name rows
         present by then. Not combined with captures or gradients (their row count would change).
+        A join may be a :class:`~interplab.engine.plan.Fork`: copies of rows already in the batch.
+        With ``start == 0`` and no ``hidden``, the rows that do not join later start at the
+        embedding (so rows can fork from them).
 
         ``vocab`` (``Long[k]``, with the head) returns logits for those vocabulary columns only, in
         that order (``[..., k]``): a metric that reads a few tokens' logits skips the rest of the

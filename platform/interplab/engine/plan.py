@@ -21,6 +21,20 @@ from interplab.engine.sites import Site, SiteKind
 Positions = Sequence[int] | torch.Tensor | None
 
 
+@dataclass(frozen=True, eq=False)
+class Fork:
+    """Rows that join a ``run_stage`` batch as copies of rows already in it: ``rows`` (``Long[r]``)
+    index the batch as it stands just before the join's layer, and the new rows start from those
+    rows' ``resid_pre`` there. A row that differs from another only from layer L on (a patch at
+    layer L of the same prompt) then shares every layer before L with it, in the same pass."""
+
+    rows: torch.Tensor
+
+    @property
+    def size(self) -> int:
+        return int(self.rows.numel())
+
+
 @dataclass(frozen=True)
 class KVPrefix:
     """Keys and values of the first ``length`` positions, per layer ``(k, v)`` ``[b, h_kv, length, d]``

@@ -11,7 +11,7 @@ import torch
 
 from interplab.engine.cache import ActivationCache
 from interplab.engine.interventions import Intervention
-from interplab.engine.plan import KVPrefix
+from interplab.engine.plan import Fork, KVPrefix
 from interplab.engine.tokens import TokenBatch
 
 Prompts = str | Sequence[str] | TokenBatch
@@ -52,7 +52,7 @@ class StageRequest:
         interventions: applied at their sites; rows may carry different patches.
         logits: ``"all"`` positions or each row's ``"last"`` real token.
         prefix: cached keys/values of the first positions (the pass computes the rest).
-        joins: layer -> ``resid_pre`` rows that join the batch just before that layer.
+        joins: layer -> ``resid_pre`` rows (or a :class:`Fork` of rows in the batch) that join just before that layer.
         vocab: ``Long[k]``: the head computes only these logit columns.
     """
 
@@ -64,5 +64,5 @@ class StageRequest:
     interventions: Sequence[Intervention] = field(default=())
     logits: LogitsMode = "all"
     prefix: KVPrefix | None = None
-    joins: Mapping[int, torch.Tensor] | None = None
+    joins: Mapping[int, torch.Tensor | Fork] | None = None
     vocab: torch.Tensor | None = None

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, TypedDict
 import torch
 
 from interplab.engine.arena import Lease
-from interplab.engine.plan import HookPlan
+from interplab.engine.plan import Fork, HookPlan
 from interplab.engine.sites import SiteKind
 
 if TYPE_CHECKING:
@@ -112,15 +112,19 @@ def run_layers(
     plan: HookPlan,
     start: int,
     stop: int,
-    joins: Mapping[int, torch.Tensor] | None = None,
+    joins: Mapping[int, torch.Tensor | Fork] | None = None,
 ) -> torch.Tensor:
     """Run decoder layers ``[start, stop)``. ``joins[layer]`` are rows appended to the batch just
-    before ``layer`` (their ``resid_pre``): a row that only differs from layer L on starts there."""
+    before ``layer`` (their ``resid_pre``, or a :class:`~interplab.engine.plan.Fork` of rows already
+    in the batch): a row that only differs from layer L on starts there."""
     if plan.keep_grad and hidden is not None and not hidden.requires_grad:
         hidden = hidden.detach().requires_grad_(True)
     for layer in range(start, stop):
         if joins and layer in joins:
-            new = joins[layer]
+            join = joins[layer]
+            new = _rows(hidden, layer)[join.rows.to(hidden.device)] if isinstance(join, Fork) and hidden is not None else join
+            if isinstance(new, Fork):
+                raise ValueError(f"run_layers: a fork at layer {layer} needs rows in the batch before it")
             hidden = new if hidden is None else torch.cat([hidden, new.to(device=hidden.device, dtype=hidden.dtype)])
         hidden = plan.process(SiteKind.RESID_PRE, layer, _rows(hidden, layer))
         if plan.active(SiteKind.RESID_MID, layer):

@@ -132,7 +132,11 @@ class PartialCall:
         if r.with_head and r.stop != n_layers:
             raise ValueError(f"run_stage: with_head needs stop={n_layers} (the last layer), got {r.stop}")
         self.vocab = skeleton.check_vocab(r.vocab, r.with_head) if r.vocab is not None else None
-        self.joins = dict(r.joins or {})
+        if any(not isinstance(j, torch.Tensor) for j in (r.joins or {}).values()):
+            raise ValueError("run_stage: a pipeline takes joins as resid_pre tensors; forks of rows run on one process only")
+        self.joins = {layer: j for layer, j in (r.joins or {}).items() if isinstance(j, torch.Tensor)}
+        if self.joins and r.hidden is None and r.start not in self.joins:
+            raise ValueError(f"run_stage: no rows at layer {r.start}: pass hidden or joins[{r.start}]")
         if self.joins:
             skeleton.check_joins(r.batch, r.start, r.stop, r.hidden, self.joins, False)
         elif r.hidden is None and r.start > 0:

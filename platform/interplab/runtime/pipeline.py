@@ -191,7 +191,11 @@ class PipelineModel:
         sites, _ = self._validate(capture, interventions)
         pos, valid = resolve_positions(positions, batch.lengths, batch.seq_len)
         scheduler = self.scheduler
-        upto, stop, with_head = scheduler.last_stage_needed(sites, interventions, logits)
+        # keep_kv: every layer's keys/values, so every stage runs
+        upto, stop, with_head = scheduler.last_stage_needed(
+            sites, interventions, "last" if keep_kv and logits == "none" else logits
+        )
+        with_head = with_head and logits != "none"
         parts = scheduler.micro_parts(batch, interventions)
         results: dict[Any, tuple[list[Any], Any]] = {}
 

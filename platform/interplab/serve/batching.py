@@ -42,6 +42,7 @@ from interplab.engine.results import LogitsMode, RunResult
 from interplab.engine.sites import Site, SiteKind
 from interplab.engine.tokens import TokenBatch
 from interplab.serve.limits import BatchingConfig
+from interplab.serve.sharing import shared_pass
 
 # kinds whose interventions leave the computation of other rows bit for bit alone (an out-of-place
 # index_put at a point of the layer loop or on a module's output)
@@ -198,7 +199,7 @@ def run_together(model: Backend, calls: Sequence[RunCall], pad_id: int) -> list[
         return [_alone(model, calls[0])]
     merged, spans = merge(calls, pad_id)
     try:
-        result = merged.run_alone(model)
+        result = shared_pass(model, merged) or merged.run_alone(model)
     except Exception:  # noqa: BLE001 - each call then gets its own result or its own error
         return [_alone(model, c) for c in calls]
     return list(split(result, calls, spans))
@@ -263,6 +264,8 @@ class Batcher:
         self._wake = asyncio.Event()  # bound to the replica's loop when first awaited
         self._task: asyncio.Task[None] | None = None
         self._free_since = 0.0
+        self._last_pass_s = 0.0  # how long the last batch's pass took
+        self._expected = 0  # requests queued when the last pass ended, plus those it answered
 
     @property
     def depth(self) -> int:
@@ -290,19 +293,34 @@ class Batcher:
             self._wake.clear()
             while self.depth:
                 seed = self._seed()
-                # the window runs from the seed's arrival, or from when the model became free: requests
-                # answered by the last batch are often sent again at once, and join this one
-                deadline = max(seed.arrived, self._free_since) + self.config.window_ms / 1000
-                while seed.key is not None and not self._alone() and not self._full(seed) and time.monotonic() < deadline:
+                while seed.key is not None and not self._alone() and not self._full(seed):
+                    timeout = self._deadline(seed) - time.monotonic()
+                    if timeout <= 0:
+                        break
                     try:
-                        await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, deadline - time.monotonic()))
+                        await asyncio.wait_for(self._wake.wait(), timeout=timeout)
                     except asyncio.TimeoutError:
                         break
                     self._wake.clear()
                 items = self._take(seed)
                 self._last_size = len(items)
+                started = time.monotonic()
                 await self._run(items)
                 self._free_since = time.monotonic()
+                self._last_pass_s = self._free_since - started
+                self._expected = len(items) + self.depth  # if the answered requests' senders send again
+
+    def _deadline(self, seed: _Item) -> float:
+        """When the batch seeded by ``seed`` stops waiting. The window runs from the seed's arrival, or
+        from when the model became free: requests answered by the last batch are often sent again at
+        once, and join this one. While fewer requests are queued than the last batch held, it may
+        wait longer for them (``regroup``: a share of the last pass's duration)."""
+        cfg = self.config
+        deadline = max(seed.arrived, self._free_since) + cfg.window_ms / 1000
+        if self.depth < self._expected:
+            regroup = min(cfg.regroup * self._last_pass_s, cfg.regroup_max_ms / 1000)
+            deadline = max(deadline, self._free_since + regroup)
+        return deadline
 
     def _alone(self) -> bool:
         """Nothing suggests company: the last batch was one request and every request the replica

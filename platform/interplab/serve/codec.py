@@ -87,6 +87,8 @@ def encode_positions(positions: object, frame: Frame) -> object:
 
 
 def encode_stage_request(key: int, request: StageRequest, frame: Frame) -> dict[str, Any]:
+    if request.joins and any(not isinstance(t, torch.Tensor) for t in request.joins.values()):
+        raise ValueError("run_stages over the service takes joins as resid_pre tensors; forks of rows run in the replica only")
     prefix = None
     if request.prefix is not None:
         prefix = {
@@ -103,7 +105,7 @@ def encode_stage_request(key: int, request: StageRequest, frame: Frame) -> dict[
         "interventions": encode_interventions(request.interventions, frame),
         "logits": request.logits,
         "prefix": prefix,
-        "joins": {str(layer): frame.ref(t) for layer, t in request.joins.items()} if request.joins else None,
+        "joins": {str(layer): frame.ref(t) for layer, t in (request.joins or {}).items() if isinstance(t, torch.Tensor)} or None,
         "vocab": frame.maybe(request.vocab.long() if request.vocab is not None else None),
     }
 

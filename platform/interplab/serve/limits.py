@@ -68,6 +68,10 @@ class BatchingConfig(BaseModel):
         max_rows / max_tokens: a merged batch's budget (rows; rows x padded length). A request
             bigger than the budget runs alone.
         max_requests: a batch with this many requests runs at once, without waiting out the window.
+        regroup: until the requests the last pass answered are back (beside those queued when it
+            ended), the next batch waits up to this share of that pass's duration (at most
+            ``regroup_max_ms``) from its end: clients that send again at once then share one pass
+            instead of splitting into two cohorts that alternate. 0: off.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -77,6 +81,8 @@ class BatchingConfig(BaseModel):
     max_rows: int = Field(default=1024, ge=1)
     max_tokens: int = Field(default=1 << 16, ge=1)
     max_requests: int = Field(default=64, ge=1)
+    regroup: float = Field(default=0.5, ge=0, le=1)
+    regroup_max_ms: float = Field(default=250.0, ge=0)
 
 
 def site_bytes(site: Site, rows: int, positions: int, seq_len: int, dims: dict[str, int], itemsize: int) -> int:

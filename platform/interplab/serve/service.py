@@ -237,7 +237,10 @@ class ModelService:
             raise FieldError(field, f"has {positions.shape[0]} rows for a batch of {batch.size}")
 
     def _check_stage_tensors(self, req: StageRequest, field: str) -> None:
-        named = [("hidden", req.hidden), *((f"joins.{k}", v) for k, v in (req.joins or {}).items())]
+        named = [
+            ("hidden", req.hidden),
+            *((f"joins.{k}", v) for k, v in (req.joins or {}).items() if isinstance(v, torch.Tensor)),
+        ]
         named += [(f"prefix.kv.{k}", t) for k, kv in (req.prefix.kv.items() if req.prefix else ()) for t in kv]
         for name, tensor in named:
             if tensor is not None and tensor.dtype != self.dtype:
