@@ -299,6 +299,8 @@ def _spec_error(raw, uri) -> SpecError:
         ({"run_id": "{probe}", "probe": "resid_post.1"}, {}, "interventions[0].direction.label", "pick one with 'label'"),
         ({"run_id": "{partition}", "region": 0}, {"site": "z.0"}, "interventions[0].site", "has 64 dimensions; z.0 has 16"),
         ({"run_id": "{partition}", "region": 0}, {"site": "resid_post.9"}, "interventions[0].site", "9"),
+        ({"run_id": "{partition}", "region": 0}, {"positions": [-1, 40]}, "interventions[0].positions[1]", "which has"),
+        ({"run_id": "{partition}", "region": 0}, {"positions": [-41]}, "interventions[0].positions[0]", "out of range"),
     ],
 )
 def test_references_that_do_not_resolve_name_the_field(stored, direction, extra, path, message):

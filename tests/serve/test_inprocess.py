@@ -128,3 +128,36 @@ def test_two_users_patching_the_same_site_at_once_get_their_own_rows(make_server
                               interventions=[Intervention("resid_pre.1", "set", value=values[i], positions=[-1])])
         torch.testing.assert_close(got[i].logits, want.logits, **BATCH_TOL)
         torch.testing.assert_close(got[i].cache["resid_pre.2"], want.cache["resid_pre.2"], **BATCH_TOL)
+
+
+def test_the_model_is_built_and_its_answers_copied_in_the_model_thread(local_tiny, tmp_path, monkeypatch):
+    """Torch's parallel kernels run in one thread team: the backend is built, run and its answers
+    copied into frames in the replica's model thread, never in the loop's or a helper thread."""
+    from interplab.serve.auth import TokenAuth
+    from interplab.serve.limits import BatchingConfig, ServeLimits
+    from interplab.serve.server import Server
+    from interplab.serve.service import ModelService
+    from tests.serve.helpers import InProcess, write_tokens
+
+    threads = {}
+
+    def build():
+        threads["build"] = threading.current_thread().name
+        return local_tiny
+
+    encode = ModelService.encode_run
+
+    def encode_run(self, *args):
+        threads["encode"] = threading.current_thread().name
+        return encode(self, *args)
+
+    monkeypatch.setattr(ModelService, "encode_run", encode_run)
+    server = Server(build, name="tiny-llama", auth=TokenAuth(write_tokens(tmp_path)), limits=ServeLimits(),
+                    batching=BatchingConfig())
+    transport = InProcess(server)
+    try:
+        got = transport.model().run(CLEAN, logits="last").logits
+    finally:
+        transport.close()
+    torch.testing.assert_close(got, local_tiny.run(CLEAN, logits="last").logits, rtol=1e-6, atol=1e-6)
+    assert threads["build"].startswith("interplab-model") and threads["encode"] == threads["build"], threads

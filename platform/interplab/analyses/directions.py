@@ -33,14 +33,14 @@ retention sweep keeps them. Workers build the engine interventions with :func:`s
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from pydantic import NonNegativeInt, model_validator
 
-from interplab.jobs.errors import SpecError
+from interplab.jobs.errors import SpecError, check_positions
 from interplab.jobs.spec import StrictModel
 
 if TYPE_CHECKING:  # torch and the engine load when a direction is used, not when a spec is parsed
@@ -310,6 +310,13 @@ def check_direction_sites(resolved: list[ResolvedEntry], model: Any, *, served: 
                 item.site,
                 f"a site of width {d}",
             )
+
+
+def check_direction_positions(spec: Any, lengths: Sequence[int], where: str) -> None:
+    """Each ``interventions[i].positions`` lies within every prompt (``lengths``: their token counts;
+    ``where``: the spec field they come from), or one SpecError naming the entry."""
+    for i, entry in enumerate(spec_entries(spec)):
+        check_positions(f"interventions[{i}].positions", entry.positions or (), lengths, where)
 
 
 def spec_interventions(spec: Any, store: Store) -> list[Intervention]:

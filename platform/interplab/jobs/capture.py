@@ -35,9 +35,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator
 
-from interplab.analyses.directions import DirectionIntervention
+from interplab.analyses.directions import DirectionIntervention, check_direction_positions
 from interplab.jobs import datasets, reuse
-from interplab.jobs.errors import MISSING, SpecError, at_path
+from interplab.jobs.errors import MISSING, SpecError, at_path, check_positions
 from interplab.jobs.registry import JobSummary, register_kind
 from interplab.jobs.spec import DatasetSpec, JobSpec
 
@@ -121,16 +121,8 @@ class CaptureRunner:
                 raise SpecError(f"{where}[{i}]", "the prompt tokenizes to no tokens", text, "text with at least one token")
             lengths.append(n)
         if spec.positions != "all":
-            shortest = min(range(len(lengths)), key=lengths.__getitem__)
-            n = lengths[shortest]
-            for j, p in enumerate(spec.positions):
-                if not -n <= p < n:
-                    raise SpecError(
-                        f"positions[{j}]",
-                        f"out of range for {where}[{shortest}], which has {n} tokens",
-                        p,
-                        f"{-n}..{n - 1} (negative counts from each prompt's end)",
-                    )
+            check_positions("positions", spec.positions, lengths, where)
+        check_direction_positions(spec, lengths, where)
 
     def chunks(self, spec: CaptureSpec, model) -> list[str]:
         n = len(spec.prompt_texts())

@@ -91,3 +91,20 @@ def at_path(path: str, value: object = MISSING, allowed: str = "") -> Iterator[N
         raise
     except ValueError as exc:
         raise SpecError(path, str(exc), value, allowed) from None
+
+
+def check_positions(field: str, positions: Sequence[int], lengths: Sequence[int], where: str) -> None:
+    """Every position lies within every prompt (``lengths``: their token counts, from spec field
+    ``where``), or one :class:`SpecError` at ``field[j]`` naming the shortest prompt."""
+    if not lengths:
+        return
+    shortest = min(range(len(lengths)), key=lengths.__getitem__)
+    n = int(lengths[shortest])
+    for j, p in enumerate(positions):
+        if not -n <= p < n:
+            raise SpecError(
+                f"{field}[{j}]",
+                f"out of range for {where}[{shortest}], which has {n} tokens",
+                p,
+                f"{-n}..{n - 1} (negative counts from each prompt's end)",
+            )

@@ -52,9 +52,8 @@ class ModelDeployment:
         from interplab.runtime import build_backend
 
         auth = TokenAuth(tokens)
-        backend = build_backend(model, parallel, dtype=dtype, seed=seed)
         self.server = Server(
-            backend,
+            lambda: build_backend(model, parallel, dtype=dtype, seed=seed),  # loaded in the model's thread
             name=name,
             auth=auth,
             limits=ServeLimits.model_validate(limits or {}),

@@ -14,9 +14,10 @@ import json
 import logging
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from interplab.engine.backend import Backend
 from interplab.serve.auth import TokenAuth
@@ -42,7 +43,7 @@ class Server:
 
     def __init__(
         self,
-        backend: Backend,
+        backend: Backend | Callable[[], Backend],
         *,
         name: str,
         auth: TokenAuth,
@@ -55,8 +56,12 @@ class Server:
         self.auth = auth
         self.limits = limits
         self.batching = batching
-        self.service = ModelService(backend, name=name, limits=limits, dtype=dtype, source=source, parallel=parallel)
+        # the model's one thread; ``backend`` may be a factory, called there: torch's CPU kernels then
+        # run in one OpenMP thread team (a second thread running them, even once, slowed every
+        # forward ~1.5x on a 2-core CPU: docs/serving.md)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="interplab-model")
+        built = cast(Backend, backend) if hasattr(backend, "run") else self.executor.submit(backend).result()
+        self.service = ModelService(built, name=name, limits=limits, dtype=dtype, source=source, parallel=parallel)
         self.in_flight: Counter[str] = Counter()
         self.batcher = Batcher(batching, self._run_batch, self.executor, lambda: sum(self.in_flight.values()))
         self.requests: Counter[str] = Counter()  # answered, by operation
@@ -114,7 +119,9 @@ class Server:
             result = await self.batcher.submit(call)
             prompts = header.get("prompts")
             texts_sent = isinstance(prompts, dict) and "input_ids" not in prompts
-            out, frame = self.service.encode_run(call, result, texts_sent)
+            # in the model's thread: copying a large answer is a parallel torch op (one thread team)
+            loop = asyncio.get_running_loop()
+            out, frame = await loop.run_in_executor(self.executor, self.service.encode_run, call, result, texts_sent)
         else:
             out, frame = await asyncio.get_running_loop().run_in_executor(self.executor, self._execute, call)
         data = await asyncio.to_thread(frame.encode, out)

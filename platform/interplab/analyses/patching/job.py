@@ -32,7 +32,7 @@ from typing import Literal
 
 from pydantic import Field, PositiveInt, field_validator, model_validator
 
-from interplab.analyses.directions import DirectionIntervention, spec_interventions
+from interplab.analyses.directions import DirectionIntervention, check_direction_positions, spec_interventions
 from interplab.analyses.metrics import metric_names
 from interplab.analyses.patching.driver import activation_patching, layer_work
 from interplab.analyses.patching.result import baselines_table
@@ -160,6 +160,8 @@ class PatchingRunner:
             raise SpecError(
                 where, str(exc), "(see message)", "equal-length clean/corrupted prompts, single-token answers"
             ) from None
+        lengths = pairs.clean.lengths.minimum(pairs.corrupted.lengths).tolist()  # per pair, the shorter prompt
+        check_direction_positions(spec, lengths, where)
         sweeps = parse_sweeps(spec.sweep)
         for sweep in sweeps:
             with at_path("sweep", sweep.name):
