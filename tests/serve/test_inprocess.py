@@ -13,7 +13,7 @@ from interplab.engine import Intervention
 from interplab.serve import AuthError, LimitError, UnknownModelError
 from interplab.serve.wire import Frame
 from tests.serve import checks
-from tests.serve.helpers import ALICE, BATCH_TOL, BOB, CLEAN, malformed_requests
+from tests.serve.helpers import ALICE, BATCH_TOL, BOB, CLEAN, PROMPTS, malformed_requests
 
 
 @pytest.fixture(scope="module")
@@ -131,8 +131,8 @@ def test_two_users_patching_the_same_site_at_once_get_their_own_rows(make_server
 
 
 def test_the_model_is_built_and_its_answers_copied_in_the_model_thread(local_tiny, tmp_path, monkeypatch):
-    """Torch's parallel kernels run in one thread team: the backend is built, run and its answers
-    copied into frames in the replica's model thread, never in the loop's or a helper thread."""
+    """Torch's parallel kernels run in one thread team: the backend is built and run, and answers big
+    enough for a parallel copy are copied into frames, in the replica's model thread."""
     from interplab.serve.auth import TokenAuth
     from interplab.serve.limits import BatchingConfig, ServeLimits
     from interplab.serve.server import Server
@@ -156,8 +156,8 @@ def test_the_model_is_built_and_its_answers_copied_in_the_model_thread(local_tin
                     batching=BatchingConfig())
     transport = InProcess(server)
     try:
-        got = transport.model().run(CLEAN, logits="last").logits
+        got = transport.model().run(PROMPTS, logits="all").logits  # 3 x 14 x 1128 logits: a parallel copy
     finally:
         transport.close()
-    torch.testing.assert_close(got, local_tiny.run(CLEAN, logits="last").logits, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got, local_tiny.run(PROMPTS, logits="all").logits, rtol=1e-6, atol=1e-6)
     assert threads["build"].startswith("interplab-model") and threads["encode"] == threads["build"], threads

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from interplab.engine.backend import Backend
+from interplab.engine.results import RunResult
 from interplab.serve.auth import TokenAuth
 from interplab.serve.batching import Batcher, RunCall, run_together
 from interplab.serve.errors import LimitError, error_body, status_for
@@ -29,6 +30,7 @@ from interplab.serve.wire import CONTENT_TYPE, decode_frame
 
 log = logging.getLogger("interplab.serve")
 RATE_WINDOW_S = 60.0
+PARALLEL_ELEMENTS = 1 << 15  # torch copies at least this many elements with its thread team (its grain size)
 
 
 @dataclass(frozen=True)
@@ -119,9 +121,11 @@ class Server:
             result = await self.batcher.submit(call)
             prompts = header.get("prompts")
             texts_sent = isinstance(prompts, dict) and "input_ids" not in prompts
-            # in the model's thread: copying a large answer is a parallel torch op (one thread team)
-            loop = asyncio.get_running_loop()
-            out, frame = await loop.run_in_executor(self.executor, self.service.encode_run, call, result, texts_sent)
+            if _elements(result) < PARALLEL_ELEMENTS:
+                out, frame = self.service.encode_run(call, result, texts_sent)
+            else:  # copying it runs a parallel torch kernel: in the model's thread (one thread team)
+                loop = asyncio.get_running_loop()
+                out, frame = await loop.run_in_executor(self.executor, self.service.encode_run, call, result, texts_sent)
         else:
             out, frame = await asyncio.get_running_loop().run_in_executor(self.executor, self._execute, call)
         data = await asyncio.to_thread(frame.encode, out)
@@ -181,6 +185,12 @@ class Server:
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.service.backend.close()
+
+
+def _elements(result: RunResult) -> int:
+    """Elements of a ``run`` answer's tensors (logits and captures)."""
+    logits = result.logits.numel() if result.logits is not None else 0
+    return logits + sum(int(value.numel()) for value in result.cache.values())
 
 
 def _process() -> dict[str, Any]:
