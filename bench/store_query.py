@@ -11,23 +11,18 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
-
 from interplab.store import open_store
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import best_of  # noqa: E402
+
 RUNS, SITES, LAYERS = 5, ("resid_pre", "resid_post"), 4
-
-
-def _best(fn, rounds: int = 3) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(rounds):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
 
 
 def build(store, rows: int, vectors: int, chunk_rows: int = 50_000) -> np.ndarray:
@@ -55,8 +50,9 @@ def build(store, rows: int, vectors: int, chunk_rows: int = 50_000) -> np.ndarra
             part = vecs[start : start + 100_000]
             n = len(part)
             pid = np.arange(start, start + n, dtype=np.int64)
-            w.write_activations(chunk, "resid_post", 20, None, pid, np.zeros(n, np.int32), np.zeros(n, np.int64),
-                                ["t"] * n, part, dtype=dtype)
+            w.write_activations(
+                chunk, "resid_post", 20, None, pid, np.zeros(n, np.int32), np.zeros(n, np.int64), ["t"] * n, part, dtype=dtype
+            )
         w.commit()
     return vecs
 
@@ -72,37 +68,46 @@ def main() -> None:
         store = open_store(f"{root}/store")
         start = time.perf_counter()
         vecs = build(store, args.rows, args.vectors)
-        print(f"built store: {args.rows:,} rows (d=64) + {args.vectors:,} vectors (d=576, float16 and float32) in {time.perf_counter() - start:.1f} s")
+        print(
+            f"built store: {args.rows:,} rows (d=64) + {args.vectors:,} vectors (d=576, float16 and float32) in {time.perf_counter() - start:.1f} s"
+        )
         start = time.perf_counter()
         total = store.sql("SELECT count(*) FROM activations").column(0)[0].as_py()
         print(f"cold session (list manifests, create views) + count(*) over {total:,} rows: {time.perf_counter() - start:.3f} s")
 
-        pruned_q = ("SELECT count(*) AS n, avg(act[1]) AS a FROM activations "
-                    "WHERE run_id = 'q-2' AND site = 'resid_pre' AND layer = 1")
+        pruned_q = (
+            "SELECT count(*) AS n, avg(act[1]) AS a FROM activations WHERE run_id = 'q-2' AND site = 'resid_pre' AND layer = 1"
+        )
         full_q = "SELECT count(*) AS n, avg(act[1]) AS a FROM activations WHERE run_id LIKE 'q-%'"
-        t_pruned, r = _best(lambda: store.sql(pruned_q))
-        t_full, r_full = _best(lambda: store.sql(full_q), rounds=1)
-        print(f"partition-pruned filter ({r.column('n')[0].as_py():,} of {r_full.column('n')[0].as_py():,} rows): "
-              f"{t_pruned:.3f} s; same aggregate, full scan: {t_full:.3f} s; ratio {t_full / t_pruned:.0f}x")
+        t_pruned, r = best_of(lambda: store.sql(pruned_q))
+        t_full, r_full = best_of(lambda: store.sql(full_q), rounds=1)
+        print(
+            f"partition-pruned filter ({r.column('n')[0].as_py():,} of {r_full.column('n')[0].as_py():,} rows): "
+            f"{t_pruned:.3f} s; same aggregate, full scan: {t_full:.3f} s; ratio {t_full / t_pruned:.0f}x"
+        )
 
         query = vecs[123].astype(np.float32)
-        cos_q = ("SELECT prompt_id, array_cosine_similarity(act, $v::FLOAT[576]) AS s FROM activations_d576 "
-                 "WHERE run_id = 'cos' ORDER BY s DESC LIMIT 10")
-        t_cos, top = _best(lambda: store.sql(cos_q, {"v": query.tolist()}))
+        cos_q = (
+            "SELECT prompt_id, array_cosine_similarity(act, $v::FLOAT[576]) AS s FROM activations_d576 "
+            "WHERE run_id = 'cos' ORDER BY s DESC LIMIT 10"
+        )
+        t_cos, top = best_of(lambda: store.sql(cos_q, {"v": query.tolist()}))
         assert top.column("prompt_id")[0].as_py() == 123
-        t_cos32, top = _best(lambda: store.sql(cos_q.replace("'cos'", "'cos32'"), {"v": query.tolist()}))
+        t_cos32, top = best_of(lambda: store.sql(cos_q.replace("'cos'", "'cos32'"), {"v": query.tolist()}))
         assert top.column("prompt_id")[0].as_py() == 123
-        t_saved, _ = _best(lambda: store.saved("nearest", run_id="cos", site="resid_post", layer=20, vector=query, k=10))
+        t_saved, _ = best_of(lambda: store.saved("nearest", run_id="cos", site="resid_post", layer=20, vector=query, k=10))
         mat = vecs.astype(np.float32)
 
         def numpy_topk():
             sims = (mat @ query) / (np.linalg.norm(mat, axis=1) * np.linalg.norm(query))
             return np.argpartition(-sims, 10)[:10]
 
-        t_np, _ = _best(numpy_topk)
-        print(f"cosine top-10 over {len(vecs):,} x 576 (SQL, array_cosine_similarity): {t_cos:.3f} s (goal <= 2 s); "
-              f"stored as float32: {t_cos32:.3f} s; saved query 'nearest': {t_saved:.3f} s; numpy in memory (float32): {t_np:.3f} s; "
-              f"SQL/numpy {t_cos / t_np:.1f}x")
+        t_np, _ = best_of(numpy_topk)
+        print(
+            f"cosine top-10 over {len(vecs):,} x 576 (SQL, array_cosine_similarity): {t_cos:.3f} s (goal <= 2 s); "
+            f"stored as float32: {t_cos32:.3f} s; saved query 'nearest': {t_saved:.3f} s; numpy in memory (float32): {t_np:.3f} s; "
+            f"SQL/numpy {t_cos / t_np:.1f}x"
+        )
         store.close()
     finally:
         shutil.rmtree(root, ignore_errors=True)

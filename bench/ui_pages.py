@@ -16,23 +16,19 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 from interplab.store import open_store
 from interplab.store.layout import KNOWN_SCHEMAS
 
-
-def _best(fn, rounds: int = 5) -> tuple[float, object]:
-    best, out = float("inf"), None
-    for _ in range(rounds):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import best_of  # noqa: E402
 
 
 def fill_runs(store, n: int) -> None:
@@ -162,23 +158,23 @@ def main() -> None:
         server_ms(client, "/runs")  # warm: views built, run records cached
         page = min(server_ms(client, "/runs?sort=created_at&order=desc&page=3") for _ in range(5))
         filtered = min(server_ms(client, "/runs?kind=patching&status=committed&sort=run_id") for _ in range(5))
-        base, _ = _best(lambda: store.sql("SELECT * FROM runs"))
+        base, _ = best_of(lambda: store.sql("SELECT * FROM runs"), rounds=5)
         print(
             f"runs page ({args.runs + 2} runs): {page:.0f} ms server time; filtered+sorted {filtered:.0f} ms "
             f"(goal < 1000); SELECT * FROM runs alone {base * 1000:.0f} ms; ratio {page / (base * 1000):.2f}x"
         )
 
         probe = activations.Probe(run_id="acts", site="resid_post", layer=5, neuron=7, k=20)
-        t_browse, out = _best(lambda: activations.browse(store, probe), rounds=3)
-        t_sql, by_sql = _best(lambda: activations.browse_sql(store, probe), rounds=3)
-        t_saved, top = _best(
+        t_browse, out = best_of(lambda: activations.browse(store, probe), rounds=3)
+        t_sql, by_sql = best_of(lambda: activations.browse_sql(store, probe), rounds=3)
+        t_saved, top = best_of(
             lambda: store.saved("top_tokens_neuron", run_id="acts", site="resid_post", layer=5, neuron=7, k=20), rounds=3
         )
         assert out == by_sql and out["examples"][0]["prompt_id"] == top.to_pylist()[0]["prompt_id"]
         direction = np.random.default_rng(1).standard_normal(args.d).tolist()
         dprobe = activations.Probe(run_id="acts", site="resid_post", layer=5, direction=tuple(direction), k=20)
-        t_dir, out = _best(lambda: activations.browse(store, dprobe), rounds=3)
-        t_dir_sql, by_sql = _best(lambda: activations.browse_sql(store, dprobe), rounds=3)
+        t_dir, out = best_of(lambda: activations.browse(store, dprobe), rounds=3)
+        t_dir_sql, by_sql = best_of(lambda: activations.browse_sql(store, dprobe), rounds=3)
         assert [e["prompt_id"] for e in out["examples"]] == [e["prompt_id"] for e in by_sql["examples"]]
         page_ms = min(
             server_ms(client, "/activations?run_id=acts&site=resid_post&layer=5&mode=neuron&neuron=7&k=20") for _ in range(3)
