@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 import torch
 from torch import nn
 
-from interplab.engine import attention, hooks, runner
+from interplab.engine import attention, hooks, runner, stream
 from interplab.engine.arena import CaptureArena
 from interplab.engine.backend import CaptureSink
 from interplab.engine.cache import ActivationCache
@@ -554,45 +554,10 @@ class HookedModel:
         positions: Positions = None,
         interventions: Sequence[Intervention] = (),
     ) -> Iterator[CaptureChunk]:
-        """Capture ``sites`` over a prompt iterable of any size, one CPU chunk per batch."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-        checked = [self.validate_site(s) for s in parse_sites(list(sites))]
-        buffer: list[str] = []
-        index = 0
-        first_id = 0
-        for text in prompts:
-            buffer.append(text)
-            if len(buffer) == batch_size:
-                yield self._chunk(buffer, checked, positions, interventions, index, first_id)
-                index, first_id, buffer = index + 1, first_id + len(buffer), []
-        if buffer:
-            yield self._chunk(buffer, checked, positions, interventions, index, first_id)
-
-    def _chunk(
-        self,
-        texts: Sequence[str],
-        sites: Sequence[Site],
-        positions: Positions,
-        interventions: Sequence[Intervention],
-        index: int,
-        first_id: int,
-    ) -> CaptureChunk:
-        result = self.run(texts, capture=sites, positions=positions, interventions=interventions, logits="none")
-        batch = result.batch
-        tokens = [
-            [decode(self.tokenizer, [int(t)]) for t in batch.input_ids[i, : int(batch.lengths[i])]] for i in range(batch.size)
-        ]
-        acts = {site: value.to("cpu") for site, value in result.cache.items()}
-        return CaptureChunk(
-            index=index,
-            prompt_ids=list(range(first_id, first_id + batch.size)),
-            token_ids=batch.input_ids.cpu(),
-            lengths=batch.lengths.tolist(),
-            tokens=tokens,
-            positions=result.cache.positions,
-            valid=result.cache.valid,
-            acts=acts,
+        """Capture ``sites`` over a prompt iterable of any size, one CPU chunk per batch
+        (:func:`interplab.engine.stream.capture_stream`)."""
+        return stream.capture_stream(
+            self, prompts, sites, batch_size=batch_size, positions=positions, interventions=interventions
         )
 
     @torch.no_grad()
@@ -625,23 +590,19 @@ class HookedModel:
         skip_chunks: Iterable[int] = (),
         on_chunk: Callable[[int], None] | None = None,
     ) -> int:
-        """Capture ``sites`` of every prompt into ``sink`` (see :meth:`Backend.capture`): chunk ``i``
-        holds prompts ``[i * batch_size, (i + 1) * batch_size)``; ``skip_chunks`` are not run."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-        checked = [self.validate_site(s) for s in parse_sites(list(sites))]
-        skip = set(skip_chunks)
-        texts = list(prompts)
-        written = 0
-        for index, first in enumerate(range(0, len(texts), batch_size)):
-            if index in skip:
-                continue
-            part = texts[first : first + batch_size]
-            sink.write_capture_chunk(self._chunk(part, checked, positions, (), index, first), dtype=dtype)
-            written += 1
-            if on_chunk is not None:
-                on_chunk(index)
-        return written
+        """Capture ``sites`` of every prompt into ``sink`` (see :meth:`Backend.capture` and
+        :func:`interplab.engine.stream.capture_into`)."""
+        return stream.capture_into(
+            self,
+            prompts,
+            sites,
+            sink,
+            batch_size=batch_size,
+            positions=positions,
+            dtype=dtype,
+            skip_chunks=skip_chunks,
+            on_chunk=on_chunk,
+        )
 
     # ------------------------------------------------------------------ weights
     def trainer(self, adam: AdamConfig | None = None, trainable: Sequence[str] | None = None) -> LocalTrainer:
