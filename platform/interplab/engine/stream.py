@@ -58,6 +58,10 @@ class CaptureChunk:
         return len(self.prompt_ids)
 
 
+# (texts, checked sites, positions, chunk index, first prompt id) -> the chunk
+ChunkMaker = Callable[[Sequence[str], Sequence[Site], "Positions", int, int], CaptureChunk]
+
+
 def capture_chunk(
     model: Backend,
     texts: Sequence[str],
@@ -124,9 +128,11 @@ def capture_into(
     dtype: str = "float16",
     skip_chunks: Iterable[int] = (),
     on_chunk: Callable[[int], None] | None = None,
+    make_chunk: ChunkMaker | None = None,
 ) -> int:
     """Capture ``sites`` of every prompt into ``sink``: chunk ``i`` holds prompts
-    ``[i * batch_size, (i + 1) * batch_size)``; ``skip_chunks`` are not run. Returns chunks written."""
+    ``[i * batch_size, (i + 1) * batch_size)``; ``skip_chunks`` are not run. Returns chunks written.
+    ``make_chunk`` builds a chunk (default :func:`capture_chunk`; a remote model tokenises remotely)."""
     checked = _checked(model, sites, batch_size)
     skip = set(skip_chunks)
     texts = list(prompts)
@@ -135,7 +141,8 @@ def capture_into(
         if index in skip:
             continue
         part = texts[first : first + batch_size]
-        sink.write_capture_chunk(capture_chunk(model, part, checked, positions, (), index, first), dtype=dtype)
+        make = make_chunk or (lambda texts, sites, pos, i, first_id: capture_chunk(model, texts, sites, pos, (), i, first_id))
+        sink.write_capture_chunk(make(part, checked, positions, index, first), dtype=dtype)
         written += 1
         if on_chunk is not None:
             on_chunk(index)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 import torch
 
+from interplab.engine import stream
 from interplab.engine.backend import CaptureSink
 from interplab.engine.cache import ActivationCache
 from interplab.engine.interventions import Intervention
@@ -304,35 +305,37 @@ class RemoteModel:
         on_chunk: Callable[[int], None] | None = None,
     ) -> int:
         """Capture ``sites`` of every prompt into ``sink`` (written here, from each chunk's ``run``)."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
-        checked = [str(self.validate_site(s)) for s in sites]
-        skip = set(skip_chunks)
-        texts = list(prompts)
-        written = 0
-        for index, first in enumerate(range(0, len(texts), batch_size)):
-            if index in skip:
-                continue
-            part = texts[first : first + batch_size]
-            frame = Frame()
-            out, tensors = self._call("tokenize", {"prompts": codec.encode_prompts(part, frame), "strings": True}, frame)
-            batch = codec.decode_batch(out["batch"], tensors)
-            result = self.run(batch, capture=checked, positions=positions, logits="none")
-            chunk = CaptureChunk(
-                index=index,
-                prompt_ids=list(range(first, first + batch.size)),
-                token_ids=batch.input_ids,
-                lengths=batch.lengths.tolist(),
-                tokens=out["strings"],
-                positions=result.cache.positions,
-                valid=result.cache.valid,
-                acts=dict(result.cache.items()),
-            )
-            sink.write_capture_chunk(chunk, dtype=dtype)
-            written += 1
-            if on_chunk is not None:
-                on_chunk(index)
-        return written
+        return stream.capture_into(
+            self,
+            prompts,
+            sites,
+            sink,
+            batch_size=batch_size,
+            positions=positions,
+            dtype=dtype,
+            skip_chunks=skip_chunks,
+            on_chunk=on_chunk,
+            make_chunk=self._capture_chunk,
+        )
+
+    def _capture_chunk(
+        self, part: Sequence[str], sites: Sequence[Site], positions: Positions, index: int, first: int
+    ) -> CaptureChunk:
+        """One chunk: the service tokenises ``part`` (ids and token strings in one call), then ``run``."""
+        frame = Frame()
+        out, tensors = self._call("tokenize", {"prompts": codec.encode_prompts(part, frame), "strings": True}, frame)
+        batch = codec.decode_batch(out["batch"], tensors)
+        result = self.run(batch, capture=[str(s) for s in sites], positions=positions, logits="none")
+        return CaptureChunk(
+            index=index,
+            prompt_ids=list(range(first, first + batch.size)),
+            token_ids=batch.input_ids,
+            lengths=batch.lengths.tolist(),
+            tokens=out["strings"],
+            positions=result.cache.positions,
+            valid=result.cache.valid,
+            acts=dict(result.cache.items()),
+        )
 
     # ------------------------------------------------------------------ weights: read-only
     def trainer(self, adam: AdamConfig | None = None, trainable: Sequence[str] | None = None) -> Trainer:
