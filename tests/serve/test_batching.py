@@ -190,22 +190,30 @@ SHARED = {
 
 
 def _spy(monkeypatch, m):
-    """Record the joins of every run_stage call on ``m``."""
+    """Record every pass the shared path makes on ``m``: ``("stage", batch, kwargs)`` for run_stage,
+    ``("packed", batch, forks)`` for a packed pass."""
+    from interplab.serve import sharing
+
     seen = []
-    real = m.run_stage
+    real_stage, real_packed = m.run_stage, sharing.run_packed
 
     def run_stage(batch, **kw):
-        seen.append((batch, kw))
-        return real(batch, **kw)
+        seen.append(("stage", batch, kw))
+        return real_stage(batch, **kw)
+
+    def run_packed(model, batch, forks, interventions=()):
+        seen.append(("packed", batch, list(forks)))
+        return real_packed(model, batch, forks, interventions)
 
     monkeypatch.setattr(m, "run_stage", run_stage, raising=False)
+    monkeypatch.setattr(sharing, "run_packed", run_packed)
     return seen
 
 
 @pytest.mark.parametrize("case", list(SHARED))
 def test_requests_sharing_a_prompt_compute_it_once_and_equal_each_alone(local_tiny, case, monkeypatch):
-    """Rows that share a prompt fork from one base row at their first patched layer
-    (interplab.serve.sharing); each request still gets exactly its own run's logits."""
+    """Rows that share a prompt fork from one base row at their first patched layer (and, packed, their
+    first patched position: interplab.serve.sharing); each request still gets exactly its own run's logits."""
     from interplab.engine.plan import Fork
     from interplab.serve.sharing import shared_pass
 
@@ -215,28 +223,43 @@ def test_requests_sharing_a_prompt_compute_it_once_and_equal_each_alone(local_ti
     seen = _spy(monkeypatch, m)
     merged, _ = merge(calls, pad_id=1)
     assert shared_pass(m, merged) is not None, "the shared path should apply"
-    ((batch, kw),) = seen  # one pass
-    forks = kw["joins"]
-    assert forks and all(isinstance(f, Fork) and f.size for f in forks.values())
-    assert batch.size - sum(f.size for f in forks.values()) < merged.batch.size  # fewer rows start at the embedding
+    ((how, batch, detail),) = seen  # one pass
+    if merged.logits == "last":  # set/add/scale with last-position logits: packed
+        assert how == "packed" and detail
+        forked, starting = len(detail), batch.size
+    else:
+        assert how == "stage" and detail["joins"]
+        assert all(isinstance(f, Fork) and f.size for f in detail["joins"].values())
+        forked = sum(f.size for f in detail["joins"].values())
+        starting = batch.size - forked
+    extra = starting - (merged.batch.size - forked)  # base rows that are no request's row
+    assert 0 <= extra <= len(set(merged.batch.texts)) and starting < merged.batch.size  # fewer rows start at the embedding
     seen.clear()
     for c, got in zip(calls, run_together(m, calls, pad_id=1)):
         assert_same(got, c.run_alone(m))
 
 
-def test_forked_rows_join_at_their_first_patched_layer(local_tiny, monkeypatch):
-    m = local_tiny
-    calls = _patches(m, CORRUPT[:1], [(2, 9), (2, 10), (2, 11), (1, 12)])
-    calls.append(call(m, CORRUPT[:1], logits="last"))  # unpatched: it is the base row itself
-    seen = _spy(monkeypatch, m)
+def test_forked_rows_join_at_their_first_patched_layer_and_position(local_tiny, monkeypatch):
+    from interplab.engine.packed import PackedFork
     from interplab.serve.sharing import shared_pass
 
+    m = local_tiny
+    calls = _patches(m, CORRUPT[:1], [(2, 9), (2, 10), (2, -1), (1, 12)])
+    calls.append(call(m, CORRUPT[:1], logits="last"))  # unpatched: it is the base row itself
+    last = int(calls[0].batch.lengths[0]) - 1
+    seen = _spy(monkeypatch, m)
     result = shared_pass(m, merge(calls, pad_id=1)[0])
-    ((batch, kw),) = seen
-    assert batch.size == 5 and kw["start"] == 0  # no extra row: the unpatched request is the base
-    assert {layer: f.rows.tolist() for layer, f in kw["joins"].items()} == {1: [0], 2: [0, 0, 0]}
+    ((how, batch, forks),) = seen
+    assert how == "packed" and batch.size == 1  # no extra row: the unpatched request is the base
+    assert forks == [PackedFork(0, 1, 12), PackedFork(0, 2, 9), PackedFork(0, 2, 10), PackedFork(0, 2, last)]
     for i, c in enumerate(calls):
         torch.testing.assert_close(result.logits[i : i + 1], c.run_alone(m).logits, **BATCH_TOL)
+    seen.clear()
+    whole = [call(m, CORRUPT[:1], interventions=c.interventions, logits="all") for c in calls[:4]]
+    shared_pass(m, merge(whole, pad_id=1)[0])  # all logits: whole rows fork (run_stage Fork joins)
+    ((how, batch, kw),) = seen
+    assert how == "stage" and batch.size == 5 and kw["start"] == 0  # one extra base row
+    assert {layer: f.rows.tolist() for layer, f in kw["joins"].items()} == {1: [0], 2: [0, 0, 0]}
 
 
 def test_a_fork_copies_the_rows_it_names(local_tiny):
@@ -276,6 +299,28 @@ def test_captures_unshared_prompts_and_low_layers_take_the_plain_merged_pass(loc
     ] * 3
     unshared = [call(m, [p], interventions=[steer("resid_pre.2", direction(9, 64))], logits="last") for p in CLEAN]
     attention = [call(m, CORRUPT[:1], interventions=[Intervention("z.1", "set", value=0.0)], logits="last")] * 3
-    at_layer_0 = _patches(m, CORRUPT[:1], [(0, 3), (0, 4), (1, 5)])  # skips 1 layer, the base row costs 3
+    # forked, these rows would skip 16 token-layers (layer 1 x 13 tokens, 1 position x 3 layers); the base row costs 39
+    at_layer_0 = _patches(m, CORRUPT[:1], [(0, 0), (0, 1), (1, 0)])
     for calls in (captured, unshared, attention, at_layer_0):
         assert shared_pass(m, merge(calls, pad_id=1)[0]) is None
+
+
+def test_the_next_batch_waits_for_the_requests_the_last_pass_answered(local_tiny):
+    """Regrouping (no clocks involved: the deadline is computed from set times). After a pass of 16
+    requests that took 0.2 s, a batch seeded while fewer than 16 are queued may wait until the
+    model has been free for regroup x 0.2 s (capped by regroup_max_ms); with all 16 back, only the
+    window applies."""
+    from interplab.serve.batching import _Item
+
+    loop = asyncio.new_event_loop()
+    try:
+        for regroup, cap_ms, wait in [(1.0, 250.0, 0.2), (0.5, 250.0, 0.1), (1.0, 150.0, 0.15), (0.0, 250.0, 0.005)]:
+            batcher = Batcher(BatchingConfig(window_ms=5, regroup=regroup, regroup_max_ms=cap_ms), lambda calls: [], ThreadPoolExecutor(1))
+            batcher._free_since, batcher._last_pass_s, batcher._expected = 100.0, 0.2, 16
+            items = [_Item(call(local_tiny, ["Mary lives in"]), "k", loop.create_future(), arrived=100.001) for _ in range(16)]
+            batcher.queues["u"] = items[:3]
+            assert batcher._deadline(items[0]) == pytest.approx(100.0 + max(wait, 0.005 + 0.001)), (regroup, cap_ms)
+            batcher.queues["u"] = items
+            assert batcher._deadline(items[0]) == pytest.approx(100.006)  # everyone is back: the window only
+    finally:
+        loop.close()

@@ -12,6 +12,7 @@ given hidden states: the building block of the pipeline-parallel (Ray) backend.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -195,26 +196,33 @@ class HookedModel:
         vocab: torch.Tensor | None = None,
     ) -> torch.Tensor:
         batch = batch.to(self.device)
+        with self.activated(plan, range(start, stop)):
+            starting = batch.size - sum(_join_rows(j) for j in joins.values()) if joins else batch.size
+            if hidden is not None:
+                like = hidden
+            elif starting and start == 0:  # the rows that start at layer 0 start at the embedding
+                hidden = like = runner.embed(self, batch.input_ids[:starting], plan)
+            else:
+                first = next((j for _, j in sorted((joins or {}).items()) if isinstance(j, torch.Tensor)), None)
+                if first is None:
+                    raise ValueError(f"run_stage: no rows at layer {start}: pass hidden or joins[{start}]")
+                like = first
+            offset = plan.prefix.length if plan.prefix is not None else 0
+            ctx = runner.build_context(self, batch.attention_mask, like, start, stop, offset)
+            hidden = runner.run_layers(self, hidden, ctx, plan, start, stop, joins)
+            if not with_head:
+                return hidden
+            last = batch.last_positions() - offset if logits == "last" else None
+            return runner.unembed(self, hidden, plan, last, vocab)
+
+    @contextmanager
+    def activated(self, plan: HookPlan, layers: range) -> Iterator[None]:
+        """``plan`` active in the attention kernel and its module hooks installed on ``layers``,
+        for the duration of a pass (hooks removed after, whatever happens)."""
         token = attention.activate(plan, self._attn_layer)
         try:
-            with hooks.installed(self, plan, range(start, stop)):
-                starting = batch.size - sum(_join_rows(j) for j in joins.values()) if joins else batch.size
-                if hidden is not None:
-                    like = hidden
-                elif starting and start == 0:  # the rows that start at layer 0 start at the embedding
-                    hidden = like = runner.embed(self, batch.input_ids[:starting], plan)
-                else:
-                    first = next((j for _, j in sorted((joins or {}).items()) if isinstance(j, torch.Tensor)), None)
-                    if first is None:
-                        raise ValueError(f"run_stage: no rows at layer {start}: pass hidden or joins[{start}]")
-                    like = first
-                offset = plan.prefix.length if plan.prefix is not None else 0
-                ctx = runner.build_context(self, batch.attention_mask, like, start, stop, offset)
-                hidden = runner.run_layers(self, hidden, ctx, plan, start, stop, joins)
-                if not with_head:
-                    return hidden
-                last = batch.last_positions() - offset if logits == "last" else None
-                return runner.unembed(self, hidden, plan, last, vocab)
+            with hooks.installed(self, plan, layers):
+                yield
         finally:
             attention.deactivate(token)
 

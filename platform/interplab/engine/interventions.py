@@ -141,7 +141,7 @@ class Intervention:
 
     def apply(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Return ``x`` with this intervention applied (``x`` itself is not modified)."""
-        fn, value = self.fn, self.value
+        fn = self.fn
         if (
             self.op == "apply"
             and fn is not None
@@ -157,7 +157,12 @@ class Intervention:
                 )
             return new
         index = self.index(x, lengths)
-        selected = x[index]
+        return x.index_put(index, self.new_values(x[index]))
+
+    def new_values(self, selected: torch.Tensor) -> torch.Tensor:
+        """What this intervention writes over ``selected`` (the activation at its index, shaped as
+        :meth:`index` selects it): a tensor of ``selected``'s shape and dtype."""
+        fn, value = self.fn, self.value
         if self.op == "apply":
             if fn is None:  # refused by __post_init__
                 raise InterventionError("op 'apply' needs fn")
@@ -168,18 +173,17 @@ class Intervention:
             new = selected * value
         else:
             if not isinstance(value, torch.Tensor):
-                value = torch.tensor(value, dtype=x.dtype)
-            new = value.to(device=x.device, dtype=x.dtype)
+                value = torch.tensor(value, dtype=selected.dtype)
+            new = value.to(device=selected.device, dtype=selected.dtype)
             if self.op == "add":
                 new = selected + new
         try:
-            new = torch.broadcast_to(new.to(dtype=x.dtype), selected.shape)
+            return torch.broadcast_to(new.to(dtype=selected.dtype), selected.shape)
         except RuntimeError:
             raise InterventionError(
                 f"intervention on {self.site}: value of shape {tuple(new.shape)} does not fit the selection "
                 f"of shape {tuple(selected.shape)}"
             ) from None
-        return x.index_put(index, new)
 
 
 # --------------------------------------------------------------------------- constructors

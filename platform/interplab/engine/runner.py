@@ -86,8 +86,10 @@ def build_context(
     return LayerContext(position_ids, rotary, masks, layer_types)
 
 
-def embed(hooked: HookedModel, input_ids: torch.Tensor, plan: HookPlan) -> torch.Tensor:
-    position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
+def embed(hooked: HookedModel, input_ids: torch.Tensor, plan: HookPlan, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The residual stream's input; ``position_ids`` (``Long[1, s]``) default to ``0..s-1``."""
+    if position_ids is None:
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
     if hooked.spec.embed_fn is not None:
         hidden = hooked.spec.embed_fn(hooked.base, input_ids, position_ids)
     else:

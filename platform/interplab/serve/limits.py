@@ -81,7 +81,7 @@ class BatchingConfig(BaseModel):
     max_rows: int = Field(default=1024, ge=1)
     max_tokens: int = Field(default=1 << 16, ge=1)
     max_requests: int = Field(default=64, ge=1)
-    regroup: float = Field(default=0.5, ge=0, le=1)
+    regroup: float = Field(default=1.0, ge=0, le=4)
     regroup_max_ms: float = Field(default=250.0, ge=0)
 
 
