@@ -10,6 +10,7 @@ requests in flight), 500 (a failure of the service itself, logged with its trace
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import time
@@ -30,6 +31,8 @@ from interplab.serve.wire import CONTENT_TYPE, decode_frame
 
 log = logging.getLogger("interplab.serve")
 RATE_WINDOW_S = 60.0
+# requests and answers smaller than this are read and written in the replica's event loop
+INLINE_BYTES = 1 << 16
 PARALLEL_ELEMENTS = 1 << 15  # torch copies at least this many elements with its thread team (its grain size)
 
 
@@ -113,10 +116,13 @@ class Server:
         size = max(len(body), declared_length or 0)
         if size > limits.max_request_bytes:
             raise LimitError("max_request_bytes", limits.max_request_bytes, size, "the request body's bytes")
-        header, tensors = await asyncio.to_thread(
+        small = size < INLINE_BYTES  # read at once: a helper thread's hand-offs would cost more than the work
+        decode = functools.partial(
             decode_frame, body, max_json_bytes=limits.max_json_bytes, max_tensor_bytes=limits.max_tensor_bytes
         )
-        call = await asyncio.to_thread(self.service.parse, op, header, tensors, user)
+        header, tensors = decode() if small else await asyncio.to_thread(decode)
+        parse = functools.partial(self.service.parse, op, header, tensors, user)
+        call = parse() if small else await asyncio.to_thread(parse)
         if isinstance(call, RunCall):
             result = await self.batcher.submit(call)
             prompts = header.get("prompts")
@@ -128,7 +134,7 @@ class Server:
                 out, frame = await loop.run_in_executor(self.executor, self.service.encode_run, call, result, texts_sent)
         else:
             out, frame = await asyncio.get_running_loop().run_in_executor(self.executor, self._execute, call)
-        data = await asyncio.to_thread(frame.encode, out)
+        data = frame.encode(out) if frame.nbytes < INLINE_BYTES else await asyncio.to_thread(frame.encode, out)
         self.requests[op] += 1
         self._tick()
         return Answer(200, data, CONTENT_TYPE)
