@@ -27,6 +27,7 @@ from interplab.engine.interventions import Intervention
 from interplab.engine.plan import Fork, HookPlan, KVPrefix, Positions
 from interplab.engine.results import GradResult, LogitsMode, Metric, Prompts, RunResult, StageRequest
 from interplab.engine.sites import Site, SiteError, SiteKind, parse_sites
+from interplab.engine.stage_checks import check_joins, check_vocab, join_rows
 from interplab.engine.stream import CaptureChunk
 from interplab.engine.tokens import TokenBatch, decode, tokenize
 from interplab.engine.training import AdamConfig, LocalTrainer
@@ -35,10 +36,6 @@ if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 Key = TypeVar("Key")
-
-
-def _join_rows(join: torch.Tensor | Fork) -> int:
-    return join.size if isinstance(join, Fork) else int(join.shape[0])
 
 
 @dataclass
@@ -197,7 +194,7 @@ class HookedModel:
     ) -> torch.Tensor:
         batch = batch.to(self.device)
         with self.activated(plan, range(start, stop)):
-            starting = batch.size - sum(_join_rows(j) for j in joins.values()) if joins else batch.size
+            starting = batch.size - sum(join_rows(j) for j in joins.values()) if joins else batch.size
             if hidden is not None:
                 like = hidden
             elif starting and start == 0:  # the rows that start at layer 0 start at the embedding
@@ -225,50 +222,6 @@ class HookedModel:
                 yield
         finally:
             attention.deactivate(token)
-
-    @staticmethod
-    def check_joins(
-        batch: TokenBatch,
-        start: int,
-        stop: int,
-        hidden: torch.Tensor | None,
-        joins: Mapping[int, torch.Tensor | Fork],
-        capturing: bool,
-    ) -> None:
-        """One clear error for ``run_stage`` joins that cannot run (shared with the pipeline backend)."""
-        if capturing:
-            raise ValueError("run_stage: joins cannot be combined with capture or grad (the batch grows between layers)")
-        outside = sorted(layer for layer in joins if not start <= layer < stop)
-        if outside:
-            raise ValueError(f"run_stage: joins at layers {outside} lie outside the stage's layers [{start}, {stop})")
-        joined = sum(_join_rows(j) for j in joins.values())
-        first = 0 if hidden is None else int(hidden.shape[0])
-        if hidden is None and start == 0:
-            first = batch.input_ids.shape[0] - joined  # the rest start at the embedding
-        elif hidden is None and not isinstance(joins.get(start), torch.Tensor):
-            raise ValueError(f"run_stage: no rows at layer {start}: pass hidden or joins[{start}]")
-        if first + joined != batch.input_ids.shape[0]:
-            raise ValueError(f"run_stage: hidden and joins hold {first + joined} rows, the batch has {batch.input_ids.shape[0]}")
-        present = first
-        for layer in sorted(joins):
-            join = joins[layer]
-            if isinstance(join, Fork) and join.size and (int(join.rows.min()) < 0 or int(join.rows.max()) >= present):
-                raise ValueError(
-                    f"run_stage: the fork at layer {layer} copies rows {join.rows.tolist()}, but rows 0..{present - 1} are there"
-                )
-            present += _join_rows(join)
-
-    def check_vocab(self, vocab: torch.Tensor, with_head: bool) -> torch.Tensor:
-        """``vocab`` as ``Long[k]`` token ids of this model, or one clear error."""
-        if not with_head:
-            raise ValueError("vocab selects logits columns: it needs with_head=True")
-        vocab = torch.as_tensor(vocab)
-        if vocab.ndim != 1 or vocab.dtype not in (torch.int32, torch.int64) or len(vocab) == 0:
-            raise ValueError(f"vocab must be a non-empty 1-d tensor of token ids, got {vocab.dtype} {list(vocab.shape)}")
-        bad = vocab[(vocab < 0) | (vocab >= self.d_vocab)]
-        if len(bad):
-            raise ValueError(f"vocab holds token ids {bad[:5].tolist()} outside [0, {self.d_vocab})")
-        return vocab.long()
 
     def _last_needed_layer(self, plan: HookPlan) -> int | None:
         """The last layer a capture-only pass must run, or None if the head is needed."""
@@ -360,8 +313,8 @@ class HookedModel:
         """
         if joins:
             if vocab is not None:
-                vocab = self.check_vocab(vocab, with_head)
-            self.check_joins(batch, start, stop, hidden, joins, bool(capture) or grad)
+                vocab = check_vocab(vocab, with_head, self.d_vocab)
+            check_joins(batch, start, stop, hidden, joins, bool(capture) or grad)
             plan = self._plan(batch, [], interventions, (), positions, keep_grad=False, prefix=prefix)
             with torch.no_grad():
                 out = self._execute(
@@ -479,7 +432,7 @@ class HookedModel:
         ``StagePass.plan.kv`` (as ``run(keep_kv=True)``).
         """
         if vocab is not None:
-            vocab = self.check_vocab(vocab, with_head)
+            vocab = check_vocab(vocab, with_head, self.d_vocab)
         sites = list(capture) + list(grad_sites)
         plan = self._plan(
             batch,

@@ -101,7 +101,7 @@ def embed(hooked: HookedModel, input_ids: torch.Tensor, plan: HookPlan, position
 
 def _rows(hidden: torch.Tensor | None, layer: int) -> torch.Tensor:
     """``hidden``, which must hold rows by ``layer`` (``run_stage`` checks this up front:
-    :meth:`~interplab.engine.hooked.HookedModel.check_joins`)."""
+    :func:`~interplab.engine.stage_checks.check_joins`)."""
     if hidden is None:
         raise ValueError(f"run_layers: no rows at layer {layer}: pass hidden or joins[{layer}]")
     return hidden

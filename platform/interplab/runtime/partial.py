@@ -23,6 +23,7 @@ from interplab.engine.interventions import Intervention
 from interplab.engine.plan import KVPrefix
 from interplab.engine.results import LogitsMode, StageRequest
 from interplab.engine.sites import Site
+from interplab.engine.stage_checks import check_joins, check_vocab
 from interplab.engine.tokens import TokenBatch
 from interplab.runtime.microbatch import narrow_interventions, slice_batch
 from interplab.runtime.task import StageEntry, StageSpan, StageTask
@@ -131,14 +132,14 @@ class PartialCall:
             raise ValueError(f"run_stage: layers [{r.start}, {r.stop}) are not a block of the model's {n_layers} layers")
         if r.with_head and r.stop != n_layers:
             raise ValueError(f"run_stage: with_head needs stop={n_layers} (the last layer), got {r.stop}")
-        self.vocab = skeleton.check_vocab(r.vocab, r.with_head) if r.vocab is not None else None
+        self.vocab = check_vocab(r.vocab, r.with_head, skeleton.d_vocab) if r.vocab is not None else None
         if any(not isinstance(j, torch.Tensor) for j in (r.joins or {}).values()):
             raise ValueError("run_stage: a pipeline takes joins as resid_pre tensors; forks of rows run on one process only")
         self.joins = {layer: j for layer, j in (r.joins or {}).items() if isinstance(j, torch.Tensor)}
         if self.joins and r.hidden is None and r.start not in self.joins:
             raise ValueError(f"run_stage: no rows at layer {r.start}: pass hidden or joins[{r.start}]")
         if self.joins:
-            skeleton.check_joins(r.batch, r.start, r.stop, r.hidden, self.joins, False)
+            check_joins(r.batch, r.start, r.stop, r.hidden, self.joins, False)
         elif r.hidden is None and r.start > 0:
             raise ValueError(f"run_stage: starting at layer {r.start} needs hidden (the resid_pre there) or joins")
         for item in r.interventions:
