@@ -247,7 +247,7 @@ class RemoteModel:
         iterable is read lazily. A single pass over the limits is sent alone (and refused with 413)."""
         limits = self.info["limits"]
         per_call = int(limits["max_stage_requests"])
-        budget = int(min(limits["max_tensor_bytes"], limits["max_request_bytes"]) * 0.9)
+        body_budget, tensor_budget = int(limits["max_request_bytes"] * 0.9), int(limits["max_tensor_bytes"] * 0.9)
         pending = iter(requests)
         carried: list[tuple[Key, StageRequest]] = []
         while True:
@@ -259,7 +259,8 @@ class RemoteModel:
             for i, (_, req) in enumerate(part):
                 before = len(frame.tensors)
                 item = codec.encode_stage_request(i, req, frame)
-                if encoded and frame.nbytes > budget:  # over the budget: this pass goes in the next call
+                over = frame.nbytes > body_budget or frame.whole_nbytes > tensor_budget
+                if encoded and over:  # over the budget: this pass goes in the next call
                     frame.forget_after(before)
                     break
                 encoded.append(item)

@@ -5,7 +5,10 @@
     JSON   n bytes of UTF-8: an object describing the call (or the answer)
     rest   a safetensors file holding every tensor the JSON refers to (absent: no tensors)
 
-A tensor inside the JSON is ``{"$tensor": "t3"}``, the name of an entry of the safetensors part.
+A tensor inside the JSON is ``{"$tensor": "t3"}``, the name of an entry of the safetensors part. A
+tensor whose rows repeat (a gather of a few rows: a patching sweep's per-row prefixes) is sent as its
+distinct rows ``t3`` plus ``t3@rows`` (``Long[r]``: which distinct row each row is); the reader makes
+it whole again, counting the whole tensor against the byte limit.
 Content type ``application/vnd.interplab.frame``. Errors are plain JSON (``errors.error_body``).
 Nothing here unpickles: JSON and safetensors only, both parsed with size limits first.
 
@@ -32,6 +35,8 @@ TENSOR = "$tensor"
 FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INTS = (torch.int64, torch.int32)
 _MISSING = object()
+ROWS = "@rows"  # suffix of the index of a tensor sent as its distinct rows (see repeated_rows)
+REPEAT_MIN_ELEMENTS = 1 << 14  # smaller tensors are sent as they are
 
 
 # --------------------------------------------------------------------------- frames
@@ -40,8 +45,14 @@ class Frame:
 
     def __init__(self) -> None:
         self.tensors: dict[str, torch.Tensor] = {}
-        self.nbytes = 0
+        self.nbytes = 0  # the bytes sent
+        self._whole: dict[str, int] = {}  # each reference's bytes once a reader has made it whole
         self._seen: dict[tuple[Any, ...], tuple[str, torch.Tensor]] = {}
+
+    @property
+    def whole_nbytes(self) -> int:
+        """The tensors' bytes once read (repeated rows made whole): what a reader's limit counts."""
+        return sum(self._whole.values())
 
     def ref(self, tensor: torch.Tensor) -> dict[str, str]:
         """A reference to ``tensor`` in this frame. The same tensor (the same memory, shape and
@@ -52,8 +63,15 @@ class Frame:
             return {TENSOR: seen[0]}
         name = f"t{len(self.tensors)}"
         # a copy of its own (safetensors refuses tensors that share memory, e.g. views of one capture)
-        self.tensors[name] = tensor.detach().to("cpu").clone(memory_format=torch.contiguous_format)
+        value = tensor.detach().to("cpu")
+        shared = repeated_rows(value)
+        if shared is None:
+            self.tensors[name] = value.clone(memory_format=torch.contiguous_format)
+        else:  # rows that repeat (a gather of a few rows): the distinct rows once, and which row is which
+            self.tensors[name], self.tensors[name + ROWS] = shared
+            self.nbytes += shared[1].nbytes
         self.nbytes += self.tensors[name].nbytes
+        self._whole[name] = value.nbytes
         self._seen[key] = (name, tensor)  # the original is kept: its memory cannot be reused meanwhile
         return {TENSOR: name}
 
@@ -61,6 +79,7 @@ class Frame:
         """Drop every tensor added after the first ``count`` (a part that did not fit is left out)."""
         for name in list(self.tensors)[count:]:
             self.nbytes -= self.tensors.pop(name).nbytes
+            self._whole.pop(name, None)
         self._seen = {k: v for k, v in self._seen.items() if v[0] in self.tensors}
 
     def maybe(self, tensor: torch.Tensor | None) -> dict[str, str] | None:
@@ -68,6 +87,27 @@ class Frame:
 
     def encode(self, header: Mapping[str, Any]) -> bytes:
         return encode_frame(header, self.tensors)
+
+
+def repeated_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(distinct, index)`` with ``distinct[index]`` equal to ``tensor`` bit for bit, when its rows
+    (axis 0) repeat enough to halve its bytes; else None. Rows are grouped by a hash of their bytes
+    and every row is compared with its group's first before the result is trusted."""
+    rows = tensor.shape[0] if tensor.ndim >= 2 else 0
+    if rows < 4 or tensor.numel() < REPEAT_MIN_ELEMENTS or tensor.dtype not in FLOATS + INTS:
+        return None
+    raw = tensor.reshape(rows, -1).contiguous().view(torch.uint8)  # each row's bytes
+    words = raw[:, : raw.shape[1] // 8 * 8].view(torch.int64) if raw.shape[1] >= 8 else raw.long()
+    weights = torch.randint(-(1 << 20), 1 << 20, (words.shape[1],), generator=torch.Generator().manual_seed(0))
+    keys = (words * weights).sum(1)  # int64 arithmetic wraps: a hash, checked below
+    _, index = torch.unique(keys, return_inverse=True)
+    distinct = int(index.max()) + 1
+    if distinct * 2 > rows:
+        return None
+    first = torch.full((distinct,), rows, dtype=torch.long).scatter_reduce(0, index, torch.arange(rows), reduce="amin")
+    if not torch.equal(raw, raw[first][index]):  # a hash collision: send it as it is
+        return None
+    return tensor[first].clone(memory_format=torch.contiguous_format), index
 
 
 def encode_frame(header: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> bytes:
@@ -104,7 +144,29 @@ def decode_frame(body: bytes, *, max_json_bytes: int, max_tensor_bytes: int) -> 
             tensors = dict(load(rest))
         except Exception as exc:  # noqa: BLE001 - safetensors reports malformed files with its own errors
             raise FieldError("tensors", f"the safetensors part does not parse: {exc}") from None
-    return header, tensors
+    return header, _expand_rows(tensors, max_tensor_bytes)
+
+
+def _expand_rows(tensors: dict[str, torch.Tensor], max_tensor_bytes: int) -> dict[str, torch.Tensor]:
+    """Tensors sent as distinct rows plus an index (``NAME`` and ``NAME@rows``) made whole again,
+    after checking the index and that the whole tensors stay within ``max_tensor_bytes``."""
+    shared = [name[: -len(ROWS)] for name in tensors if name.endswith(ROWS)]
+    if not shared:
+        return tensors
+    total = sum(t.nbytes for name, t in tensors.items() if not name.endswith(ROWS) and name not in shared)
+    for name in shared:
+        index, base = tensors[name + ROWS], tensors.get(name)
+        if base is None or base.ndim < 1 or index.dtype != torch.int64 or index.ndim != 1:
+            raise FieldError("tensors", f"{name + ROWS} must be a 1-d int64 index into a tensor {name!r} of the frame")
+        if len(index) and (int(index.min()) < 0 or int(index.max()) >= base.shape[0]):
+            raise FieldError("tensors", f"{name + ROWS} indexes rows outside {name!r}'s {base.shape[0]}")
+        total += len(index) * (base.nbytes // max(base.shape[0], 1))
+    if total > max_tensor_bytes:
+        raise LimitError("max_tensor_bytes", max_tensor_bytes, total, "the request's tensor bytes")
+    out = {name: t for name, t in tensors.items() if not name.endswith(ROWS)}
+    for name in shared:
+        out[name] = out[name][tensors[name + ROWS]]
+    return out
 
 
 def _no_constant(name: str) -> float:

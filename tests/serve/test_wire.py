@@ -1,0 +1,94 @@
+"""The wire's frames: tensors whose rows repeat go as their distinct rows plus an index, come back
+bit for bit, and a reader refuses indexes that do not fit and counts the whole tensor's bytes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import save
+
+from interplab.serve.errors import FieldError, LimitError
+from interplab.serve.wire import MAGIC, ROWS, Frame, decode_frame, repeated_rows
+
+BIG = dict(max_json_bytes=1 << 20, max_tensor_bytes=1 << 30)
+
+
+def gathered() -> tuple[torch.Tensor, torch.Tensor]:
+    """A [480, 3, 7, 64] gather of 8 rows (a sweep's per-row key prefix), with a -0.0 in one row."""
+    base = torch.randn(8, 3, 7, 64, generator=torch.Generator().manual_seed(0))
+    base[3, 0, 0, 0] = -0.0
+    index = torch.arange(8).repeat(60)
+    return base[index], index
+
+
+def test_repeated_rows_go_once_and_come_back_bit_for_bit():
+    tensor, _ = gathered()
+    frame = Frame()
+    header = {"k": frame.ref(tensor), "small": frame.ref(torch.arange(6.0).reshape(3, 2))}
+    assert set(frame.tensors) == {"t0", "t0" + ROWS, "t2"} and frame.tensors["t0"].shape[0] == 8
+    body = frame.encode(header)
+    assert len(body) < tensor.nbytes / 40  # 8 distinct rows of 480, and the index
+    assert frame.nbytes == sum(t.nbytes for t in frame.tensors.values())
+    assert frame.whole_nbytes == tensor.nbytes + 6 * 4  # what the reader's limit will count
+    _, tensors = decode_frame(body, **BIG)
+    assert set(tensors) == {"t0", "t2"}
+    assert torch.equal(tensors["t0"].view(torch.int32), tensor.view(torch.int32))  # bit for bit (-0.0 too)
+
+
+@pytest.mark.parametrize(
+    "tensor",
+    [
+        torch.randn(64, 512, generator=torch.Generator().manual_seed(1)),  # distinct rows
+        torch.zeros(3, 8192),  # too few rows
+        torch.zeros(64, 16),  # too small to bother
+    ],
+)
+def test_tensors_without_enough_repeats_go_as_they_are(tensor):
+    assert repeated_rows(tensor) is None
+    frame = Frame()
+    frame.ref(tensor)
+    assert list(frame.tensors) == ["t0"]
+
+
+def test_half_distinct_rows_are_not_worth_an_index():
+    rows = torch.randn(40, 1024, generator=torch.Generator().manual_seed(2))
+    assert repeated_rows(rows[torch.arange(40).repeat_interleave(2)]) is not None  # 40 distinct of 80
+    assert repeated_rows(rows[torch.cat([torch.arange(40), torch.arange(39)])]) is None  # 40 distinct of 79
+
+
+def test_forgetting_a_pass_drops_its_rows_and_index():
+    frame = Frame()
+    frame.ref(torch.ones(4, 4))
+    before = len(frame.tensors)
+    frame.ref(gathered()[0])
+    frame.forget_after(before)
+    assert list(frame.tensors) == ["t0"] and frame.nbytes == frame.whole_nbytes == frame.tensors["t0"].nbytes
+
+
+def body_of(tensors: dict[str, torch.Tensor]) -> bytes:
+    text = b"{}"
+    return MAGIC + len(text).to_bytes(4, "little") + text + save(tensors)
+
+
+@pytest.mark.parametrize(
+    ("tensors", "message"),
+    [
+        ({"t0": torch.zeros(2, 4), "t0@rows": torch.tensor([0, 2])}, r"t0@rows indexes rows outside 't0''s 2"),
+        ({"t0": torch.zeros(2, 4), "t0@rows": torch.tensor([-1, 0])}, r"t0@rows indexes rows outside"),
+        ({"t0": torch.zeros(2, 4), "t0@rows": torch.tensor([0.0, 1.0])}, r"t0@rows must be a 1-d int64 index"),
+        ({"t0": torch.zeros(2, 4), "t0@rows": torch.zeros(2, 2, dtype=torch.long)}, r"t0@rows must be a 1-d int64 index"),
+        ({"t1@rows": torch.tensor([0, 1])}, r"t1@rows must be a 1-d int64 index into a tensor 't1'"),
+    ],
+)
+def test_an_index_that_does_not_fit_is_refused(tensors, message):
+    with pytest.raises(FieldError, match=message):
+        decode_frame(body_of(tensors), **BIG)
+
+
+def test_the_whole_tensor_counts_against_the_byte_limit():
+    """Three floats and an index of 100,000 zeros would be 1.2 MB once made whole: over a 1 MB limit."""
+    body = body_of({"t0": torch.zeros(1, 3), "t0@rows": torch.zeros(100_000, dtype=torch.long)})
+    assert len(body) < 1 << 20
+    with pytest.raises(LimitError, match="max_tensor_bytes") as info:
+        decode_frame(body, max_json_bytes=1 << 20, max_tensor_bytes=1 << 20)
+    assert info.value.limit == "max_tensor_bytes"
