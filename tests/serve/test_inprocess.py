@@ -131,8 +131,9 @@ def test_two_users_patching_the_same_site_at_once_get_their_own_rows(make_server
 
 
 def test_the_model_is_built_and_its_answers_copied_in_the_model_thread(local_tiny, tmp_path, monkeypatch):
-    """Torch's parallel kernels run in one thread team: the backend is built and run, and answers big
-    enough for a parallel copy are copied into frames, in the replica's model thread."""
+    """Torch's parallel kernels run in one thread team: the backend is built and run, requests big
+    enough for parallel copies and checks are read, and answers big enough for a parallel copy are
+    copied into frames, in the replica's model thread; small requests are read in the event loop."""
     from interplab.serve.auth import TokenAuth
     from interplab.serve.limits import BatchingConfig, ServeLimits
     from interplab.serve.server import Server
@@ -151,13 +152,32 @@ def test_the_model_is_built_and_its_answers_copied_in_the_model_thread(local_tin
         threads["encode"] = threading.current_thread().name
         return encode(self, *args)
 
+    parse = ModelService.parse
+
+    def parse_in(self, op, header, tensors, user):
+        threads.setdefault("parse", []).append((op, sum(t.numel() for t in tensors.values()), threading.current_thread().name))
+        return parse(self, op, header, tensors, user)
+
     monkeypatch.setattr(ModelService, "encode_run", encode_run)
+    monkeypatch.setattr(ModelService, "parse", parse_in)
     server = Server(build, name="tiny-llama", auth=TokenAuth(write_tokens(tmp_path)), limits=ServeLimits(),
                     batching=BatchingConfig())
     transport = InProcess(server)
     try:
-        got = transport.model().run(PROMPTS, logits="all").logits  # 3 x 14 x 1128 logits: a parallel copy
+        model = transport.model()
+        got = model.run(PROMPTS, logits="all").logits  # 3 x 14 x 1128 logits: a parallel copy
+        # 2.1 MB of values: sent whole, and sent as 3 distinct rows (a small body, big once made whole)
+        values = [torch.randn(600, 14, 64, generator=torch.Generator().manual_seed(0)), torch.randn(3, 14, 64).repeat(200, 1, 1)]
+        steered = [model.run(PROMPTS * 200, interventions=[Intervention("resid_pre.1", "add", value=v)], logits="last").logits
+                   for v in values]
     finally:
         transport.close()
     torch.testing.assert_close(got, local_tiny.run(PROMPTS, logits="all").logits, rtol=1e-6, atol=1e-6)
+    for value, answer in zip(values, steered):
+        want = local_tiny.run(PROMPTS * 200, interventions=[Intervention("resid_pre.1", "add", value=value)], logits="last")
+        torch.testing.assert_close(answer, want.logits, rtol=1e-6, atol=1e-6)
     assert threads["build"].startswith("interplab-model") and threads["encode"] == threads["build"], threads
+    runs = [(elements, name) for op, elements, name in threads["parse"] if op == "run"]
+    assert [elements for elements, _ in runs] == [0, 600 * 14 * 64, 600 * 14 * 64], runs
+    assert not runs[0][1].startswith("interplab-model"), runs  # no tensors: read in the event loop
+    assert runs[1][1] == runs[2][1] == threads["build"], runs  # read and checked in the model's thread

@@ -27,7 +27,7 @@ from interplab.serve.batching import Batcher, RunCall, run_together
 from interplab.serve.errors import LimitError, error_body, status_for
 from interplab.serve.limits import BatchingConfig, ServeLimits
 from interplab.serve.service import ModelService
-from interplab.serve.wire import CONTENT_TYPE, decode_frame
+from interplab.serve.wire import CONTENT_TYPE, ROWS, decode_frame, expand_rows
 
 log = logging.getLogger("interplab.serve")
 RATE_WINDOW_S = 60.0
@@ -116,13 +116,20 @@ class Server:
         size = max(len(body), declared_length or 0)
         if size > limits.max_request_bytes:
             raise LimitError("max_request_bytes", limits.max_request_bytes, size, "the request body's bytes")
-        small = size < INLINE_BYTES  # read at once: a helper thread's hand-offs would cost more than the work
+        # a small request is read at once (a thread's hand-offs would cost more than the work); a big
+        # one's tensors are copied and checked with parallel torch kernels: in the model's thread (one
+        # thread team). Tensors sent as distinct rows are big once made whole.
+        small = size < INLINE_BYTES
+        loop = asyncio.get_running_loop()
         decode = functools.partial(
-            decode_frame, body, max_json_bytes=limits.max_json_bytes, max_tensor_bytes=limits.max_tensor_bytes
+            decode_frame, body, max_json_bytes=limits.max_json_bytes, max_tensor_bytes=limits.max_tensor_bytes, whole=False
         )
-        header, tensors = decode() if small else await asyncio.to_thread(decode)
+        header, sent = decode() if small else await loop.run_in_executor(self.executor, decode)
+        small = small and not any(name.endswith(ROWS) for name in sent)
+        expand = functools.partial(expand_rows, sent, limits.max_tensor_bytes)
+        tensors = expand() if small else await loop.run_in_executor(self.executor, expand)
         parse = functools.partial(self.service.parse, op, header, tensors, user)
-        call = parse() if small else await asyncio.to_thread(parse)
+        call = parse() if small else await loop.run_in_executor(self.executor, parse)
         if isinstance(call, RunCall):
             result = await self.batcher.submit(call)
             prompts = header.get("prompts")
@@ -130,10 +137,9 @@ class Server:
             if _elements(result) < PARALLEL_ELEMENTS:
                 out, frame = self.service.encode_run(call, result, texts_sent)
             else:  # copying it runs a parallel torch kernel: in the model's thread (one thread team)
-                loop = asyncio.get_running_loop()
                 out, frame = await loop.run_in_executor(self.executor, self.service.encode_run, call, result, texts_sent)
         else:
-            out, frame = await asyncio.get_running_loop().run_in_executor(self.executor, self._execute, call)
+            out, frame = await loop.run_in_executor(self.executor, self._execute, call)
         data = frame.encode(out) if frame.nbytes < INLINE_BYTES else await asyncio.to_thread(frame.encode, out)
         self.requests[op] += 1
         self._tick()

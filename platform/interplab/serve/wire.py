@@ -118,8 +118,11 @@ def encode_frame(header: Mapping[str, Any], tensors: Mapping[str, torch.Tensor])
     return MAGIC + struct.pack("<I", len(text)) + text + data
 
 
-def decode_frame(body: bytes, *, max_json_bytes: int, max_tensor_bytes: int) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The JSON object and the tensors of a frame; FieldError/LimitError for anything malformed."""
+def decode_frame(
+    body: bytes, *, max_json_bytes: int, max_tensor_bytes: int, whole: bool = True
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The JSON object and the tensors of a frame; FieldError/LimitError for anything malformed.
+    ``whole=False`` leaves tensors sent as distinct rows so (see :func:`expand_rows`)."""
     from safetensors.torch import load
 
     if len(body) < 8 or body[:4] != MAGIC:
@@ -144,10 +147,10 @@ def decode_frame(body: bytes, *, max_json_bytes: int, max_tensor_bytes: int) -> 
             tensors = dict(load(rest))
         except Exception as exc:  # noqa: BLE001 - safetensors reports malformed files with its own errors
             raise FieldError("tensors", f"the safetensors part does not parse: {exc}") from None
-    return header, _expand_rows(tensors, max_tensor_bytes)
+    return header, expand_rows(tensors, max_tensor_bytes) if whole else tensors
 
 
-def _expand_rows(tensors: dict[str, torch.Tensor], max_tensor_bytes: int) -> dict[str, torch.Tensor]:
+def expand_rows(tensors: dict[str, torch.Tensor], max_tensor_bytes: int) -> dict[str, torch.Tensor]:
     """Tensors sent as distinct rows plus an index (``NAME`` and ``NAME@rows``) made whole again,
     after checking the index and that the whole tensors stay within ``max_tensor_bytes``."""
     shared = [name[: -len(ROWS)] for name in tensors if name.endswith(ROWS)]
