@@ -102,16 +102,20 @@ def layout(batch: TokenBatch, forks: Sequence[PackedFork], n_layers: int) -> Lay
             )
         previous = fork.layer
     lengths = batch.lengths.cpu().long()
-    bases = torch.tensor([f.base for f in forks], dtype=torch.long)
-    all_lengths = torch.cat([lengths, lengths[bases]])
-    starts = torch.cat([torch.zeros(b, dtype=torch.long), torch.tensor([f.start for f in forks], dtype=torch.long)])
+
+    def per_row(own: int, values: list[int]) -> torch.Tensor:
+        """``own`` for each of the batch's rows, then ``values`` for the forks."""
+        return torch.cat([torch.full((b,), own, dtype=torch.long), torch.tensor(values, dtype=torch.long)])
+
+    bases = per_row(-1, [f.base for f in forks])
+    all_lengths = torch.cat([lengths, lengths[bases[b:]]])
+    starts = per_row(0, [f.start for f in forks])
     counts = all_lengths - starts
     offsets = torch.cumsum(counts, 0) - counts
     present = [
         int(lengths.sum()) + sum(int(counts[b + i]) for i, f in enumerate(forks) if f.layer <= layer) for layer in range(n_layers)
     ]
-    joins = torch.cat([torch.zeros(b, dtype=torch.long), torch.tensor([f.layer for f in forks], dtype=torch.long)])
-    return Layout(offsets, starts, all_lengths, torch.cat([torch.full((b,), -1, dtype=torch.long), bases]), joins, present)
+    return Layout(offsets, starts, all_lengths, bases, per_row(0, [f.layer for f in forks]), present)
 
 
 def _masks(hooked: HookedModel, lay: Layout, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ from interplab.serve.auth import TokenAuth
 from interplab.serve.batching import Batcher, RunCall, run_together
 from interplab.serve.errors import LimitError, error_body, status_for
 from interplab.serve.limits import BatchingConfig, ServeLimits
-from interplab.serve.service import ModelService
+from interplab.serve.service import Call, ModelService
 from interplab.serve.wire import CONTENT_TYPE, ROWS, decode_frame, expand_rows
 
 log = logging.getLogger("interplab.serve")
@@ -126,9 +126,10 @@ class Server:
         )
         header, sent = decode() if small else await loop.run_in_executor(self.executor, decode)
         small = small and not any(name.endswith(ROWS) for name in sent)
-        expand = functools.partial(expand_rows, sent, limits.max_tensor_bytes)
-        tensors = expand() if small else await loop.run_in_executor(self.executor, expand)
-        parse = functools.partial(self.service.parse, op, header, tensors, user)
+
+        def parse() -> Call | RunCall:
+            return self.service.parse(op, header, expand_rows(sent, limits.max_tensor_bytes), user)
+
         call = parse() if small else await loop.run_in_executor(self.executor, parse)
         if isinstance(call, RunCall):
             result = await self.batcher.submit(call)

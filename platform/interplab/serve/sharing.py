@@ -35,7 +35,6 @@ from interplab.engine.interventions import Intervention, as_long
 from interplab.engine.packed import PACKED_KINDS, PACKED_MAX_TOKENS, PackedFork, run_packed
 from interplab.engine.plan import Fork, resolve_positions
 from interplab.engine.results import RunResult
-from interplab.engine.tokens import TokenBatch
 
 if TYPE_CHECKING:
     from interplab.serve.batching import RunCall
@@ -51,9 +50,13 @@ class ForkPlan:
     starting: list[int]
     forked: list[tuple[int, PackedFork]]
 
+    def token_rows(self) -> list[int]:
+        """The merged row whose tokens each starting row holds (an extra base row: a copy's)."""
+        return [r if r >= 0 else -1 - r for r in self.starting]
+
     def tokens(self, lengths: torch.Tensor) -> int:
         """The tokens of the pass packed (each row's from its first computed position on)."""
-        own = sum(int(lengths[r if r >= 0 else -1 - r]) for r in self.starting)
+        own = sum(int(lengths[r]) for r in self.token_rows())
         return own + sum(int(lengths[r]) - fork.start for r, fork in self.forked)
 
     def local(self) -> dict[int, int]:
@@ -139,33 +142,31 @@ def _pass_interventions(call: RunCall, local: dict[int, int]) -> tuple[Intervent
     )
 
 
-def _starting_batch(call: RunCall, plan: ForkPlan) -> TokenBatch:
-    return call.batch.select(torch.tensor([r if r >= 0 else -1 - r for r in plan.starting]))
-
-
 def _run_packed(model: HookedModel, call: RunCall, plan: ForkPlan) -> RunResult:
-    local = plan.local()
-    logits = run_packed(model, _starting_batch(call, plan), [f for _, f in plan.forked], _pass_interventions(call, local))
-    return _result(call, logits[torch.tensor([local[r] for r in range(call.batch.size)])])
+    batch = call.batch.select(torch.tensor(plan.token_rows()))
+    logits = run_packed(model, batch, [f for _, f in plan.forked], _pass_interventions(call, plan.local()))
+    return _result(call, plan, logits)
 
 
 def _run(model: HookedModel, call: RunCall, plan: ForkPlan) -> RunResult:
-    local = plan.local()
     joins: dict[int, list[int]] = {}
     for _, fork in plan.forked:
         joins.setdefault(fork.layer, []).append(fork.base)
     output, _ = model.run_stage(
-        call.batch.select(torch.tensor([r if r >= 0 else -1 - r for r in plan.starting] + [r for r, _ in plan.forked])),
+        call.batch.select(torch.tensor(plan.token_rows() + [r for r, _ in plan.forked])),
         start=0,
         stop=model.n_layers,
         with_head=True,
-        interventions=_pass_interventions(call, local),
+        interventions=_pass_interventions(call, plan.local()),
         logits=call.logits,
         joins={layer: Fork(torch.tensor(rows)) for layer, rows in joins.items()},
     )
-    return _result(call, output[torch.tensor([local[r] for r in range(call.batch.size)])])
+    return _result(call, plan, output)
 
 
-def _result(call: RunCall, logits: torch.Tensor) -> RunResult:
+def _result(call: RunCall, plan: ForkPlan, output: torch.Tensor) -> RunResult:
+    """The merged call's result from the pass's output (rows in the pass's order)."""
+    local = plan.local()
+    logits = output[torch.tensor([local[r] for r in range(call.batch.size)])]
     positions, valid = resolve_positions(call.positions, call.batch.lengths, call.batch.seq_len)
     return RunResult(logits, ActivationCache({}, positions, valid), call.batch)
