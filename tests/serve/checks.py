@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from interplab.engine import Intervention, InterventionError, SiteError, StageRequest, TokenizationError, patch, steer
+from interplab.engine.plan import KVPrefix
 from interplab.serve import ReadOnlyModelError, TokenMetric
 from tests.serve.helpers import ANSWER, CLEAN, CORRUPT, PROMPTS, TOL, WRONG
 
@@ -26,7 +27,11 @@ def assert_run_equal(got, want):
 def check_shape_tokens_and_sites(remote, local):
     for attr in ("name", "weight_hash", "n_layers", "n_heads", "n_kv_heads", "d_model", "head_dim", "d_mlp", "d_vocab", "has_resid_mid"):
         assert getattr(remote, attr) == getattr(local, attr), attr
-    assert remote.config.to_dict()["hidden_size"] == local.config.hidden_size and remote.spec is local.spec
+    assert remote.spec is local.spec
+    for field, value in local.config.to_dict().items():  # every field, as the served config's attribute
+        if field not in ("transformers_version", "dtype", "torch_dtype"):
+            assert getattr(remote.config, field) == value, field
+    assert remote.config.to_transformers().to_dict()["hidden_size"] == local.config.hidden_size
     assert remote.local_model is None and remote.stage_of("embed") == 0
     batch, want = remote.tokenize(PROMPTS), local.tokenize(PROMPTS)
     assert torch.equal(batch.input_ids, want.input_ids) and batch.texts == want.texts
@@ -104,11 +109,23 @@ def check_stage_passes(remote, local):
                                vocab=torch.tensor([ANSWER, WRONG]))),
         ("hidden out", StageRequest(batch, 0, 2, interventions=(steer("resid_pre.1", torch.ones(64)),))),
     ]
+    # positions before 2 from the full run's keys/values: each row's own copy, and one copy per prompt
+    # shared by rows (rows 1, 0, 1 of the batch)
+    p, shared = 2, torch.tensor([1, 0, 1])
+    kv = {layer: (k[:, :, :p], v[:, :, :p]) for layer, (k, v) in full.kv.items()}
+    requests += [
+        ("prefix", StageRequest(batch, 1, local.n_layers, hidden=full.cache["resid_pre.1"][:, p:], with_head=True, logits="last",
+                                prefix=KVPrefix(p, kv))),
+        ("prefix rows", StageRequest(batch.select(shared), 1, local.n_layers, hidden=full.cache["resid_pre.1"][shared, p:],
+                                     with_head=True, logits="last", prefix=KVPrefix(p, kv, rows=shared))),
+    ]
     got: dict[str, torch.Tensor] = {}
     want: dict[str, torch.Tensor] = {}
     remote.run_stages(iter(requests), got.__setitem__)
     local.run_stages(iter(requests), want.__setitem__)
     assert sorted(got) == sorted(want)
+    torch.testing.assert_close(want["prefix"], full.logits, **TOL)  # the prefix stands in for the positions it holds
+    torch.testing.assert_close(want["prefix rows"], full.logits[shared], **TOL)
     for key in want:
         torch.testing.assert_close(got[key], want[key], **TOL)
     hidden = None  # stage after stage, as an analysis carrying its own state does

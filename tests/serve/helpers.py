@@ -105,6 +105,16 @@ def _t(name: str) -> dict:
     return {"$tensor": name}
 
 
+def _stage_with_prefix(name: str, ok: dict, keys, rows=None) -> bytes:
+    """A ``run_stages`` request from layer 1 whose first position comes from a prefix (keys = values)."""
+    import torch
+
+    prefix = {"length": 1, "kv": {"1": [_t("k"), _t("k")], "2": [_t("k"), _t("k")]}, "rows": _t("r") if rows is not None else None}
+    tensors = {"k": keys, "h": torch.zeros(1, 2, 64), **({"r": rows} if rows is not None else {})}
+    request = {"key": 0, "batch": ok["prompts"], "start": 1, "stop": 3, "hidden": _t("h"), "prefix": prefix}
+    return _frame({"model": name, "requests": [request]}, tensors)
+
+
 def malformed_requests(name: str = MODEL) -> list[tuple[str, str, bytes, int, str]]:
     """``(case, op, body, status, text the error names)`` for requests a service must refuse."""
     import struct
@@ -169,6 +179,11 @@ def malformed_requests(name: str = MODEL) -> list[tuple[str, str, bytes, int, st
          _frame({"model": name, "requests": [{"key": 0, "batch": ok["prompts"], "start": 0, "stop": 9}]}), 400, "requests[0].stop"),
         ("hidden wrong shape", "stage_forward",
          _frame({"model": name, "index": 0, "batch": ok["prompts"], "hidden": _t("h")}, {"h": torch.ones(1, 3, 7)}), 400, "hidden"),
+        ("prefix rows out of range", "run_stages", _stage_with_prefix(name, ok, torch.ones(1, 2, 1, 16), rows=torch.tensor([3])),
+         400, "prefix.rows"),
+        ("prefix rows not one per row", "run_stages", _stage_with_prefix(name, ok, torch.ones(1, 2, 1, 16), rows=torch.tensor([0, 0])),
+         400, "prefix.rows"),
+        ("prefix keys wrong shape", "run_stages", _stage_with_prefix(name, ok, torch.ones(1, 3, 1, 16)), 400, "prefix.kv.1"),
         ("hidden infinite", "stage_forward",
          _frame({"model": name, "index": 0, "batch": ok["prompts"], "hidden": _t("h")}, {"h": torch.full((1, 3, 64), float("inf"))}),
          400, "infinite"),

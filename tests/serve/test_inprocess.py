@@ -181,3 +181,17 @@ def test_the_model_is_built_and_its_answers_copied_in_the_model_thread(local_tin
     assert [elements for elements, _ in runs] == [0, 600 * 14 * 64, 600 * 14 * 64], runs
     assert not runs[0][1].startswith("interplab-model"), runs  # no tensors: read in the event loop
     assert runs[1][1] == runs[2][1] == threads["build"], runs  # read and checked in the model's thread
+
+
+def test_a_served_config_reads_its_fields_and_aliases_without_the_config_class():
+    from transformers import GPT2Config
+
+    from interplab.serve import ServedConfig
+
+    local = GPT2Config(n_embd=48, n_head=4, n_layer=3, n_positions=64)
+    served = ServedConfig("gpt2", json.loads(json.dumps(local.to_dict())), local.attribute_map)
+    assert (served.hidden_size, served.num_attention_heads, served.num_hidden_layers) == (48, 4, 3)
+    assert served.max_position_embeddings == 64 and served.model_type == "gpt2"
+    assert served.to_transformers().to_dict() == local.to_dict()
+    with pytest.raises(AttributeError, match="no field 'not_a_field'"):
+        served.not_a_field  # noqa: B018 - the attribute read is the test

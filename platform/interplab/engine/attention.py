@@ -74,11 +74,9 @@ def interplab_attention(
         if plan.record_kv:
             plan.kv[layer] = (key.detach(), value.detach())
         if plan.prefix is not None and plan.prefix.length > 0:
-            cached_k, cached_v = plan.prefix.kv[layer]
-            if cached_k.shape[0] > key.shape[0]:  # rows still to join the batch (run_layers' joins)
-                cached_k, cached_v = cached_k[: key.shape[0]], cached_v[: key.shape[0]]
-            key = torch.cat([cached_k.to(key.dtype), key], dim=2)
-            value = torch.cat([cached_v.to(value.dtype), value], dim=2)
+            cached_k, cached_v = plan.prefix.layer_kv(layer, key.shape[0])
+            key = torch.cat([cached_k.to(key.device, key.dtype), key], dim=2)
+            value = torch.cat([cached_v.to(value.device, value.dtype), value], dim=2)
     # the plan, where it touches this layer's attention (the explicit path must run)
     hooked = plan if plan is not None and layer is not None and plan.hooks_attention(layer) else None
     if hooked is None and softcap is None:

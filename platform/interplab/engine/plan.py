@@ -42,10 +42,31 @@ class KVPrefix:
 
     Valid whenever nothing before position ``length`` differs from the run the prefix came from:
     causal attention means a change at position p never reaches earlier positions.
+
+    ``rows`` (``Long[b]``), when given, says which of ``kv``'s rows each batch row reuses: many
+    patched rows of one prompt then share one copy of its prefix (in memory and on the wire), and
+    each layer gathers the rows it needs as it runs. Without it, batch row r reuses ``kv`` row r.
     """
 
     length: int
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    rows: torch.Tensor | None = None
+
+    def layer_kv(self, layer: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[size, h_kv, length, d]`` of the batch's first ``size`` rows at ``layer``
+        (fewer than the batch while rows are still to join it: ``run_stage``'s joins)."""
+        k, v = self.kv[layer]
+        if self.rows is None:
+            return k[:size], v[:size]
+        index = self.rows[:size].to(k.device)
+        return k[index], v[index]
+
+    def narrow(self, lo: int, hi: int, layers: range) -> KVPrefix:
+        """The prefix of batch rows ``[lo, hi)`` at ``layers`` (a pipeline stage's microbatch)."""
+        kv = {layer: pair for layer, pair in self.kv.items() if layer in layers}
+        if self.rows is not None:
+            return KVPrefix(self.length, kv, self.rows[lo:hi])
+        return KVPrefix(self.length, {layer: (k[lo:hi], v[lo:hi]) for layer, (k, v) in kv.items()})
 
 
 def resolve_positions(positions: Positions, lengths: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -94,11 +94,7 @@ def partial_tasks(
         s_start, s_stop = max(a, first), min(b, stop)
         present = int((mb_entries < s_stop).sum())  # rows present by the stage's last layer
         last = s_stop == stop
-        stage_prefix = None
-        if prefix is not None:
-            stage_prefix = KVPrefix(
-                prefix.length, {layer: (k[lo:hi], v[lo:hi]) for layer, (k, v) in prefix.kv.items() if s_start <= layer < s_stop}
-            )
+        stage_prefix = prefix.narrow(lo, hi, range(s_start, s_stop)) if prefix is not None else None
         span = StageSpan(
             start=s_start, stop=s_stop, with_head=with_head and last, logits=logits, vocab=vocab if with_head and last else None
         )

@@ -22,7 +22,7 @@ from interplab.serve.errors import (
 )
 from interplab.serve.limits import BatchingConfig, ServeLimits
 from interplab.serve.metrics import TokenMetric
-from interplab.serve.remote import ReadOnlyModelError, RemoteModel
+from interplab.serve.remote import ReadOnlyModelError, RemoteModel, ServedConfig
 
 __all__ = [
     "AuthError",
@@ -33,6 +33,7 @@ __all__ = [
     "RemoteModel",
     "ServeError",
     "ServeLimits",
+    "ServedConfig",
     "ServiceError",
     "ServiceUnavailable",
     "Session",

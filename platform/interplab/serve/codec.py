@@ -94,6 +94,7 @@ def encode_stage_request(key: int, request: StageRequest, frame: Frame) -> dict[
         prefix = {
             "length": request.prefix.length,
             "kv": {str(layer): [frame.ref(k), frame.ref(v)] for layer, (k, v) in request.prefix.kv.items()},
+            "rows": frame.maybe(request.prefix.rows.long() if request.prefix.rows is not None else None),
         }
     return {
         "key": key,
@@ -218,19 +219,7 @@ def decode_stage_request(reader: Reader, model: Backend) -> tuple[int, StageRequ
             raise FieldError(
                 reader.field(field), f"has shape {list(tensor.shape)}; expected [rows, <= {batch.seq_len}, {model.d_model}]"
             )
-    prefix = None
-    if reader.raw("prefix", None) is not None:
-        pr = reader.child("prefix").only(["length", "kv"])
-        raw_kv = pr.raw("kv")
-        if not isinstance(raw_kv, dict):
-            raise FieldError(pr.field("kv"), "must be an object {layer: [keys, values]}")
-        kv = {}
-        for k, pair in raw_kv.items():
-            field = f"{pr.field('kv')}.{k}"
-            if not isinstance(pair, list) or len(pair) != 2:
-                raise FieldError(field, "must be [keys, values]")
-            kv[_layer(k, field, model)] = tuple(tensor_of(t, field, reader.tensors, dtypes=FLOATS, ndim=4) for t in pair)
-        prefix = KVPrefix(pr.integer("length", minimum=0), kv)  # type: ignore[arg-type]
+    prefix = decode_prefix(reader.child("prefix"), batch, model) if reader.raw("prefix", None) is not None else None
     vocab = reader.tensor("vocab", dtypes=INTS, ndim=1, default=None)
     return key, StageRequest(
         batch,
@@ -244,6 +233,36 @@ def decode_stage_request(reader: Reader, model: Backend) -> tuple[int, StageRequ
         joins=joins,
         vocab=vocab,
     )
+
+
+def decode_prefix(reader: Reader, batch: TokenBatch, model: Backend) -> KVPrefix:
+    """A stage request's :class:`~interplab.engine.plan.KVPrefix`: per layer ``[keys, values]`` of
+    shape ``[n, n_kv_heads, length, head_dim]``, and ``rows`` (one entry per batch row, into the
+    n) or, without it, at least one prefix row per batch row."""
+    reader.only(["length", "kv", "rows"])
+    length = reader.integer("length", minimum=0)
+    raw_kv = reader.raw("kv")
+    if not isinstance(raw_kv, dict):
+        raise FieldError(reader.field("kv"), "must be an object {layer: [keys, values]}")
+    rows = reader.tensor("rows", dtypes=INTS, ndim=1, default=None)
+    if rows is not None and len(rows) != batch.size:
+        raise FieldError(reader.field("rows"), f"has {len(rows)} entries for a batch of {batch.size} rows")
+    kv = {}
+    for k, pair in raw_kv.items():
+        field = f"{reader.field('kv')}.{k}"
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise FieldError(field, "must be [keys, values]")
+        keys, values = (tensor_of(t, field, reader.tensors, dtypes=FLOATS, ndim=4) for t in pair)
+        n = keys.shape[0]
+        expected = [n, model.n_kv_heads, length, model.head_dim]
+        if list(keys.shape) != expected or list(values.shape) != expected:
+            raise FieldError(field, f"has shapes {list(keys.shape)} and {list(values.shape)}; expected {expected} each")
+        if rows is None and n < batch.size:
+            raise FieldError(field, f"holds {n} rows for a batch of {batch.size}; send one per row, or rows")
+        if rows is not None and len(rows) and (int(rows.min()) < 0 or int(rows.max()) >= n):
+            raise FieldError(reader.field("rows"), f"indexes rows outside the {n} of {field}")
+        kv[_layer(k, field, model)] = (keys, values)
+    return KVPrefix(length, kv, rows.long() if rows is not None else None)
 
 
 def _layer(text: str, field: str, model: Backend) -> int:

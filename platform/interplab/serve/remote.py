@@ -50,6 +50,39 @@ class ReadOnlyModelError(RuntimeError):
     """Training or writing weights on a served model (shared by every user: read-only)."""
 
 
+class ServedConfig:
+    """A served model's config: the fields of the transformers config the service loaded (its
+    ``to_dict()``) as read-only attributes, under the same aliases (``attribute_map``, e.g. GPT-2's
+    ``hidden_size`` for ``n_embd``). Reading fields needs no transformers import (importing a model
+    family's config class costs seconds at every client start); :meth:`to_transformers` builds the
+    transformers config itself."""
+
+    def __init__(self, model_type: str, values: Mapping[str, Any], aliases: Mapping[str, str]) -> None:
+        self._values = {**values, "model_type": values.get("model_type") or model_type}
+        if isinstance(self._values.get("id2label"), dict):  # JSON object keys are strings; the ids are ints
+            self._values["id2label"] = {int(k): v for k, v in self._values["id2label"].items()}
+        self._aliases = dict(aliases)
+
+    def __getattr__(self, name: str) -> Any:
+        values = self.__dict__.get("_values", {})
+        key = self.__dict__.get("_aliases", {}).get(name, name)
+        if key in values:
+            return values[key]
+        raise AttributeError(f"the served config has no field {name!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self._values)
+
+    def to_transformers(self) -> Any:
+        from transformers import AutoConfig
+
+        values = self.to_dict()
+        return AutoConfig.for_model(values.pop("model_type"), **values)
+
+    def __repr__(self) -> str:
+        return f"ServedConfig({self._values['model_type']!r}, {len(self._values)} fields)"
+
+
 class RemoteModel:
     """A model served by ``interplab serve``, behind the engine's backend protocol. See the module docstring."""
 
@@ -89,13 +122,9 @@ class RemoteModel:
         return str(self.info["user"])
 
     @cached_property
-    def config(self) -> Any:
-        """The model's transformers config, rebuilt from the served JSON."""
-        from transformers import AutoConfig
-
-        values = dict(self.info["config"])
-        model_type = values.pop("model_type", None) or self.info["model_type"]
-        return AutoConfig.for_model(model_type, **values)
+    def config(self) -> ServedConfig:
+        """The served model's config fields (``ServedConfig.to_transformers()`` for the transformers object)."""
+        return ServedConfig(self.info["model_type"], self.info["config"], self.info.get("config_aliases", {}))
 
     @cached_property
     def spec(self) -> ArchSpec:

@@ -271,6 +271,7 @@ class ModelService:
             "weight_hash": m.weight_hash,
             "model_type": getattr(m.config, "model_type", None),
             "config": _jsonable(config),
+            "config_aliases": {str(k): str(v) for k, v in getattr(m.config, "attribute_map", {}).items()},
             "dtype": str(self.dtype).removeprefix("torch."),
             "sizes": {
                 "n_layers": m.n_layers,

@@ -260,13 +260,11 @@ def _stage_request(setup: _Setup, jobs, chunk) -> StageRequest:
     if offset > 0:
         if setup.target_kv is None:  # batches start past position 0 only when the target run kept its keys/values
             raise RuntimeError(f"a patching batch starts at position {offset} but the target run kept no keys/values")
+        # one copy of each prompt's prefix, shared by its rows
         prefix = KVPrefix(
             offset,
-            {
-                layer: (k[:, :, :offset][prompts], v[:, :, :offset][prompts])
-                for layer, (k, v) in setup.target_kv.items()
-                if layer >= first
-            },
+            {layer: (k[:, :, :offset], v[:, :, :offset]) for layer, (k, v) in setup.target_kv.items() if layer >= first},
+            rows=prompts,
         )
     return StageRequest(
         batch,
@@ -384,7 +382,9 @@ def activation_patching(
     for sweep in sweeps:
         if sweep.kind == SiteKind.RESID_MID:
             model.validate_site(sweep.site(0))
-    need_resid = method != "atp" and not background  # a background rules out mid-model starts
+    # mid-model starts need the target run's resid_pre (and keys/values); a background rules them
+    # out, and without sweeps (the baselines alone) nothing starts mid-model
+    need_resid = method != "atp" and not background and bool(sweeps)
     setup = _Setup(model, pairs, sweeps, direction, metric, ablation, seed, need_resid=need_resid, background=background)
     rows = batch_rows or default_batch_rows(model, setup.target_batch.seq_len, memory_mb)
     result = PatchingResult(baselines=dict(setup.baselines))
