@@ -139,6 +139,11 @@ def test_rows_joining_at_later_layers_equal_their_own_passes(tiny):
     # attention over a cached prefix sums in another order than the full pass: float32 rounding
     # reaches 1.0e-5 on logits of magnitude ~1 (gemma2's soft cap); a wrong prefix is off by ~1e-1
     torch.testing.assert_close(logits, ref.logits[[1, 0], -1], rtol=0, atol=3e-5)
+    # the same prefix held once per prompt, each row naming its prompt's (rows): the same pass
+    shared = KVPrefix(p, {layer: (k[:, :, :p], v[:, :, :p]) for layer, (k, v) in ref.kv.items()}, rows=torch.tensor([1, 0]))
+    again, _ = tiny.run_stage(same.select(torch.tensor([1, 0])), start=0, stop=n_layers, with_head=True, prefix=shared,
+                              logits="last", joins={0: ref.cache["resid_pre.0"][[1], p:], 1: ref.cache["resid_pre.1"][[0], p:]})
+    torch.testing.assert_close(again, logits, rtol=0, atol=0)
 
 
 def test_joins_reject_what_they_cannot_do(tiny):

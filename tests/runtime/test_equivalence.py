@@ -97,14 +97,19 @@ def test_run_stage_with_joins_prefix_and_vocab(case):
         ("joins", StageRequest(batch, 0, ref.n_layers, with_head=True, joins=joins, interventions=items, logits="last",
                                prefix=prefix, vocab=vocab)),
         ("hidden", StageRequest(batch, 1, ref.n_layers, hidden=hidden, with_head=True, logits="last")),
+        # one prefix copy per prompt (the batch is the two prompts twice), each row naming its own
+        ("shared prefix", StageRequest(batch, 1, ref.n_layers, hidden=hidden[:, p:], with_head=True, logits="last",
+                                       prefix=KVPrefix(p, {layer: (k[:2], v[:2]) for layer, (k, v) in prefix.kv.items()},
+                                                       rows=torch.tensor([0, 1, 0, 1])))),
     ]
     want: dict[str, torch.Tensor] = {}
     got: dict[str, torch.Tensor] = {}
     ref.run_stages(requests, want.__setitem__)
     pipe.run_stages(requests, got.__setitem__)
     assert got["joins"].shape == (4, 3) and got["hidden"].shape == (4, ref.d_vocab)
-    for key in ("joins", "hidden"):
+    for key in ("joins", "hidden", "shared prefix"):
         torch.testing.assert_close(got[key], want[key], **TOL)
+    torch.testing.assert_close(want["shared prefix"], want["hidden"], rtol=0, atol=3e-5)  # the prefix stands in for positions < p
     alone, _ = ref.run_stage(batch, start=1, stop=ref.n_layers, hidden=hidden, with_head=True, logits="last")
     torch.testing.assert_close(want["hidden"], alone, rtol=0, atol=0)  # run_stages is run_stage, request by request
 

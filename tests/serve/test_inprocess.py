@@ -195,3 +195,21 @@ def test_a_served_config_reads_its_fields_and_aliases_without_the_config_class()
     assert served.to_transformers().to_dict() == local.to_dict()
     with pytest.raises(AttributeError, match="no field 'not_a_field'"):
         served.not_a_field  # noqa: B018 - the attribute read is the test
+
+
+def test_a_second_connection_reuses_the_served_tokenizer(inproc, monkeypatch):
+    first = inproc.model()
+    built = first.tokenizer
+    sha = first.info["tokenizer_sha"]
+    assert isinstance(sha, str) and len(sha) == 64
+    second = inproc.model()
+    asked: list[str] = []
+    real_call = type(second)._call
+
+    def spy(self, op, header, frame=None):
+        asked.append(op)
+        return real_call(self, op, header, frame)
+
+    monkeypatch.setattr(type(second), "_call", spy)
+    assert second.tokenizer is built and "tokenizer" not in asked
+    assert second.tokenizer(" Mary")["input_ids"] == first.tokenizer(" Mary")["input_ids"]

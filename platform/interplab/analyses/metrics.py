@@ -54,7 +54,7 @@ def metric_vocab(name: str, inputs: MetricInputs) -> tuple[torch.Tensor | None, 
         return None, inputs
     vocab, index = torch.unique(torch.cat([inputs.answer, inputs.wrong]), return_inverse=True)
     n = len(inputs.answer)
-    return vocab, MetricInputs(index[:n], index[n:], inputs.clean_logprobs)
+    return vocab, MetricInputs(index[:n], index[n:])  # such a metric reads no clean log-probabilities
 
 
 def run_logits(result: RunResult) -> torch.Tensor:

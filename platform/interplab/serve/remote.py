@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from interplab.serve.client import Session
 
 Key = TypeVar("Key")
+_TOKENIZERS: dict[str, Any] = {}  # served tokenizers built in this process, by the SHA-256 of their JSON
 
 
 class ReadOnlyModelError(RuntimeError):
@@ -134,13 +135,19 @@ class RemoteModel:
 
     @cached_property
     def tokenizer(self) -> Any:
-        """A local copy of the served (fast) tokenizer, rebuilt from its JSON (no code is loaded)."""
+        """A local copy of the served (fast) tokenizer, rebuilt from its JSON (no code is loaded);
+        one per process for each served tokenizer (by its SHA-256), however many connections use it."""
         from tokenizers import Tokenizer
         from transformers import PreTrainedTokenizerFast
 
+        sha = self.info.get("tokenizer_sha")
+        if sha is not None and sha in _TOKENIZERS:
+            return _TOKENIZERS[sha]
         out, _ = self._call("tokenizer", {})
         tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(out["tokenizer_json"]), **out["special_tokens"])
         tokenizer.name_or_path = out.get("name_or_path", "")
+        if out.get("sha"):
+            _TOKENIZERS[str(out["sha"])] = tokenizer
         return tokenizer
 
     @property

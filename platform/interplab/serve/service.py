@@ -12,8 +12,11 @@ operation's fields.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -287,19 +290,29 @@ class ModelService:
             "parallel": self.parallel,
             "sites": [str(s) for s in m.sites()],
             "tokenizer": getattr(m.tokenizer, "name_or_path", "") or "",
+            "tokenizer_sha": self._tokenizer_answer[1] if self._tokenizer_answer is not None else None,
             "limits": self.limits.model_dump(),
         }
 
     def _execute_info(self, call: Call, frame: Frame) -> dict[str, Any]:
         return {**self.info(), "user": call.user}
 
-    def _execute_tokenizer(self, call: Call, frame: Frame) -> dict[str, Any]:
+    @cached_property
+    def _tokenizer_answer(self) -> tuple[dict[str, Any], str] | None:
+        """The served (fast) tokenizer as JSON, and its SHA-256 (clients keep built copies by it);
+        None for a tokenizer that is not a fast one."""
         tok = self.backend.tokenizer
         backend = getattr(tok, "backend_tokenizer", None)
         if backend is None:
-            raise NotImplementedError("this model's tokenizer is not a fast (tokenizers) one; use tokenize() on the service")
+            return None
         special = {k: v for k, v in tok.special_tokens_map.items() if isinstance(v, str)}
-        return {"tokenizer_json": backend.to_str(), "special_tokens": special, "name_or_path": getattr(tok, "name_or_path", "")}
+        answer = {"tokenizer_json": backend.to_str(), "special_tokens": special, "name_or_path": getattr(tok, "name_or_path", "")}
+        return answer, hashlib.sha256(json.dumps(answer, sort_keys=True).encode()).hexdigest()
+
+    def _execute_tokenizer(self, call: Call, frame: Frame) -> dict[str, Any]:
+        if self._tokenizer_answer is None:
+            raise NotImplementedError("this model's tokenizer is not a fast (tokenizers) one; use tokenize() on the service")
+        return {**self._tokenizer_answer[0], "sha": self._tokenizer_answer[1]}
 
     def _execute_tokenize(self, call: Call, frame: Frame) -> dict[str, Any]:
         batch: TokenBatch = call.args["batch"]

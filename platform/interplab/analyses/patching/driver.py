@@ -58,7 +58,7 @@ def default_batch_rows(model, seq_len: int, memory_mb: int = 1024) -> int:
     return max(1, min(1024, (memory_mb << 20) // per_row))
 
 
-POSITION_BLOCK = 2  # prefix positions sharing a batch (it starts at the block's lowest position)
+POSITION_BLOCK = 1  # prefix positions sharing a batch (it starts at the block's lowest position): 1, each batch starts at its own
 
 
 class _Setup:
