@@ -45,6 +45,40 @@ def test_job_rows_equal_the_driver_and_are_queryable(tmp_path, tiny_models):
     assert any("clean" in line for line in summary.lines)
 
 
+def test_finalize_reuses_the_baselines_its_chunks_computed(tmp_path, tiny_models, monkeypatch):
+    """In the process that ran a chunk, finalize writes that chunk's baselines without running the
+    clean and corrupted prompts again; elsewhere (a fresh model object) it computes them."""
+    model = tiny_models("llama")
+    job = spec()
+    store = open_store(str(tmp_path / "store"))
+    runner = PatchingRunner()
+    direct = activation_patching(model, pair_set(job, model), [Sweep("resid_pre")])
+    calls: list[object] = []
+    real_run = type(model).run
+
+    def counted(self, *args, **kwargs):
+        calls.append(args[0])
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "run", counted)
+    with store.begin_run("patching", model=job.model, spec=job.model_dump()) as writer:
+        runner.run_chunk(job, model, "resid_pre", writer)
+        before = len(calls)
+        runner.finalize(job, model, writer)
+        assert len(calls) == before  # no forward pass: the chunk's baselines
+        writer.commit()
+    base = {r["name"]: r["value"] for r in store.sql("SELECT name, value FROM baselines WHERE run_id = $r AND sweep = ''", {"r": writer.run_id}).to_pylist()}
+    assert base == pytest.approx(direct.baselines, abs=1e-6)
+    from interplab import load_model
+
+    other = load_model("tiny-llama")  # the same weights, another process's model: nothing to reuse
+    calls.clear()
+    with open_store(str(tmp_path / "other")).begin_run("patching", model=job.model, spec=job.model_dump()) as again:
+        runner.finalize(job, other, again)
+        again.commit()
+    assert len(calls) == 2  # clean and corrupted
+
+
 def test_dataset_spec_and_plot(tmp_path, tiny_models):
     from interplab.analyses.patching.plot import plot_patching
 

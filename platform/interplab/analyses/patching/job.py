@@ -27,6 +27,7 @@ tokens in ``prompts`` (for heatmap labels).
 from __future__ import annotations
 
 import json
+import weakref
 from functools import lru_cache
 from typing import Literal
 
@@ -35,7 +36,7 @@ from pydantic import Field, PositiveInt, field_validator, model_validator
 from interplab.analyses.directions import DirectionIntervention, check_direction_positions, spec_interventions
 from interplab.analyses.metrics import metric_names
 from interplab.analyses.patching.driver import activation_patching, layer_work
-from interplab.analyses.patching.result import baselines_table
+from interplab.analyses.patching.result import PatchingResult, baselines_table
 from interplab.analyses.patching.sweeps import SweepError, parse_sweeps
 from interplab.analyses.tasks import PairSet, PromptPair, TaskError, facts_pairs, ioi_pairs, load_pairs
 from interplab.analyses.tasks.pairs import pairs_from_records
@@ -147,6 +148,11 @@ def pair_set(spec: PatchingSpec, model) -> PairSet:
     return _pair_set(spec.model_dump_json(), id(model.tokenizer), model.tokenizer)
 
 
+# the baselines a chunk computed, per model (weakly) and spec: finalize reuses them in the same
+# process instead of running the clean and corrupted prompts again
+_BASELINES: weakref.WeakKeyDictionary[object, dict[str, dict[str, float]]] = weakref.WeakKeyDictionary()
+
+
 class PatchingRunner:
     """Runner of the ``patching`` kind (protocol: :mod:`interplab.jobs.registry`)."""
 
@@ -180,6 +186,7 @@ class PatchingRunner:
     def run_chunk(self, spec: PatchingSpec, model, chunk_id: str, writer) -> None:
         sweep = next(s for s in parse_sweeps(spec.sweep) if s.name == chunk_id)
         result = _run(spec, model, [sweep], writer.store)
+        _BASELINES.setdefault(model, {})[spec.model_dump_json()] = dict(result.baselines)
         writer.write_table("patching", result.to_arrow(), chunk=_key(chunk_id))
         if result.correlation:
             rows = [{"sweep": k, "name": "exact_atp_correlation", "value": v} for k, v in result.correlation.items()]
@@ -189,7 +196,8 @@ class PatchingRunner:
         import pyarrow as pa
 
         pairs = pair_set(spec, model)
-        result = _run(spec, model, [], writer.store, baselines_only=True)
+        known = _BASELINES.get(model, {}).get(spec.model_dump_json())
+        result = PatchingResult(baselines=known) if known else _run(spec, model, [], writer.store, baselines_only=True)
         writer.write_table("baselines", result.baselines_arrow(), chunk="baselines")
         tok = model.tokenizer
         rows = []
