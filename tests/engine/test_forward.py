@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from interplab.engine import Intervention
 from tests.conftest import PROMPTS, SHORT, real_positions
 
 
@@ -19,6 +20,40 @@ def test_resid_post_equals_hidden_states(tiny, hf_reference):
         got = out.cache[f"resid_post.{layer}"][mask]
         torch.testing.assert_close(got, ref.hidden_states[layer + 1][mask], rtol=0, atol=1e-5)
     torch.testing.assert_close(out.logits[mask], ref.logits[mask], rtol=0, atol=1e-5)
+
+
+def test_last_logits_run_the_last_mlp_on_last_positions_only(tiny, hf_reference):
+    """A logits="last" pass gives transformers' logits at each row's last real token, padded rows
+    included, while the last layer's MLP reads one position per row; anything that reads that layer
+    (a capture, an intervention there) runs it whole."""
+    batch = tiny.tokenize(PROMPTS + SHORT)
+    with torch.no_grad():
+        ref = hf_reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    want = ref[torch.arange(batch.size), batch.last_positions()]
+    last = tiny.n_layers - 1
+    mlp = tiny.layer(last).get_submodule(tiny.spec.mlp_down.rpartition(".")[0])
+    seen: list[int] = []
+    handle = mlp.register_forward_hook(lambda module, args, out: seen.append(args[0].shape[1]))
+    try:
+        out = tiny.run(batch, logits="last")
+        assert seen == [1]
+        torch.testing.assert_close(out.logits, want, rtol=0, atol=1e-5)
+        seen.clear()
+        captured = tiny.run(batch, logits="last", capture=[f"resid_post.{last}"])
+        assert seen == [batch.seq_len]
+        torch.testing.assert_close(captured.logits, want, rtol=0, atol=1e-5)
+        # an intervention before the MLP (every position) trims; one from the MLP on does not
+        steered = [Intervention(tiny.validate_site(f"resid_pre.{last}"), "add", value=0.5)]
+        alone = tiny.run(batch, logits="all", interventions=steered).logits[torch.arange(batch.size), batch.last_positions()]
+        seen.clear()
+        torch.testing.assert_close(tiny.run(batch, logits="last", interventions=steered).logits, alone, rtol=0, atol=1e-5)
+        assert seen == [1]
+        at_mlp = [Intervention(tiny.validate_site(f"mlp_out.{last}"), "add", value=0.5)]
+        seen.clear()
+        tiny.run(batch, logits="last", interventions=at_mlp)
+        assert seen == [batch.seq_len]
+    finally:
+        handle.remove()
 
 
 def test_residual_stream_decomposes(tiny):

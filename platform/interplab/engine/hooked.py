@@ -12,7 +12,7 @@ given hidden states: the building block of the pipeline-parallel (Ray) backend.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -206,10 +206,12 @@ class HookedModel:
                 like = first
             offset = plan.prefix.length if plan.prefix is not None else 0
             ctx = runner.build_context(self, batch.attention_mask, like, start, stop, offset)
-            hidden = runner.run_layers(self, hidden, ctx, plan, start, stop, joins)
+            last = batch.last_positions() - offset if with_head and logits == "last" else None
+            trim = last is not None and stop == self.n_layers and runner.head_reads_last_only(plan, stop - 1)
+            with runner.mlp_at_last_positions(self, stop - 1, last) if trim else nullcontext():  # type: ignore[arg-type]
+                hidden = runner.run_layers(self, hidden, ctx, plan, start, stop, joins)
             if not with_head:
                 return hidden
-            last = batch.last_positions() - offset if logits == "last" else None
             return runner.unembed(self, hidden, plan, last, vocab)
 
     @contextmanager

@@ -143,7 +143,7 @@ class HookPlan:
     def active(self, kind: SiteKind, layer: int | None = None) -> bool:
         return (kind, layer) in self._active
 
-    def layer_kinds(self, layer: int) -> set[SiteKind]:
+    def layer_kinds(self, layer: int | None) -> set[SiteKind]:
         return {kind for (kind, at) in self._active if at == layer}
 
     def hooks_attention(self, layer: int) -> bool:

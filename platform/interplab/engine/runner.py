@@ -9,7 +9,8 @@ stage. Masks and rotary embeddings are built here the way each family's model bu
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypedDict
 
@@ -135,6 +136,42 @@ def run_layers(
         hidden = out[0] if isinstance(out, tuple) else out
         hidden = plan.process(SiteKind.RESID_POST, layer, hidden)
     return _rows(hidden, stop)
+
+
+# the sites of a layer that its MLP's input comes before (so they see what the MLP returns)
+_FROM_MLP = frozenset({SiteKind.MLP_IN, SiteKind.MLP_POST, SiteKind.MLP_OUT, SiteKind.RESID_POST})
+
+
+def head_reads_last_only(plan: HookPlan, layer: int) -> bool:
+    """Whether the last layer before the head (``layer``) may run its MLP on each row's last position
+    alone (:func:`mlp_at_last_positions`): nothing captured, differentiated or recorded, and no
+    intervention from that layer's MLP on (``mlp_in`` .. ``resid_post``, ``final``, ``logits``).
+    Interventions before it (``resid_pre``, attention sites) act on every position as usual."""
+    quiet = not plan.capture_sites and not plan.keep_grad and not plan.record_kv
+    return quiet and not plan.layer_kinds(layer) & _FROM_MLP and not plan.layer_kinds(None) - {SiteKind.EMBED}
+
+
+@contextmanager
+def mlp_at_last_positions(hooked: HookedModel, layer: int, last: torch.Tensor) -> Iterator[None]:
+    """While it lasts, ``layer``'s MLP reads only each row's ``last`` position (``Long[b]``) and
+    returns ``[b, 1, d]``; the layer's residual add broadcasts it over the positions, so each row's
+    last position is exact and the others (which no logit reads: the head keeps ``last``) are not.
+    The MLP is most of a layer's work, and on a logits="last" pass the last layer's other positions
+    feed nothing. Families whose MLP is called with keyword arguments only run it whole."""
+    mlp = hooked.layer(layer).get_submodule(hooked.spec.mlp_down.rpartition(".")[0])
+
+    def pre(_module: torch.nn.Module, args: tuple[object, ...]) -> tuple[object, ...] | None:
+        if not args or not isinstance(args[0], torch.Tensor) or args[0].shape[0] != len(last):
+            return None
+        x = args[0]
+        rows = torch.arange(x.shape[0], device=x.device)
+        return (x[rows, last.to(x.device)][:, None], *args[1:])
+
+    handle = mlp.register_forward_pre_hook(pre)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def unembed(
