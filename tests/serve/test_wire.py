@@ -35,6 +35,15 @@ def test_repeated_rows_go_once_and_come_back_bit_for_bit():
     assert torch.equal(tensors["t0"].view(torch.int32), tensor.view(torch.int32))  # bit for bit (-0.0 too)
 
 
+def test_an_answer_frame_does_not_look_for_repeats():
+    tensor, _ = gathered()
+    frame = Frame(find_repeats=False)
+    header = {"k": frame.ref(tensor)}
+    assert set(frame.tensors) == {"t0"} and frame.nbytes == tensor.nbytes
+    _, tensors = decode_frame(frame.encode(header), **BIG)
+    assert torch.equal(tensors["t0"], tensor)
+
+
 @pytest.mark.parametrize(
     "tensor",
     [

@@ -207,8 +207,8 @@ class HookedModel:
             offset = plan.prefix.length if plan.prefix is not None else 0
             ctx = runner.build_context(self, batch.attention_mask, like, start, stop, offset)
             last = batch.last_positions() - offset if with_head and logits == "last" else None
-            trim = last is not None and stop == self.n_layers and runner.head_reads_last_only(plan, stop - 1)
-            with runner.mlp_at_last_positions(self, stop - 1, last) if trim else nullcontext():  # type: ignore[arg-type]
+            trim = stop == self.n_layers and runner.head_reads_last_only(plan, stop - 1)
+            with runner.mlp_at_last_positions(self, stop - 1, last) if last is not None and trim else nullcontext():
                 hidden = runner.run_layers(self, hidden, ctx, plan, start, stop, joins)
             if not with_head:
                 return hidden

@@ -261,7 +261,7 @@ class ModelService:
     # ------------------------------------------------------------------ running (the model's thread)
     def execute(self, call: Call) -> tuple[dict[str, Any], Frame]:
         run: Callable[[Call, Frame], dict[str, Any]] = getattr(self, f"_execute_{call.op}")
-        frame = Frame()
+        frame = Frame(find_repeats=False)  # an answer
         return run(call, frame), frame
 
     def info(self) -> dict[str, Any]:
@@ -367,7 +367,7 @@ class ModelService:
 
     def encode_run(self, call: RunCall, result: RunResult, texts_sent: bool) -> tuple[dict[str, Any], Frame]:
         """A ``run`` answer; the batch goes back when the service tokenised the prompts."""
-        frame = Frame()
+        frame = Frame(find_repeats=False)  # an answer
         out: dict[str, Any] = {"logits": frame.maybe(result.logits), "cache": codec.encode_cache(result.cache, frame)}
         if texts_sent:
             out["batch"] = codec.encode_batch(result.batch, frame)

@@ -41,9 +41,12 @@ REPEAT_MIN_ELEMENTS = 1 << 14  # smaller tensors are sent as they are
 
 # --------------------------------------------------------------------------- frames
 class Frame:
-    """Collects tensors while an answer or request is built: ``frame.ref(t)`` goes in the JSON."""
+    """Collects tensors while an answer or request is built: ``frame.ref(t)`` goes in the JSON.
+    ``find_repeats`` looks for repeated rows (:func:`repeated_rows`): requests do (a sweep's passes
+    gather each prompt's rows many times); answers (logits, captures) seldom repeat and skip it."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, find_repeats: bool = True) -> None:
+        self.find_repeats = find_repeats
         self.tensors: dict[str, torch.Tensor] = {}
         self.nbytes = 0  # the bytes sent
         self._whole: dict[str, int] = {}  # each reference's bytes once a reader has made it whole
@@ -64,7 +67,7 @@ class Frame:
         name = f"t{len(self.tensors)}"
         # a copy of its own (safetensors refuses tensors that share memory, e.g. views of one capture)
         value = tensor.detach().to("cpu")
-        shared = repeated_rows(value)
+        shared = repeated_rows(value) if self.find_repeats else None
         if shared is None:
             self.tensors[name] = value.clone(memory_format=torch.contiguous_format)
         else:  # rows that repeat (a gather of a few rows): the distinct rows once, and which row is which
