@@ -2,7 +2,7 @@
 SmolLM2-135M (one IOI prompt, one resid_pre patch each), with batching on vs the same service with
 batching off, in the same run.
 
-    python bench/serve_batching.py [--clients 16] [--requests 25] [--replica-cpus 2] [--window-ms 5] [--regroup R]
+    python bench/serve_batching.py [--clients 16] [--requests 25] [--replica-cpus 2] [--window-ms 5] [--regroup R] [--gpus 0.5]
 
 Prints requests/s of both, the ratio, the batch sizes the batched replica ran, and checks that every
 answer equals the same patch run alone on a local copy of the model.
@@ -46,6 +46,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=25, help="per client")
     parser.add_argument("--replica-cpus", type=float, default=2.0)
     parser.add_argument("--window-ms", type=float, default=5.0)
+    parser.add_argument("--gpus", type=float, default=0.0, help="GPUs per replica (0: CPU; two replicas share a GPU at 0.5)")
     parser.add_argument("--regroup", type=float, default=None, help="the batching config's regroup (default: its default)")
     args = parser.parse_args()
 
@@ -56,8 +57,8 @@ def main() -> None:
     url, tokens = start(num_cpus=int(2 * args.replica_cpus) + 1)
     try:
         batching = {"window_ms": args.window_ms} | ({"regroup": args.regroup} if args.regroup is not None else {})
-        deploy("smol-batched", tokens, num_cpus=args.replica_cpus, batching=batching)
-        deploy("smol-alone", tokens, num_cpus=args.replica_cpus, batching={"enabled": False})
+        deploy("smol-batched", tokens, num_cpus=args.replica_cpus, num_gpus=args.gpus, batching=batching)
+        deploy("smol-alone", tokens, num_cpus=args.replica_cpus, num_gpus=args.gpus, batching={"enabled": False})
         local = load_model("smollm2-135m")
         requests = ioi_patch_requests(local, args.clients * args.requests)
         session = connect(url, token=TOKENS["alice"])

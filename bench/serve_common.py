@@ -60,15 +60,16 @@ def deploy(
     *,
     model: str = "smollm2-135m",
     num_cpus: float = 2.0,
+    num_gpus: float = 0.0,
     batching: dict | None = None,
     limits: dict | None = None,
 ) -> str:
+    """Deploy ``model`` as ``name``; a replica given GPUs (``num_gpus``) computes on one."""
     from interplab.serve.deployment import deploy as deploy_spec
     from interplab.serve.spec import ServeSpec
 
-    spec = ServeSpec(
-        model=model, name=name, tokens=tokens, resources={"num_cpus": num_cpus}, batching=batching or {}, limits=limits or {}
-    )
+    resources = {"num_cpus": num_cpus, "num_gpus": num_gpus}
+    spec = ServeSpec(model=model, name=name, tokens=tokens, resources=resources, batching=batching or {}, limits=limits or {})
     return deploy_spec(spec)
 
 

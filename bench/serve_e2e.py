@@ -2,7 +2,7 @@
 SmolLM2-135M, vs the same sweep in nnsight (one trace per patch, its own process, model load
 included), in the same run.
 
-    python bench/serve_e2e.py [--prompts 8] [--nnsight-layers all|K] [--replica-cpus 2]
+    python bench/serve_e2e.py [--prompts 8] [--nnsight-layers all|K] [--replica-cpus 2] [--gpus 1]
 
 The service is deployed first (not timed: it is already running for the lab). ``interplab run``
 (``jobs/ioi-patching-served.yaml``) is timed as a whole process: CLI start, validation against the
@@ -30,7 +30,7 @@ from serve_common import REPO, TOKENS, deploy, start, stop  # noqa: E402
 SPEC = REPO / "jobs" / "ioi-patching-served.yaml"
 
 
-def nnsight_process(prompts: int, layers: str, out: str) -> None:
+def nnsight_process(prompts: int, layers: str, out: str, device: str = "cpu") -> None:
     """The nnsight side (run in its own process by ``--nnsight-only``): load, then one trace per patch."""
     started = time.perf_counter()
     import torch
@@ -41,7 +41,7 @@ def nnsight_process(prompts: int, layers: str, out: str) -> None:
 
     source = resolve_source("smollm2-135m")
     tokenizer = AutoTokenizer.from_pretrained(source)
-    hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).to(device).eval()
     lm = LanguageModel(hf, tokenizer=tokenizer)
     pairs = PairSet.tokenize(tokenizer, ioi_pairs(tokenizer, prompts, seed=0, corruption="abc"))
     loaded = time.perf_counter()
@@ -50,14 +50,14 @@ def nnsight_process(prompts: int, layers: str, out: str) -> None:
     if layers != "all":
         k = int(layers)
         chosen = sorted({round(i * (n_layers - 1) / max(k - 1, 1)) for i in range(k)})
-    answer, wrong = pairs.answer[:, None], pairs.wrong[:, None]
+    answer, wrong = pairs.answer[:, None].to(device), pairs.wrong[:, None].to(device)
     values = {}
     with torch.no_grad():
         for layer in chosen:
-            with lm.trace(pairs.clean.input_ids):
+            with lm.trace(pairs.clean.input_ids.to(device)):
                 clean = lm.model.layers[layer].input.save()
             for pos in range(pairs.clean.seq_len):
-                with lm.trace(pairs.corrupted.input_ids):
+                with lm.trace(pairs.corrupted.input_ids.to(device)):
                     lm.model.layers[layer].input[:, pos] = clean[:, pos]
                     logits = lm.lm_head.output[:, -1].save()
                 values[f"{layer},{pos}"] = float((logits.gather(1, answer) - logits.gather(1, wrong)).mean())
@@ -74,16 +74,17 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--nnsight-layers", default="all")
     parser.add_argument("--replica-cpus", type=float, default=2.0)
+    parser.add_argument("--gpus", type=float, default=0.0, help="GPUs of the served replica; nnsight then runs on CUDA too")
     parser.add_argument("--nnsight-only", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.nnsight_only:
-        nnsight_process(args.prompts, args.nnsight_layers, args.nnsight_only)
+        nnsight_process(args.prompts, args.nnsight_layers, args.nnsight_only, "cuda" if args.gpus else "cpu")
         return
 
     url, tokens = start(num_cpus=int(args.replica_cpus) + 1)
     work = Path(tempfile.mkdtemp(prefix="interplab-e2e-"))
     try:
-        deploy("smollm2-135m", tokens, num_cpus=args.replica_cpus)
+        deploy("smollm2-135m", tokens, num_cpus=args.replica_cpus, num_gpus=args.gpus)
         env = {**os.environ, "INTERPLAB_TOKEN": TOKENS["alice"]}
         env.pop("RAY_ADDRESS", None)
         command = [
@@ -115,6 +116,8 @@ def main() -> None:
                 str(args.prompts),
                 "--nnsight-layers",
                 args.nnsight_layers,
+                "--gpus",
+                str(args.gpus),
                 "--nnsight-only",
                 str(out),
             ],
@@ -132,7 +135,7 @@ def main() -> None:
         values = {f"{r['layer']},{r['position']}": r["value"] for r in rows}
         diff = max(abs(values[k] - v) for k, v in ref["values"].items())
         service = store.run(run_id).provenance["service"]
-        print(f"IOI resid_pre patching, {args.prompts} prompts, {len(values)} patches (layers x positions), SmolLM2-135M, CPU")
+        print(f"IOI resid_pre patching, {args.prompts} prompts, {len(values)} patches (layers x positions), SmolLM2-135M, {'CUDA' if args.gpus else 'CPU'}")
         print(f"interplab run against the served model (whole process)   {ours:8.2f} s   (run {run_id}, user {service['user']})")
         print(
             f"nnsight, one trace per patch (whole process, load {ref['load_s']:.1f} s)  {theirs:8.2f} s"

@@ -1,7 +1,7 @@
 """Round-trip overhead of one small request to a served model, on localhost, beyond the model's own
 forward: p50 and p99 over sequential requests (one client, nothing else queued).
 
-    python bench/serve_overhead.py [--model smollm2-135m] [--requests 100]
+    python bench/serve_overhead.py [--model smollm2-135m] [--requests 100] [--gpus 1]
 
 Each request is one IOI prompt, ``capture=["resid_pre.5"]`` at the last position, ``logits="none"``
 (a few KB each way). The model's own time is the replica's time in its model thread for that
@@ -26,6 +26,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--requests", type=int, default=100)
     parser.add_argument("--replica-cpus", type=float, default=2.0)
+    parser.add_argument("--gpus", type=float, default=0.0, help="GPUs per replica (0: CPU)")
     args = parser.parse_args()
 
     from interplab.serve import connect
@@ -33,7 +34,7 @@ def main() -> None:
 
     url, tokens = start(num_cpus=int(args.replica_cpus) + 1)
     try:
-        deploy("overhead", tokens, model=args.model, num_cpus=args.replica_cpus)
+        deploy("overhead", tokens, model=args.model, num_cpus=args.replica_cpus, num_gpus=args.gpus)
         model = connect(url, token=TOKENS["alice"]).model("overhead")
         prompt = ["When Mary and John went to the store, John gave a drink to"]
         site = "resid_pre.5" if model.n_layers > 5 else "resid_pre.1"

@@ -27,7 +27,7 @@ def assert_run_equal(got, want):
 def check_shape_tokens_and_sites(remote, local):
     for attr in ("name", "weight_hash", "n_layers", "n_heads", "n_kv_heads", "d_model", "head_dim", "d_mlp", "d_vocab", "has_resid_mid"):
         assert getattr(remote, attr) == getattr(local, attr), attr
-    assert remote.spec is local.spec
+    assert remote.spec is local.spec and remote.info["device"] == str(local.device)
     for field, value in local.config.to_dict().items():  # every field, as the served config's attribute
         if field not in ("transformers_version", "dtype", "torch_dtype"):
             assert getattr(remote.config, field) == value, field

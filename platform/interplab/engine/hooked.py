@@ -193,6 +193,8 @@ class HookedModel:
         vocab: torch.Tensor | None = None,
     ) -> torch.Tensor:
         batch = batch.to(self.device)
+        if hidden is not None:  # e.g. a stage request's hidden states, read on the CPU
+            hidden = hidden.to(self.device)
         with self.activated(plan, range(start, stop)):
             starting = batch.size - sum(join_rows(j) for j in joins.values()) if joins else batch.size
             if hidden is not None:

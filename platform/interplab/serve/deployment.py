@@ -49,11 +49,15 @@ class ModelDeployment:
         limits: dict[str, Any] | None = None,
         batching: dict[str, Any] | None = None,
     ) -> None:
+        import ray
+
         from interplab.runtime import build_backend
 
+        # a replica given GPUs (resources.num_gpus) computes on them; a pipeline's stages place their own
+        device = "cuda" if ray.get_gpu_ids() else "cpu"
         auth = TokenAuth(tokens)
         self.server = Server(
-            lambda: build_backend(model, parallel, dtype=dtype, seed=seed),  # loaded in the model's thread
+            lambda: build_backend(model, parallel, dtype=dtype, seed=seed, device=device),  # loaded in the model's thread
             name=name,
             auth=auth,
             limits=ServeLimits.model_validate(limits or {}),

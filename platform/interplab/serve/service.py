@@ -276,6 +276,7 @@ class ModelService:
             "config": _jsonable(config),
             "config_aliases": {str(k): str(v) for k, v in getattr(m.config, "attribute_map", {}).items()},
             "dtype": str(self.dtype).removeprefix("torch."),
+            "device": str(m.device) if hasattr(m, "device") else None,  # a pipeline: its stages' own
             "sizes": {
                 "n_layers": m.n_layers,
                 "n_heads": m.n_heads,
