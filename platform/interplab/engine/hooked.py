@@ -12,7 +12,7 @@ given hidden states: the building block of the pipeline-parallel (Ray) backend.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -193,12 +193,10 @@ class HookedModel:
         vocab: torch.Tensor | None = None,
     ) -> torch.Tensor:
         batch = batch.to(self.device)
-        if hidden is not None:  # e.g. a stage request's hidden states, read on the CPU
-            hidden = hidden.to(self.device)
         with self.activated(plan, range(start, stop)):
             starting = batch.size - sum(join_rows(j) for j in joins.values()) if joins else batch.size
             if hidden is not None:
-                like = hidden
+                like = hidden = hidden.to(self.device)  # e.g. a stage request's, read on the CPU
             elif starting and start == 0:  # the rows that start at layer 0 start at the embedding
                 hidden = like = runner.embed(self, batch.input_ids[:starting], plan)
             else:
@@ -209,12 +207,9 @@ class HookedModel:
             offset = plan.prefix.length if plan.prefix is not None else 0
             ctx = runner.build_context(self, batch.attention_mask, like, start, stop, offset)
             last = batch.last_positions() - offset if with_head and logits == "last" else None
-            trim = stop == self.n_layers and runner.head_reads_last_only(plan, stop - 1)
-            with runner.mlp_at_last_positions(self, stop - 1, last) if last is not None and trim else nullcontext():
+            with runner.last_positions_head(self, plan, stop, last):
                 hidden = runner.run_layers(self, hidden, ctx, plan, start, stop, joins)
-            if not with_head:
-                return hidden
-            return runner.unembed(self, hidden, plan, last, vocab)
+            return runner.unembed(self, hidden, plan, last, vocab) if with_head else hidden
 
     @contextmanager
     def activated(self, plan: HookPlan, layers: range) -> Iterator[None]:

@@ -10,7 +10,7 @@ stage. Masks and rotary embeddings are built here the way each family's model bu
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypedDict
 
@@ -149,6 +149,16 @@ def head_reads_last_only(plan: HookPlan, layer: int) -> bool:
     Interventions before it (``resid_pre``, attention sites) act on every position as usual."""
     quiet = not plan.capture_sites and not plan.keep_grad and not plan.record_kv
     return quiet and not plan.layer_kinds(layer) & _FROM_MLP and not plan.layer_kinds(None) - {SiteKind.EMBED}
+
+
+def last_positions_head(
+    hooked: HookedModel, plan: HookPlan, stop: int, last: torch.Tensor | None
+) -> AbstractContextManager[None]:
+    """What a pass runs its layers ``[.., stop)`` in: :func:`mlp_at_last_positions` when the head
+    follows them and keeps only the ``last`` positions (and :func:`head_reads_last_only`), else nothing."""
+    if last is None or stop != hooked.n_layers or not head_reads_last_only(plan, stop - 1):
+        return nullcontext()
+    return mlp_at_last_positions(hooked, stop - 1, last)
 
 
 @contextmanager
