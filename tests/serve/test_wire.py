@@ -1,5 +1,6 @@
-"""The wire's frames: tensors whose rows repeat go as their distinct rows plus an index, come back
-bit for bit, and a reader refuses indexes that do not fit and counts the whole tensor's bytes."""
+"""The wire's frames: tensors whose rows repeat go as their distinct rows plus an index, and views of
+one small tensor as its memory once plus their geometry; both come back bit for bit, and a reader
+refuses indexes and geometry that do not fit and counts the whole tensors' bytes."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from safetensors.torch import save
 
 from interplab.serve.errors import FieldError, LimitError
-from interplab.serve.wire import MAGIC, ROWS, Frame, decode_frame, repeated_rows
+from interplab.serve.wire import MAGIC, ROWS, VIEW, Frame, decode_frame, repeated_rows
 
 BIG = dict(max_json_bytes=1 << 20, max_tensor_bytes=1 << 30)
 
@@ -101,3 +102,83 @@ def test_the_whole_tensor_counts_against_the_byte_limit():
     with pytest.raises(LimitError, match="max_tensor_bytes") as info:
         decode_frame(body, max_json_bytes=1 << 20, max_tensor_bytes=1 << 20)
     assert info.value.limit == "max_tensor_bytes"
+
+
+def cached_run() -> tuple[torch.Tensor, torch.Tensor]:
+    """A run's cached resid_pre ``[8, 15, 64]`` and keys ``[8, 3, 15, 16]``, with a -0.0 in each."""
+    gen = torch.Generator().manual_seed(3)
+    resid, keys = torch.randn(8, 15, 64, generator=gen), torch.randn(8, 3, 15, 16, generator=gen)
+    resid[2, 9, 5] = keys[1, 2, 3, 4] = -0.0
+    return resid, keys
+
+
+def test_views_of_one_tensor_go_as_its_memory_once_and_come_back_bit_for_bit():
+    """Stage passes starting at positions 1..14 join at suffixes of a cached run and hold prefixes of
+    its keys: each tensor's memory is sent once, each view as its geometry."""
+    resid, keys = cached_run()
+    frame = Frame()
+    header = {"suffix": [frame.ref(resid[:, p:]) for p in range(1, 15)], "prefix": [frame.ref(keys[:, :, :p]) for p in range(4, 15)]}
+    entries = [n for n in frame.tensors if not n.endswith(VIEW)]
+    assert len(entries) == 2 and sum(n.endswith(VIEW) for n in frame.tensors) == 25
+    assert frame.nbytes <= resid.nbytes + keys.nbytes + 25 * 80  # the two tensors and 25 geometries of <= 10 int64
+    whole = sum(resid[:, p:].nbytes for p in range(1, 15)) + sum(keys[:, :, :p].nbytes for p in range(4, 15))
+    assert frame.whole_nbytes == whole + resid.nbytes + keys.nbytes  # what the reader's limit will count
+    header, tensors = decode_frame(frame.encode(header), **BIG)
+    for p, ref in zip(range(1, 15), header["suffix"]):
+        got = tensors[ref["$tensor"]]
+        assert got.is_contiguous() and torch.equal(got.view(torch.int32), resid[:, p:].contiguous().view(torch.int32))
+    for p, ref in zip(range(4, 15), header["prefix"]):
+        assert torch.equal(tensors[ref["$tensor"]].view(torch.int32), keys[:, :, :p].contiguous().view(torch.int32))
+
+
+def test_a_small_view_of_large_memory_goes_as_itself_until_that_memory_is_in_the_frame():
+    resid, _ = cached_run()
+    frame = Frame()
+    first = frame.ref(resid[:, 14:])  # a fifteenth of the memory: its own copy
+    assert list(frame.tensors) == [first["$tensor"]]
+    whole = frame.ref(resid)  # the whole tensor: later views refer to it
+    later = frame.ref(resid[:, 13:])
+    assert later["$tensor"] + VIEW in frame.tensors and len(frame.tensors) == 3
+    _, tensors = decode_frame(frame.encode({"a": first, "b": whole, "c": later}), **BIG)
+    assert torch.equal(tensors[first["$tensor"]], resid[:, 14:]) and torch.equal(tensors[later["$tensor"]], resid[:, 13:])
+
+
+def test_forgetting_a_pass_drops_the_memory_it_added():
+    resid, _ = cached_run()
+    frame = Frame()
+    frame.ref(torch.ones(4, 4))
+    frame.ref(resid[:, 2:])
+    frame.forget_after(1)
+    assert list(frame.tensors) == ["t0"] and frame.nbytes == frame.whole_nbytes == 64
+    again = frame.ref(resid[:, 3:])  # the memory is added again, not referred to as forgotten
+    _, tensors = decode_frame(frame.encode({"v": again}), **BIG)
+    assert torch.equal(tensors[again["$tensor"]], resid[:, 3:])
+
+
+@pytest.mark.parametrize(
+    ("tensors", "message"),
+    [
+        ({"t0": torch.zeros(10), "t1@view": torch.tensor([0, 0, 3, 4, 4, 1])}, r"t1@view reaches past the 10 elements of 't0'"),
+        ({"t0": torch.zeros(10), "t1@view": torch.tensor([0, 8, 3, 1])}, r"t1@view reaches past"),
+        ({"t0": torch.zeros(10), "t1@view": torch.tensor([0, -1, 2, 1])}, r"t1@view has a negative offset, size or stride"),
+        ({"t0": torch.zeros(10), "t1@view": torch.tensor([0, 0, 2, -1])}, r"t1@view has a negative offset, size or stride"),
+        ({"t0": torch.zeros(10), "t1@view": torch.tensor([5, 0, 2, 1])}, r"refers to entry 't5', which the frame does not hold"),
+        ({"t0": torch.zeros(10), "t1@view": torch.tensor([0, 0, 2])}, r"t1@view must be int64 \[entry, offset"),
+        ({"t0": torch.zeros(10), "t1@view": torch.tensor([0.0, 0.0, 2.0, 1.0])}, r"t1@view must be int64"),
+        ({"t0": torch.zeros(10), "t1@view": torch.zeros(20, dtype=torch.long)}, r"t1@view must be int64"),
+        ({"t0": torch.zeros(10), "t1": torch.zeros(2), "t1@view": torch.tensor([0, 0, 2, 1])}, r"not sent itself"),
+        ({"t0": torch.zeros(2, 5), "t0@rows": torch.tensor([0, 1]), "t1@view": torch.tensor([0, 0, 2, 1])}, r"as a plain tensor"),
+        ({"t0": torch.zeros(10), "t1@view": torch.tensor([0, 0, 2, 1]), "t2@view": torch.tensor([1, 0, 2, 1])}, r"as a plain tensor"),
+    ],
+)
+def test_a_view_that_does_not_fit_is_refused(tensors, message):
+    with pytest.raises(FieldError, match=message):
+        decode_frame(body_of(tensors), **BIG)
+
+
+def test_a_view_counts_its_whole_bytes_against_the_limit():
+    """One float viewed 300,000 times (stride 0) would be 1.2 MB once copied out: over a 1 MB limit."""
+    body = body_of({"t0": torch.zeros(1), "t1@view": torch.tensor([0, 0, 300_000, 0])})
+    assert len(body) < 1 << 10
+    with pytest.raises(LimitError, match="max_tensor_bytes"):
+        decode_frame(body, max_json_bytes=1 << 20, max_tensor_bytes=1 << 20)

@@ -6,6 +6,8 @@ Each command family lives in its own module and is attached here; usage errors e
 
 from __future__ import annotations
 
+import gc
+
 import click
 
 
@@ -25,4 +27,10 @@ def _register() -> None:
 
 def main() -> None:
     _register()
-    cli()
+    try:
+        cli()
+    finally:
+        # the interpreter's last collections at exit would walk every object torch and transformers
+        # made (~0.7 s on a 2-core CPU); frozen ones are skipped (modules are still torn down, and
+        # files closed, as usual)
+        gc.freeze()

@@ -27,7 +27,7 @@ from interplab.serve.batching import Batcher, RunCall, run_together
 from interplab.serve.errors import LimitError, error_body, status_for
 from interplab.serve.limits import BatchingConfig, ServeLimits
 from interplab.serve.service import Call, ModelService
-from interplab.serve.wire import CONTENT_TYPE, ROWS, decode_frame, expand_rows
+from interplab.serve.wire import CONTENT_TYPE, ROWS, VIEW, decode_frame, make_whole
 
 log = logging.getLogger("interplab.serve")
 RATE_WINDOW_S = 60.0
@@ -118,17 +118,17 @@ class Server:
             raise LimitError("max_request_bytes", limits.max_request_bytes, size, "the request body's bytes")
         # a small request is read at once (a thread's hand-offs would cost more than the work); a big
         # one's tensors are copied and checked with parallel torch kernels: in the model's thread (one
-        # thread team). Tensors sent as distinct rows are big once made whole.
+        # thread team). Tensors sent as distinct rows or as views are big once made whole.
         small = size < INLINE_BYTES
         loop = asyncio.get_running_loop()
         decode = functools.partial(
             decode_frame, body, max_json_bytes=limits.max_json_bytes, max_tensor_bytes=limits.max_tensor_bytes, whole=False
         )
         header, sent = decode() if small else await loop.run_in_executor(self.executor, decode)
-        small = small and not any(name.endswith(ROWS) for name in sent)
+        small = small and not any(name.endswith((ROWS, VIEW)) for name in sent)
 
         def parse() -> Call | RunCall:
-            return self.service.parse(op, header, expand_rows(sent, limits.max_tensor_bytes), user)
+            return self.service.parse(op, header, make_whole(sent, limits.max_tensor_bytes), user)
 
         call = parse() if small else await loop.run_in_executor(self.executor, parse)
         if isinstance(call, RunCall):

@@ -8,7 +8,11 @@
 A tensor inside the JSON is ``{"$tensor": "t3"}``, the name of an entry of the safetensors part. A
 tensor whose rows repeat (a gather of a few rows: a patching sweep's per-row prefixes) is sent as its
 distinct rows ``t3`` plus ``t3@rows`` (``Long[r]``: which distinct row each row is); the reader makes
-it whole again, counting the whole tensor against the byte limit.
+it whole again, counting the whole tensor against the byte limit. A view of a small tensor's memory
+(the same tensor sliced many ways: one prompt's cached activations from each stage pass's first
+position) is sent as ``t5@view`` (``Long[2 + 2k]``: the number of the entry holding that memory, the
+element offset, the ``k`` sizes and the ``k`` strides), the memory itself once per frame; the reader
+copies each view out, after checking that it stays inside that entry.
 Content type ``application/vnd.interplab.frame``. Errors are plain JSON (``errors.error_body``).
 Nothing here unpickles: JSON and safetensors only, both parsed with size limits first.
 
@@ -36,7 +40,11 @@ FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INTS = (torch.int64, torch.int32)
 _MISSING = object()
 ROWS = "@rows"  # suffix of the index of a tensor sent as its distinct rows (see repeated_rows)
+VIEW = "@view"  # suffix of the geometry of a tensor sent as a view of another entry's memory
 REPEAT_MIN_ELEMENTS = 1 << 14  # smaller tensors are sent as they are
+VIEW_MEMORY_MAX = 16 << 20  # a view's whole memory is sent (once) only up to this many bytes ...
+VIEW_MEMORY_RATIO = 4  # ... and, the first time, only up to this many times the view's own bytes
+VIEW_MAX_DIMS = 8
 
 
 # --------------------------------------------------------------------------- frames
@@ -51,6 +59,7 @@ class Frame:
         self.nbytes = 0  # the bytes sent
         self._whole: dict[str, int] = {}  # each reference's bytes once a reader has made it whole
         self._seen: dict[tuple[Any, ...], tuple[str, torch.Tensor]] = {}
+        self._memory: dict[tuple[Any, ...], tuple[str, torch.Tensor]] = {}  # memory sent whole: its entry
 
     @property
     def whole_nbytes(self) -> int:
@@ -64,26 +73,55 @@ class Frame:
         seen = self._seen.get(key)
         if seen is not None and tensor.numel():
             return {TENSOR: seen[0]}
-        name = f"t{len(self.tensors)}"
-        # a copy of its own (safetensors refuses tensors that share memory, e.g. views of one capture)
         value = tensor.detach().to("cpu")
-        shared = repeated_rows(value) if self.find_repeats else None
-        if shared is None:
-            self.tensors[name] = value.clone(memory_format=torch.contiguous_format)
-        else:  # rows that repeat (a gather of a few rows): the distinct rows once, and which row is which
-            self.tensors[name], self.tensors[name + ROWS] = shared
-            self.nbytes += shared[1].nbytes
-        self.nbytes += self.tensors[name].nbytes
+        memory = self._memory_entry(value)
+        name = f"t{len(self.tensors)}"
+        if memory is not None:  # a view of memory sent whole: where it lies in that memory
+            geometry = [int(memory[1:]), value.storage_offset(), *value.shape, *value.stride()]
+            self.tensors[name + VIEW] = torch.tensor(geometry, dtype=torch.long)
+            self.nbytes += self.tensors[name + VIEW].nbytes
+        else:
+            # a copy of its own (safetensors refuses tensors that share memory, e.g. views of one capture)
+            shared = repeated_rows(value) if self.find_repeats else None
+            if shared is None:
+                self.tensors[name] = value.clone(memory_format=torch.contiguous_format)
+                if value.is_contiguous() and value.storage_offset() == 0 and value.nbytes == _memory_bytes(value):
+                    self._memory[_memory_key(value)] = (name, value)  # its views can refer to it
+            else:  # rows that repeat (a gather of a few rows): the distinct rows once, and which row is which
+                self.tensors[name], self.tensors[name + ROWS] = shared
+                self.nbytes += shared[1].nbytes
+            self.nbytes += self.tensors[name].nbytes
         self._whole[name] = value.nbytes
         self._seen[key] = (name, tensor)  # the original is kept: its memory cannot be reused meanwhile
         return {TENSOR: name}
+
+    def _memory_entry(self, value: torch.Tensor) -> str | None:
+        """The entry holding ``value``'s whole memory, when ``value`` is better sent as a view of it:
+        memory already in the frame, or small memory (see ``VIEW_MEMORY_*``) that it only partly covers,
+        which is then added (flat, once). None: send ``value``'s own elements."""
+        if value.device.type != "cpu" or value.dtype not in FLOATS + INTS or not value.numel() or value.ndim > VIEW_MAX_DIMS:
+            return None
+        known = self._memory.get(_memory_key(value))
+        if known is not None:
+            return known[0]
+        whole = _memory_bytes(value)
+        if whole == value.nbytes or whole > VIEW_MEMORY_MAX or whole > VIEW_MEMORY_RATIO * value.nbytes:
+            return None
+        flat = value.as_strided((whole // value.element_size(),), (1,), 0)
+        name = f"t{len(self.tensors)}"
+        self.tensors[name] = flat.clone()
+        self.nbytes += flat.nbytes
+        self._whole[name] = flat.nbytes
+        self._memory[_memory_key(value)] = (name, flat)
+        return name
 
     def forget_after(self, count: int) -> None:
         """Drop every tensor added after the first ``count`` (a part that did not fit is left out)."""
         for name in list(self.tensors)[count:]:
             self.nbytes -= self.tensors.pop(name).nbytes
-            self._whole.pop(name, None)
-        self._seen = {k: v for k, v in self._seen.items() if v[0] in self.tensors}
+            self._whole.pop(name.removesuffix(VIEW), None)
+        self._seen = {k: v for k, v in self._seen.items() if v[0] in self.tensors or v[0] + VIEW in self.tensors}
+        self._memory = {k: v for k, v in self._memory.items() if v[0] in self.tensors}
 
     def maybe(self, tensor: torch.Tensor | None) -> dict[str, str] | None:
         return None if tensor is None else self.ref(tensor)
@@ -113,6 +151,16 @@ def repeated_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | N
     return tensor[first].clone(memory_format=torch.contiguous_format), index
 
 
+def _memory_key(value: torch.Tensor) -> tuple[Any, ...]:
+    storage = value.untyped_storage()
+    return (storage.data_ptr(), storage.nbytes(), value.dtype)
+
+
+def _memory_bytes(value: torch.Tensor) -> int:
+    """The bytes of ``value``'s memory as whole elements of its dtype."""
+    return value.untyped_storage().nbytes() // value.element_size() * value.element_size()
+
+
 def encode_frame(header: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> bytes:
     from safetensors.torch import save
 
@@ -125,7 +173,7 @@ def decode_frame(
     body: bytes, *, max_json_bytes: int, max_tensor_bytes: int, whole: bool = True
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The JSON object and the tensors of a frame; FieldError/LimitError for anything malformed.
-    ``whole=False`` leaves tensors sent as distinct rows so (see :func:`expand_rows`)."""
+    ``whole=False`` leaves tensors sent as distinct rows or views so (see :func:`make_whole`)."""
     from safetensors.torch import load
 
     if len(body) < 8 or body[:4] != MAGIC:
@@ -150,16 +198,19 @@ def decode_frame(
             tensors = dict(load(rest))
         except Exception as exc:  # noqa: BLE001 - safetensors reports malformed files with its own errors
             raise FieldError("tensors", f"the safetensors part does not parse: {exc}") from None
-    return header, expand_rows(tensors, max_tensor_bytes) if whole else tensors
+    return header, make_whole(tensors, max_tensor_bytes) if whole else tensors
 
 
-def expand_rows(tensors: dict[str, torch.Tensor], max_tensor_bytes: int) -> dict[str, torch.Tensor]:
-    """Tensors sent as distinct rows plus an index (``NAME`` and ``NAME@rows``) made whole again,
-    after checking the index and that the whole tensors stay within ``max_tensor_bytes``."""
+def make_whole(tensors: dict[str, torch.Tensor], max_tensor_bytes: int) -> dict[str, torch.Tensor]:
+    """Tensors sent as distinct rows plus an index (``NAME`` and ``NAME@rows``) or as views of another
+    entry (``NAME@view``) made whole again, after checking indices and geometry, and that the whole
+    tensors stay within ``max_tensor_bytes``."""
     shared = [name[: -len(ROWS)] for name in tensors if name.endswith(ROWS)]
-    if not shared:
+    views = [name[: -len(VIEW)] for name in tensors if name.endswith(VIEW)]
+    if not shared and not views:
         return tensors
-    total = sum(t.nbytes for name, t in tensors.items() if not name.endswith(ROWS) and name not in shared)
+    plain = {name: t for name, t in tensors.items() if not name.endswith((ROWS, VIEW))}
+    total = sum(t.nbytes for name, t in plain.items() if name not in shared)
     for name in shared:
         index, base = tensors[name + ROWS], tensors.get(name)
         if base is None or base.ndim < 1 or index.dtype != torch.int64 or index.ndim != 1:
@@ -167,12 +218,42 @@ def expand_rows(tensors: dict[str, torch.Tensor], max_tensor_bytes: int) -> dict
         if len(index) and (int(index.min()) < 0 or int(index.max()) >= base.shape[0]):
             raise FieldError("tensors", f"{name + ROWS} indexes rows outside {name!r}'s {base.shape[0]}")
         total += len(index) * (base.nbytes // max(base.shape[0], 1))
+    geometry = {name: _view_geometry(name, tensors, plain, shared) for name in views}
+    total += sum(math.prod(shape) * plain[memory].element_size() for memory, _, shape, _ in geometry.values())
     if total > max_tensor_bytes:
         raise LimitError("max_tensor_bytes", max_tensor_bytes, total, "the request's tensor bytes")
-    out = {name: t for name, t in tensors.items() if not name.endswith(ROWS)}
+    out = dict(plain)
     for name in shared:
         out[name] = out[name][tensors[name + ROWS]]
+    for name, (memory, offset, shape, stride) in geometry.items():
+        flat = plain[memory].reshape(-1)
+        out[name] = flat.as_strided(shape, stride, flat.storage_offset() + offset).clone()
     return out
+
+
+def _view_geometry(
+    name: str, tensors: Mapping[str, torch.Tensor], plain: Mapping[str, torch.Tensor], shared: Sequence[str]
+) -> tuple[str, int, list[int], list[int]]:
+    """``(memory entry, offset, sizes, strides)`` of the view ``NAME@view``, checked to stay inside
+    the entry it names (a plain entry: not itself a view or sent as distinct rows)."""
+    field = name + VIEW
+    g = tensors[field]
+    if name in tensors or g.dtype != torch.int64 or g.ndim != 1 or len(g) < 2 or len(g) % 2 or len(g) > 2 + 2 * VIEW_MAX_DIMS:
+        raise FieldError(
+            "tensors",
+            f"{field} must be int64 [entry, offset, {VIEW_MAX_DIMS} or fewer sizes, as many strides] of a view {name!r} not sent itself",
+        )
+    number, offset, *dims = g.tolist()
+    memory = f"t{number}"
+    if memory not in plain or memory in shared:
+        raise FieldError("tensors", f"{field} refers to entry {memory!r}, which the frame does not hold as a plain tensor")
+    k = len(dims) // 2
+    shape, stride = dims[:k], dims[k:]
+    if offset < 0 or any(d < 0 for d in dims):
+        raise FieldError("tensors", f"{field} has a negative offset, size or stride: {g.tolist()}")
+    if math.prod(shape) and offset + sum((n - 1) * st for n, st in zip(shape, stride)) >= plain[memory].numel():
+        raise FieldError("tensors", f"{field} reaches past the {plain[memory].numel()} elements of {memory!r}")
+    return memory, offset, shape, stride
 
 
 def _no_constant(name: str) -> float:

@@ -97,8 +97,18 @@ class _Setup:
         capture = list(dict.fromkeys(self.sites + extra))
         self.can_skip = need_resid  # every backend can start a pass mid-model (run_stages)
         prefix_ok = self.can_skip and pairs.same_length and not pairs.clean.padded
-        clean = model.run(pairs.clean, capture=capture, interventions=self.background, logits="last", keep_kv=prefix_ok)
-        corrupted = model.run(pairs.corrupted, capture=capture, interventions=self.background, logits="last", keep_kv=prefix_ok)
+        clean_is_target = ablation is not None or direction == "noise"
+        # patched passes reuse the target run's keys/values: only that run keeps them
+        clean = model.run(
+            pairs.clean, capture=capture, interventions=self.background, logits="last", keep_kv=prefix_ok and clean_is_target
+        )
+        corrupted = model.run(
+            pairs.corrupted,
+            capture=capture,
+            interventions=self.background,
+            logits="last",
+            keep_kv=prefix_ok and not clean_is_target,
+        )
         clean_logprobs = run_logits(clean).float().log_softmax(-1)
         self.inputs = MetricInputs(pairs.answer, pairs.wrong, clean_logprobs)
         # patched passes unembed only the columns the metric reads (logit_diff: answer and wrong)
@@ -106,7 +116,7 @@ class _Setup:
         self.clean_per_prompt = self.metric(run_logits(clean), self.inputs).double()
         self.corrupted_per_prompt = self.metric(run_logits(corrupted), self.inputs).double()
         self.baselines = {"clean": float(self.clean_per_prompt.mean()), "corrupted": float(self.corrupted_per_prompt.mean())}
-        if ablation is not None or direction == "noise":
+        if clean_is_target:
             target, source, self.target_batch = clean, corrupted, pairs.clean
         else:
             target, source, self.target_batch = corrupted, clean, pairs.corrupted
@@ -255,9 +265,12 @@ def _stage_request(setup: _Setup, jobs, chunk) -> StageRequest:
     layers = torch.tensor([jobs[j][1] for j, _ in chunk])
     first = int(layers[0])
     joins = {}
+    every = torch.arange(setup.pairs.size)
     for layer in torch.unique_consecutive(layers).tolist():
         members = prompts[layers == layer]
-        joins[layer] = setup.target_cache[Site(SiteKind.RESID_PRE, layer)][:, offset:][members]
+        resid = setup.target_cache[Site(SiteKind.RESID_PRE, layer)][:, offset:]
+        # every prompt in order: a view of the cached run (the service sends its memory once per call)
+        joins[layer] = resid if torch.equal(members, every) else resid[members]
     prefix = None
     if offset > 0:
         if setup.target_kv is None:  # batches start past position 0 only when the target run kept its keys/values
