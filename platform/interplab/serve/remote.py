@@ -135,17 +135,17 @@ class RemoteModel:
 
     @cached_property
     def tokenizer(self) -> Any:
-        """A local copy of the served (fast) tokenizer, rebuilt from its JSON (no code is loaded);
-        one per process for each served tokenizer (by its SHA-256), however many connections use it."""
-        from tokenizers import Tokenizer
-        from transformers import PreTrainedTokenizerFast
+        """A local copy of the served (fast) tokenizer, rebuilt from its JSON (no code is loaded): a
+        :class:`~interplab.serve.tokenizer.ServedTokenizer` (encodes and decodes without importing
+        transformers; ``.full`` is the transformers tokenizer); one per process for each served
+        tokenizer (by its SHA-256), however many connections use it."""
+        from interplab.serve.tokenizer import ServedTokenizer
 
         sha = self.info.get("tokenizer_sha")
         if sha is not None and sha in _TOKENIZERS:
             return _TOKENIZERS[sha]
         out, _ = self._call("tokenizer", {})
-        tokenizer = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(out["tokenizer_json"]), **out["special_tokens"])
-        tokenizer.name_or_path = out.get("name_or_path", "")
+        tokenizer = ServedTokenizer(out["tokenizer_json"], out["special_tokens"], out.get("name_or_path", ""))
         if out.get("sha"):
             _TOKENIZERS[str(out["sha"])] = tokenizer
         return tokenizer

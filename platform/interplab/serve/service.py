@@ -302,12 +302,9 @@ class ModelService:
     def _tokenizer_answer(self) -> tuple[dict[str, Any], str] | None:
         """The served (fast) tokenizer as JSON, and its SHA-256 (clients keep built copies by it);
         None for a tokenizer that is not a fast one."""
-        tok = self.backend.tokenizer
-        backend = getattr(tok, "backend_tokenizer", None)
-        if backend is None:
+        answer = tokenizer_payload(self.backend.tokenizer)
+        if answer is None:
             return None
-        special = {k: v for k, v in tok.special_tokens_map.items() if isinstance(v, str)}
-        answer = {"tokenizer_json": backend.to_str(), "special_tokens": special, "name_or_path": getattr(tok, "name_or_path", "")}
         return answer, hashlib.sha256(json.dumps(answer, sort_keys=True).encode()).hexdigest()
 
     def _execute_tokenizer(self, call: Call, frame: Frame) -> dict[str, Any]:
@@ -375,6 +372,17 @@ class ModelService:
         if result.kv is not None:
             out["kv"] = {str(layer): [frame.ref(k), frame.ref(v)] for layer, (k, v) in result.kv.items()}
         return out, frame
+
+
+def tokenizer_payload(tok: Any) -> dict[str, Any] | None:
+    """A fast tokenizer as the service sends it (:class:`~interplab.serve.tokenizer.ServedTokenizer`
+    rebuilds it): its backend's JSON, as transformers left it, and its special tokens; None for a
+    tokenizer that is not a fast one."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    special = {k: v for k, v in tok.special_tokens_map.items() if isinstance(v, str)}
+    return {"tokenizer_json": backend.to_str(), "special_tokens": special, "name_or_path": getattr(tok, "name_or_path", "")}
 
 
 def _jsonable(value: Any) -> Any:
