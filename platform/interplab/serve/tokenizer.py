@@ -77,33 +77,13 @@ class ServedTokenizer:
         found = self.backend_tokenizer.token_to_id(token)
         return found if found is not None or key == "unk_token" else self.unk_token_id
 
-    @property
-    def pad_token_id(self) -> int | None:
-        return self._special_id("pad_token")
-
-    @property
-    def eos_token_id(self) -> int | None:
-        return self._special_id("eos_token")
-
-    @property
-    def bos_token_id(self) -> int | None:
-        return self._special_id("bos_token")
-
-    @property
-    def unk_token_id(self) -> int | None:
-        return self._special_id("unk_token")
-
-    @property
-    def pad_token(self) -> str | None:
-        return self.special_tokens_map.get("pad_token")
-
-    @property
-    def eos_token(self) -> str | None:
-        return self.special_tokens_map.get("eos_token")
-
-    @property
-    def bos_token(self) -> str | None:
-        return self.special_tokens_map.get("bos_token")
+    pad_token_id = property(lambda self: self._special_id("pad_token"))
+    eos_token_id = property(lambda self: self._special_id("eos_token"))
+    bos_token_id = property(lambda self: self._special_id("bos_token"))
+    unk_token_id = property(lambda self: self._special_id("unk_token"))
+    pad_token = property(lambda self: self.special_tokens_map.get("pad_token"))
+    eos_token = property(lambda self: self.special_tokens_map.get("eos_token"))
+    bos_token = property(lambda self: self.special_tokens_map.get("bos_token"))
 
     def __len__(self) -> int:
         return int(self.backend_tokenizer.get_vocab_size(with_added_tokens=True))

@@ -74,7 +74,8 @@ class Frame:
         if seen is not None and tensor.numel():
             return {TENSOR: seen[0]}
         value = tensor.detach().to("cpu")
-        memory = self._memory_entry(value)
+        memory_key = _memory_key(value)
+        memory = self._memory_entry(value, memory_key)
         name = f"t{len(self.tensors)}"
         if memory is not None:  # a view of memory sent whole: where it lies in that memory
             geometry = [int(memory[1:]), value.storage_offset(), *value.shape, *value.stride()]
@@ -86,7 +87,7 @@ class Frame:
             if shared is None:
                 self.tensors[name] = value.clone(memory_format=torch.contiguous_format)
                 if value.is_contiguous() and value.storage_offset() == 0 and value.nbytes == _memory_bytes(value):
-                    self._memory[_memory_key(value)] = (name, value)  # its views can refer to it
+                    self._memory[memory_key] = (name, value)  # its views can refer to it
             else:  # rows that repeat (a gather of a few rows): the distinct rows once, and which row is which
                 self.tensors[name], self.tensors[name + ROWS] = shared
                 self.nbytes += shared[1].nbytes
@@ -95,13 +96,13 @@ class Frame:
         self._seen[key] = (name, tensor)  # the original is kept: its memory cannot be reused meanwhile
         return {TENSOR: name}
 
-    def _memory_entry(self, value: torch.Tensor) -> str | None:
+    def _memory_entry(self, value: torch.Tensor, key: tuple[Any, ...]) -> str | None:
         """The entry holding ``value``'s whole memory, when ``value`` is better sent as a view of it:
         memory already in the frame, or small memory (see ``VIEW_MEMORY_*``) that it only partly covers,
         which is then added (flat, once). None: send ``value``'s own elements."""
         if value.device.type != "cpu" or value.dtype not in FLOATS + INTS or not value.numel() or value.ndim > VIEW_MAX_DIMS:
             return None
-        known = self._memory.get(_memory_key(value))
+        known = self._memory.get(key)
         if known is not None:
             return known[0]
         whole = _memory_bytes(value)
@@ -112,7 +113,7 @@ class Frame:
         self.tensors[name] = flat.clone()
         self.nbytes += flat.nbytes
         self._whole[name] = flat.nbytes
-        self._memory[_memory_key(value)] = (name, flat)
+        self._memory[key] = (name, flat)
         return name
 
     def forget_after(self, count: int) -> None:
